@@ -1,0 +1,1 @@
+"""Model and run configurations: presets are functions that return configs."""

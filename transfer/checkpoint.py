@@ -1,0 +1,198 @@
+"""Load a diffusers-layout checkpoint directory, one stage at a time.
+
+Layout (safetensors weights, configs beside them)::
+
+    text_encoder/  tokenizer/  transformer/  vae/  scheduler/  controlnet/<modality>/
+
+``inspect_checkpoint`` reads configs only and checks that the parts fit together,
+so a missing or inconsistent component is reported (by name) before any weight
+loads. The ``load_*`` functions then build only the stage a process needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from configs.models import MODALITIES
+from transfer.errors import TransferError
+from transfer.text_encoding import TEXT_ENCODER_TYPES, embedding_dim
+
+COMPONENT_CLASSES = {
+    "transformer": "CosmosTransformer3DModel",
+    "vae": "AutoencoderKLWan",
+    "scheduler": "UniPCMultistepScheduler",
+}
+CONTROLNET_CLASS = "CosmosControlNetModel"
+
+
+@dataclass
+class CheckpointInfo:
+    """Validated configs of a checkpoint directory (no weights loaded)."""
+
+    root: Path
+    text_encoder_type: str
+    text_config: object  # transformers.PretrainedConfig
+    transformer: dict
+    vae: dict
+    scheduler: dict
+    controlnets: dict[str, dict]
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in MODALITIES if m in self.controlnets)
+
+
+def _read_config(root: Path, component: str, filename: str = "config.json") -> dict:
+    path = root / component / filename
+    if not (root / component).is_dir():
+        raise TransferError(f"checkpoint {root} is missing the {component}/ component")
+    if not path.is_file():
+        raise TransferError(f"checkpoint component {component}/ has no {filename} ({path})")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TransferError(f"checkpoint component {component}/: cannot parse {path}: {e}") from None
+
+
+def _expect_class(config: dict, component: str, expected: str) -> None:
+    found = config.get("_class_name")
+    if found != expected:
+        raise TransferError(f"checkpoint component {component}/ holds {found!r}, expected {expected}")
+
+
+def _check_consistent(info: CheckpointInfo) -> None:
+    t, vae = info.transformer, info.vae
+    hidden = t["num_attention_heads"] * t["attention_head_dim"]
+    if vae["z_dim"] + 1 != t["in_channels"]:
+        raise TransferError(
+            f"inconsistent checkpoint: vae/ z_dim {vae['z_dim']} does not fit transformer/ in_channels "
+            f"{t['in_channels']} (expected z_dim + 1 for the condition mask)"
+        )
+    text_dim = embedding_dim(info.text_config)
+    for name, cfg in [("transformer", t), *((f"controlnet/{m}", c) for m, c in info.controlnets.items())]:
+        want = cfg["crossattn_proj_in_channels"] if cfg.get("use_crossattn_projection") else cfg["text_embed_dim"]
+        if want != text_dim:
+            raise TransferError(
+                f"inconsistent checkpoint: text_encoder/ makes {text_dim}-channel embeddings but {name}/ expects {want}"
+            )
+    needed_blocks = math.ceil(t["num_layers"] / (t.get("controlnet_block_every_n") or t["num_layers"]))
+    for m, c in info.controlnets.items():
+        if c["model_channels"] != hidden:
+            raise TransferError(
+                f"inconsistent checkpoint: controlnet/{m}/ has {c['model_channels']} channels, transformer/ has {hidden}"
+            )
+        if c["n_controlnet_blocks"] < needed_blocks:
+            raise TransferError(
+                f"inconsistent checkpoint: controlnet/{m}/ has {c['n_controlnet_blocks']} blocks, "
+                f"the transformer needs {needed_blocks}"
+            )
+        if c["latent_channels"] != t["in_channels"] + 1 or c["in_channels"] - 2 < vae["z_dim"]:
+            raise TransferError(f"inconsistent checkpoint: controlnet/{m}/ input channels do not fit the vae/ latents")
+
+
+def inspect_checkpoint(root: str | Path) -> CheckpointInfo:
+    """Read and cross-check every component's config; raise ``TransferError`` naming the bad part."""
+    from transformers import AutoConfig
+
+    root = Path(root)
+    if not root.is_dir():
+        raise TransferError(f"checkpoint directory not found: {root}")
+    configs = {}
+    for component, cls in COMPONENT_CLASSES.items():
+        filename = "scheduler_config.json" if component == "scheduler" else "config.json"
+        configs[component] = _read_config(root, component, filename)
+        _expect_class(configs[component], component, cls)
+    _read_config(root, "text_encoder")
+    if not (root / "tokenizer").is_dir():
+        raise TransferError(f"checkpoint {root} is missing the tokenizer/ component")
+    try:
+        text_config = AutoConfig.from_pretrained(root / "text_encoder", local_files_only=True)
+    except Exception as e:  # transformers raises several types for a bad config
+        raise TransferError(f"checkpoint component text_encoder/: {e}") from None
+    if text_config.model_type not in TEXT_ENCODER_TYPES:
+        raise TransferError(
+            f"checkpoint component text_encoder/ is {text_config.model_type!r}; supported: {', '.join(TEXT_ENCODER_TYPES)}"
+        )
+    controlnets = {}
+    cn_root = root / "controlnet"
+    if not cn_root.is_dir():
+        raise TransferError(f"checkpoint {root} is missing the controlnet/ component")
+    for sub in sorted(p for p in cn_root.iterdir() if p.is_dir()):
+        if sub.name not in MODALITIES:
+            raise TransferError(f"checkpoint controlnet/{sub.name}/ is not a known modality ({', '.join(MODALITIES)})")
+        cfg = _read_config(root, f"controlnet/{sub.name}")
+        _expect_class(cfg, f"controlnet/{sub.name}", CONTROLNET_CLASS)
+        controlnets[sub.name] = cfg
+    if not controlnets:
+        raise TransferError(f"checkpoint {root} has no controlnet/<modality>/ directories")
+    info = CheckpointInfo(
+        root, text_config.model_type, text_config, configs["transformer"], configs["vae"], configs["scheduler"], controlnets
+    )
+    _check_consistent(info)
+    return info
+
+
+def _load(component: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except TransferError:
+        raise
+    except Exception as e:  # a missing or corrupt weight file surfaces here
+        raise TransferError(f"cannot load checkpoint component {component}/: {type(e).__name__}: {e}") from None
+
+
+def load_text_encoder(info: CheckpointInfo, device: torch.device, dtype: torch.dtype):
+    """Build the text stage: tokenizer + encoder model (eval, on ``device``)."""
+    from transformers import AutoTokenizer
+
+    from transfer.text_encoding import TextEncoder
+
+    if info.text_encoder_type == "t5":
+        from transformers import T5EncoderModel as cls
+    else:
+        from transformers import Qwen2_5_VLForConditionalGeneration as cls
+    tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, info.root / "tokenizer", local_files_only=True)
+    model = _load("text_encoder", cls.from_pretrained, info.root / "text_encoder", dtype=dtype, local_files_only=True)
+    return TextEncoder(model.to(device).eval(), tokenizer, device, dtype)
+
+
+def load_vae(info: CheckpointInfo, device: torch.device, dtype: torch.dtype):
+    """Build the VAE stage (AutoencoderKLWan with its latent normalisation)."""
+    from diffusers import AutoencoderKLWan
+
+    from transfer.stages import VideoVAE
+
+    vae = _load("vae", AutoencoderKLWan.from_pretrained, info.root / "vae", torch_dtype=dtype, local_files_only=True)
+    return VideoVAE(vae.to(device).eval(), device)
+
+
+def load_dit(info: CheckpointInfo, modalities, device: torch.device, dtype: torch.dtype):
+    """Build the DiT stage: transformer, the ControlNets for ``modalities``, the scheduler."""
+    from diffusers import CosmosControlNetModel, CosmosTransformer3DModel, UniPCMultistepScheduler
+
+    from transfer.stages import DiT
+
+    missing = [m for m in modalities if m not in info.controlnets]
+    if missing:
+        raise TransferError(
+            f"control {missing[0]!r} requested but the checkpoint has no controlnet/{missing[0]}/ "
+            f"(available: {', '.join(info.modalities)})"
+        )
+    transformer = _load(
+        "transformer", CosmosTransformer3DModel.from_pretrained, info.root / "transformer",
+        torch_dtype=dtype, local_files_only=True,
+    )
+    controlnets = {
+        m: _load(
+            f"controlnet/{m}", CosmosControlNetModel.from_pretrained, info.root / "controlnet" / m,
+            torch_dtype=dtype, local_files_only=True,
+        ).to(device).eval()
+        for m in modalities
+    }
+    scheduler = _load("scheduler", UniPCMultistepScheduler.from_pretrained, info.root / "scheduler", local_files_only=True)
+    return DiT(transformer.to(device).eval(), controlnets, scheduler, device)

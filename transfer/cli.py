@@ -1,0 +1,78 @@
+"""Command line: upstream cosmos-transfer1 flag names, one clear error line on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from configs.models import PRESETS
+
+DESCRIPTION = """Cosmos-Transfer control-to-video generation (pipeline-parallel fork).
+
+Turns control videos (vis, edge, depth, seg, keypoint) plus a prompt into a new video.
+With no --checkpoint_dir it runs the embedded tiny random-weight checkpoint (noise-like
+output, for trying the tool on a CPU); point --checkpoint_dir at a diffusers-layout
+directory (text_encoder/ tokenizer/ transformer/ vae/ scheduler/ controlnet/<modality>/)
+for real weights."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="transfer.py", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--controlnet_specs", help="spec JSON (cosmos-transfer1 format): prompt, input_video_path, "
+                    "and per modality control_weight / input_control")
+    io.add_argument("--batch_input_path", help="JSONL file, one spec per line (optional 'name', 'seed'); "
+                    "lines are merged over --controlnet_specs when both are given")
+    io.add_argument("--prompt", help="prompt, used when the spec has none")
+    io.add_argument("--negative_prompt", help="negative prompt, used when the spec has none (default: upstream's)")
+    io.add_argument("--input_video_path", help="input video, used when the spec has none")
+    io.add_argument("--video_save_folder", default="outputs/", help="output folder (default: outputs/)")
+    io.add_argument("--video_save_name", default="output",
+                    help="output file stem for a single spec: NAME.mp4 and NAME.txt (default: output)")
+    io.add_argument("--save_raw", action="store_true",
+                    help="also write NAME.npz with uint8 'frames' (T,H,W,3) and float32 'latents' (chunks,16,T,h,w)")
+    io.add_argument("--fps", type=float, default=24, help="output frame rate (default: 24)")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--checkpoint_dir", help="diffusers-layout checkpoint directory "
+                       "(default: the embedded tiny random-weight checkpoint, built on first use)")
+    model.add_argument("--checkpoint_preset", default="tiny", choices=sorted(PRESETS),
+                       help="which embedded random-weight checkpoint to use without --checkpoint_dir (default: tiny)")
+
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--num_steps", type=int, default=36, help="denoising steps per chunk (default: 36)")
+    gen.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: 3.0)")
+    gen.add_argument("--seed", type=int, default=1, help="seed; each request has its own generator (default: 1)")
+    gen.add_argument("--num_frames_per_chunk", type=int, default=93,
+                     help="frames per chunk, 1 + 4k (default: 93)")
+    gen.add_argument("--num_conditional_frames", type=int, default=1,
+                     help="frames of overlap conditioning each later chunk (default: 1)")
+
+    run = p.add_argument_group("runtime")
+    run.add_argument("--num_gpus", type=int, default=1,
+                     help="number of processes (torchrun --nproc_per_node); must equal WORLD_SIZE (default: 1)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local directories only
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from loguru import logger
+
+    from transfer.errors import TransferError
+
+    logger.remove()
+    logger.add(sys.stderr, level=os.environ.get("TRANSFER_LOG_LEVEL", "INFO"),
+               format="<green>{time:HH:mm:ss}</green> | <level>{level: <7}</level> | {message}")
+    try:
+        from transfer.runner import run
+
+        run(args)
+    except TransferError as e:
+        print(f"transfer.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0

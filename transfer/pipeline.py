@@ -1,0 +1,229 @@
+"""The chunk loop: one readable place where a request becomes a video.
+
+    controls --VAE encode--> control latents --+
+    prompt --text encoder--> embeddings -------+--> DiT + ControlNets (CFG) --> latents --VAE decode--> frames
+    previous chunk's last frames --VAE (roundtrip)--> conditioning latents --+
+
+Chunk indices are computed before the loop; the input is padded by repeating its
+last frame and the output trimmed back. Chunk k > 0 is conditioned on the last
+``num_conditional_frames`` decoded frames of chunk k - 1, re-encoded by the VAE
+(``roundtrip``, the upstream behaviour).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import cv2
+import numpy as np
+import torch
+from loguru import logger
+from tqdm import tqdm
+
+from transfer.checkpoint import CheckpointInfo
+from transfer.errors import TransferError
+from transfer.specs import Request
+from transfer.video_io import read_video
+
+
+@dataclass
+class GenerationSettings:
+    num_steps: int = 36
+    """Denoising steps per chunk (Transfer2.5 default)."""
+    guidance: float = 3.0
+    """Classifier-free guidance scale; <= 1 disables the negative branch."""
+    num_frames_per_chunk: int = 93
+    """Frames generated per chunk; must be 1 + 4k for the Wan VAE."""
+    num_conditional_frames: int = 1
+    """Frames of overlap: chunk k + 1 is conditioned on the last frames of chunk k."""
+
+
+@dataclass
+class ModelLimits:
+    """What the checkpoint's VAE and RoPE can take (from configs, no weights)."""
+
+    temporal_factor: int
+    spatial_factor: int
+    patch_size: tuple[int, int, int]
+    max_rope_positions: int
+
+    @classmethod
+    def from_info(cls, info: CheckpointInfo) -> "ModelLimits":
+        t = info.transformer
+        return cls(
+            temporal_factor=2 ** sum(info.vae["temperal_downsample"]),
+            spatial_factor=2 ** len(info.vae["temperal_downsample"]),
+            patch_size=tuple(t["patch_size"]),
+            max_rope_positions=max(s // p for s, p in zip(t["max_size"], t["patch_size"])),
+        )
+
+    def latent_frames(self, pixel_frames: int) -> int:
+        return (pixel_frames - 1) // self.temporal_factor + 1
+
+    def cond_latent_frames(self, num_conditional_frames: int) -> int:
+        return 0 if num_conditional_frames <= 0 else self.latent_frames(num_conditional_frames)
+
+    def check_settings(self, s: GenerationSettings) -> None:
+        f, tf = s.num_frames_per_chunk, self.temporal_factor
+        if f < tf + 1 or (f - 1) % tf:
+            raise TransferError(f"--num_frames_per_chunk must be 1 + {tf}k and at least {tf + 1}, got {f}")
+        if self.latent_frames(f) // self.patch_size[0] > self.max_rope_positions:
+            raise TransferError(
+                f"--num_frames_per_chunk {f} is too long for the model (at most "
+                f"{(self.max_rope_positions * self.patch_size[0] - 1) * tf + 1} frames)"
+            )
+        if not 0 <= s.num_conditional_frames < f:
+            raise TransferError(
+                f"--num_conditional_frames must be in [0, num_frames_per_chunk), got {s.num_conditional_frames}"
+            )
+        if s.num_steps < 1:
+            raise TransferError(f"--num_steps must be >= 1, got {s.num_steps}")
+
+    def check_resolution(self, height: int, width: int, where: str) -> None:
+        unit = self.spatial_factor * self.patch_size[1]
+        if height % unit or width % unit or not height or not width:
+            raise TransferError(f"{where}: resolution {width}x{height} is not a multiple of {unit} in both dimensions")
+        biggest = self.max_rope_positions * unit
+        if height > biggest or width > biggest:
+            raise TransferError(f"{where}: resolution {width}x{height} exceeds the model's maximum of {biggest} per side")
+
+
+def plan_chunks(num_frames: int, frames_per_chunk: int, num_conditional_frames: int) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` pixel-frame windows; consecutive windows overlap by ``num_conditional_frames``."""
+    stride = frames_per_chunk - num_conditional_frames
+    starts = range(0, max(num_frames - num_conditional_frames, 1), stride)
+    return [(s, min(s + frames_per_chunk, num_frames)) for s in starts]
+
+
+def pad_frames(video: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Pad ``[B, C, T, H, W]`` to ``num_frames`` by repeating the last frame (or trim)."""
+    missing = num_frames - video.shape[2]
+    if missing > 0:
+        return torch.cat([video, video[:, :, -1:].repeat(1, 1, missing, 1, 1)], dim=2)
+    return video[:, :, :num_frames]
+
+
+def to_model_video(frames: np.ndarray) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` -> float ``[1, 3, T, H, W]`` in [-1, 1] (as diffusers' VideoProcessor)."""
+    return (torch.from_numpy(np.ascontiguousarray(frames)).float() / 255.0 * 2.0 - 1.0).permute(3, 0, 1, 2)[None]
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """float ``[1, 3, T, H, W]`` in [-1, 1] -> uint8 ``[T, H, W, 3]`` (truncating, as both upstreams do)."""
+    return ((video[0] / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
+
+
+@dataclass
+class PreparedRequest:
+    """A request with its videos decoded and checked against the model's limits."""
+
+    request: Request
+    controls: dict[str, torch.Tensor]  # modality -> [1, 3, N, H, W] in [-1, 1]
+    num_frames: int
+    height: int
+    width: int
+
+
+def prepare_request(request: Request, limits: ModelLimits) -> PreparedRequest:
+    """Decode the input and control videos; raise ``TransferError`` for anything the model cannot take."""
+    where = request.source or request.name
+    reference = None
+    if request.input_video_path is not None:
+        reference, _ = read_video(request.input_video_path, "input video")
+    controls_u8 = {}
+    for modality, control in request.controls.items():
+        if control.input_control is None:
+            from preprocessors import compute_control  # raises a clear error until preprocessors exist
+
+            controls_u8[modality] = compute_control(modality, request)
+        else:
+            controls_u8[modality], _ = read_video(control.input_control, f"control video for {modality!r}")
+    if reference is None:
+        reference = next(iter(controls_u8.values()))
+    num_frames, height, width = reference.shape[:3]
+    limits.check_resolution(height, width, where)
+    controls = {}
+    for modality, frames in controls_u8.items():
+        if frames.shape[0] < num_frames:
+            raise TransferError(
+                f"{where}: control video for {modality!r} has {frames.shape[0]} frames, the input has {num_frames}"
+            )
+        frames = frames[:num_frames]
+        if frames.shape[1:3] != (height, width):
+            logger.info(f"{where}: resizing {modality} control from {frames.shape[2]}x{frames.shape[1]} to {width}x{height}")
+            frames = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in frames])
+        controls[modality] = to_model_video(frames)
+    return PreparedRequest(request, controls, num_frames, height, width)
+
+
+class NoiseSource(Protocol):
+    def __call__(self, chunk_index: int, shape: tuple[int, ...]) -> torch.Tensor: ...
+
+
+class SeededNoise:
+    """Each request's own CPU generator: chunk noise depends only on the seed, never on placement or batch."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+
+    def __call__(self, chunk_index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, dtype=torch.float32)
+
+
+@dataclass
+class GenerationResult:
+    video: torch.Tensor  # [1, 3, N, H, W] float in [-1, 1]
+    latents: torch.Tensor  # [num_chunks, 16, T_latent, h, w] final latents of every chunk
+
+    @property
+    def frames(self) -> np.ndarray:
+        return to_uint8_frames(self.video)
+
+
+class TransferPipeline:
+    """Single-process generation over the three stages (text encoder, VAE, DiT)."""
+
+    def __init__(self, text_encoder, vae, dit, limits: ModelLimits, settings: GenerationSettings):
+        limits.check_settings(settings)
+        self.text_encoder, self.vae, self.dit, self.limits, self.settings = text_encoder, vae, dit, limits, settings
+
+    def generate(self, prepared: PreparedRequest, noise: NoiseSource | None = None, progress: bool = True) -> GenerationResult:
+        s, lim, req = self.settings, self.limits, prepared.request
+        noise = noise or SeededNoise(req.seed)
+        F, C = s.num_frames_per_chunk, s.num_conditional_frames
+        chunks = plan_chunks(prepared.num_frames, F, C)
+        latent_shape = (
+            1, self.dit.transformer.config.in_channels - 1, lim.latent_frames(F),
+            prepared.height // lim.spatial_factor, prepared.width // lim.spatial_factor,
+        )
+        prompt_embeds = self.text_encoder.encode(req.prompt)
+        negative_embeds = self.text_encoder.encode(req.negative_prompt) if s.guidance > 1.0 else None
+        scales = req.scales()
+
+        decoded, latents_out = [], []
+        bar = tqdm(total=len(chunks) * s.num_steps, desc=req.name, unit="step", disable=not progress, leave=False)
+        for k, (start, end) in enumerate(chunks):
+            controls = {
+                m: self.vae.encode(pad_frames(video[:, :, start:end], F), self.dit.dtype)
+                for m, video in prepared.controls.items()
+            }
+            cond, num_cond = None, 0
+            if k > 0 and C > 0:
+                cond, num_cond = self._roundtrip_condition(decoded[-1], C), lim.cond_latent_frames(C)
+            latents = self.dit.denoise(
+                noise(k, latent_shape), cond, num_cond, controls, scales, prompt_embeds, negative_embeds,
+                s.num_steps, s.guidance, (prepared.height, prepared.width), on_step=lambda _: bar.update(),
+            )
+            decoded.append(self.vae.decode(latents))
+            latents_out.append(latents.cpu())
+        bar.close()
+        video = torch.cat([chunk if k == 0 else chunk[:, :, C:] for k, chunk in enumerate(decoded)], dim=2)
+        return GenerationResult(video[:, :, : prepared.num_frames], torch.cat(latents_out).float())
+
+    def _roundtrip_condition(self, previous: torch.Tensor, num_conditional_frames: int) -> torch.Tensor:
+        """Condition latents from the previous decoded chunk ``[1, 3, F, H, W]``: its last frames first, -1 after."""
+        video = previous.clone()
+        video[:, :, :num_conditional_frames] = video[:, :, -num_conditional_frames:]
+        video[:, :, num_conditional_frames:] = -1  # -1 is black in model space
+        return self.vae.encode(video, torch.float32)

@@ -1,0 +1,205 @@
+"""Requests: cosmos-transfer1 spec JSON and batch JSONL, parsed and validated up front.
+
+A spec::
+
+    {"prompt": "...", "negative_prompt": "...", "input_video_path": "in.mp4",
+     "edge": {"control_weight": 0.7, "input_control": "edge.mp4"},
+     "vis": {"control_weight": 0.3}}
+
+A batch line carries the same fields (plus optional ``name`` and ``seed``); upstream's
+``visual_input`` and ``control_overrides`` are accepted too. Everything here raises
+``TransferError`` with one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from configs.models import MODALITIES
+from transfer.errors import TransferError
+
+#: Spec keys cosmos-transfer1 knows but this fork has no model for.
+UNSUPPORTED_CONTROLS = ("upscale", "hdmap", "lidar")
+REQUEST_FIELDS = ("prompt", "negative_prompt", "input_video_path", "name", "seed")
+BATCH_ALIASES = {"visual_input": "input_video_path"}
+CONTROL_FIELDS = ("control_weight", "input_control")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+DEFAULT_NEGATIVE_PROMPT = (
+    "The video captures a series of frames showing ugly scenes, static with no motion, motion blur, "
+    "over-saturation, shaky footage, low resolution, grainy texture, pixelated images, poorly lit areas, "
+    "underexposed and overexposed scenes, poor color balance, washed out colors, choppy sequences, jerky "
+    "movements, low frame rate, artifacting, color banding, unnatural transitions, outdated special effects, "
+    "fake elements, unconvincing visuals, poorly edited content, jump cuts, visual noise, and flickering. "
+    "Overall, the video is of poor quality."
+)
+
+
+@dataclass
+class ControlSpec:
+    modality: str
+    weight: float
+    input_control: Path | None
+
+
+@dataclass
+class Request:
+    """One generation: prompt(s), the input video and the controls, with a stable output name."""
+
+    name: str
+    prompt: str
+    negative_prompt: str
+    input_video_path: Path | None
+    controls: dict[str, ControlSpec]
+    seed: int
+    source: str = ""
+    """Where the request came from (``spec.json`` or ``batch.jsonl:3``), for error messages."""
+
+    def scales(self) -> dict[str, float]:
+        """Scalar control weights divided by max(sum, 1), as cosmos-transfer1 does."""
+        total = sum(c.weight for c in self.controls.values())
+        return {m: c.weight / max(total, 1.0) for m, c in self.controls.items()}
+
+
+def check_name(name: str, what: str = "output name") -> str:
+    """A plain file stem: letters, digits, ``._-``; no separators, no ``..``, no hidden files."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise TransferError(f"{what} {name!r} is not a plain file name (letters, digits, '.', '_', '-')")
+    return name
+
+
+def _resolve(path, base_dir: Path | None, where: str, key: str) -> Path:
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise TransferError(f"{where}: {key} must be a non-empty path string")
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists() and base_dir is not None and (base_dir / p).exists():
+        return base_dir / p  # relative to the spec file when not found relative to the working directory
+    return p
+
+
+def _weight(value, where: str, modality: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TransferError(
+            f"{where}: control {modality!r}: control_weight must be a number (spatial weight maps are not supported), "
+            f"got {value!r}"
+        )
+    if not math.isfinite(value) or value < 0:
+        raise TransferError(f"{where}: control {modality!r}: control_weight must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def parse_request(obj: dict, *, where: str, name: str, defaults: dict, base_dir: Path | None) -> Request:
+    """Validate one spec object (keys, types, weights, paths syntax) into a ``Request``."""
+    if not isinstance(obj, dict):
+        raise TransferError(f"{where}: a spec must be a JSON object, got {type(obj).__name__}")
+    obj = {BATCH_ALIASES.get(k, k): v for k, v in obj.items()}
+    overrides = obj.pop("control_overrides", None) or {}
+    if not isinstance(overrides, dict):
+        raise TransferError(f"{where}: control_overrides must be an object")
+    for modality, override in overrides.items():
+        if not isinstance(override, dict):
+            raise TransferError(f"{where}: control_overrides.{modality} must be an object")
+        obj[modality] = {**(obj.get(modality) or {}), **override}
+
+    controls: dict[str, ControlSpec] = {}
+    for key, value in obj.items():
+        if key in REQUEST_FIELDS:
+            continue
+        if key in UNSUPPORTED_CONTROLS:
+            raise TransferError(f"{where}: control {key!r} is not supported by this fork (supported: {', '.join(MODALITIES)})")
+        if key not in MODALITIES:
+            raise TransferError(
+                f"{where}: unknown key {key!r} (controls: {', '.join(MODALITIES)}; fields: {', '.join(REQUEST_FIELDS)})"
+            )
+        if not isinstance(value, dict):
+            raise TransferError(f"{where}: control {key!r} must be an object with control_weight / input_control")
+        unknown = sorted(set(value) - set(CONTROL_FIELDS))
+        if unknown:
+            raise TransferError(f"{where}: control {key!r}: unknown field {unknown[0]!r} (known: {', '.join(CONTROL_FIELDS)})")
+        control_path = value.get("input_control")
+        controls[key] = ControlSpec(
+            modality=key,
+            weight=_weight(value.get("control_weight", 1.0), where, key),
+            input_control=None if control_path is None else _resolve(control_path, base_dir, where, f"{key}.input_control"),
+        )
+    if not controls:
+        raise TransferError(f"{where}: the spec names no control (one of {', '.join(MODALITIES)})")
+    controls = {m: controls[m] for m in MODALITIES if m in controls}  # fixed order: sums are order-sensitive
+
+    merged = {**defaults, **{k: v for k, v in obj.items() if k in REQUEST_FIELDS and v is not None}}
+    prompt = merged.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise TransferError(f"{where}: a non-empty 'prompt' is required")
+    negative = merged.get("negative_prompt", DEFAULT_NEGATIVE_PROMPT)
+    if not isinstance(negative, str):
+        raise TransferError(f"{where}: negative_prompt must be a string")
+    seed = merged.get("seed", 1)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise TransferError(f"{where}: seed must be a non-negative integer, got {seed!r}")
+    video = merged.get("input_video_path")
+    video = None if video is None else _resolve(video, base_dir, where, "input_video_path")
+    if video is None and all(c.input_control is None for c in controls.values()):
+        raise TransferError(f"{where}: needs an input_video_path or at least one control with input_control")
+    return Request(
+        name=check_name(obj.get("name", name)),
+        prompt=prompt,
+        negative_prompt=negative,
+        input_video_path=video,
+        controls=controls,
+        seed=seed,
+        source=where,
+    )
+
+
+def _load_json(path: Path, what: str):
+    if not path.is_file():
+        raise TransferError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise TransferError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def load_spec(path: str | Path, *, name: str, defaults: dict) -> Request:
+    """One request from a ``--controlnet_specs`` JSON file."""
+    path = Path(path)
+    return parse_request(_load_json(path, "controlnet spec"), where=str(path), name=name, defaults=defaults,
+                         base_dir=path.parent)
+
+
+def load_batch(path: str | Path, *, defaults: dict, base_spec: str | Path | None = None) -> list[Request]:
+    """Requests from a JSONL file; each line is a spec (merged over ``base_spec`` when given)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TransferError(f"batch input not found: {path}")
+    base = _load_json(Path(base_spec), "controlnet spec") if base_spec else {}
+    if not isinstance(base, dict):
+        raise TransferError(f"controlnet spec {base_spec} must be a JSON object")
+    requests, names = [], set()
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise TransferError(f"batch input {path} is not UTF-8 text: {e}") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise TransferError(f"{where}: invalid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise TransferError(f"{where}: each line must be a JSON object")
+        request = parse_request({**base, **obj}, where=where, name=f"video_{len(requests)}", defaults=defaults,
+                                base_dir=path.parent)
+        if request.name in names:
+            raise TransferError(f"{where}: output name {request.name!r} is used by an earlier line")
+        names.add(request.name)
+        requests.append(request)
+    if not requests:
+        raise TransferError(f"batch input {path} has no requests")
+    return requests

@@ -1,0 +1,167 @@
+"""The compute stages around unmodified diffusers models: VAE and DiT.
+
+Each stage is a small object with tensor-in, tensor-out methods, so the chunk loop
+(``transfer.pipeline``) can call them in one process or a runtime can place them
+on different devices and processes. The arithmetic mirrors diffusers'
+``Cosmos2_5_TransferPipeline`` operation for operation, which is what makes the
+single-control output equal to it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+#: Timestep given to conditioning latent frames (Transfer2.5 default).
+CONDITIONAL_FRAME_TIMESTEP = 0.1
+
+
+class VideoVAE:
+    """AutoencoderKLWan with deterministic (``mode()``) normalised latents.
+
+    Videos are ``[B, 3, T, H, W]`` in [-1, 1]; latents ``[B, 16, 1 + (T - 1) // 4, H / 8, W / 8]``.
+    """
+
+    def __init__(self, vae, device: torch.device):
+        self.vae, self.device = vae, device
+        cfg = vae.config
+        self.mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).float()
+        self.std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).float()
+        self.temporal_factor = 2 ** sum(cfg.temperal_downsample)
+        self.spatial_factor = 2 ** len(cfg.temperal_downsample)
+        self.encode_calls = 0
+        self.decode_calls = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Normalised latents of ``video`` ``[B, 3, T, H, W]``, one sample at a time, in ``dtype``."""
+        self.encode_calls += 1
+        video = video.to(device=self.device, dtype=self.vae.dtype)
+        latents = torch.cat([self.vae.encode(v[None]).latent_dist.mode() for v in video]).to(dtype)
+        mean, std = self.mean.to(self.device, dtype), self.std.to(self.device, dtype)
+        return (latents - mean) / std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, T, H, W]`` in [-1, 1] from normalised latents (returned on the CPU)."""
+        self.decode_calls += 1
+        mean, std = self.mean.to(self.device, self.dtype), self.std.to(self.device, self.dtype)
+        latents = latents.to(self.device) * std + mean
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].cpu()
+
+
+class DiT:
+    """Transformer + per-modality ControlNets + scheduler: denoises one chunk's latents."""
+
+    def __init__(self, transformer, controlnets: Mapping[str, torch.nn.Module], scheduler, device: torch.device):
+        self.transformer, self.controlnets, self.scheduler, self.device = transformer, dict(controlnets), scheduler, device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def _context(self, text_embeds: torch.Tensor):
+        """Encoder hidden states: text, plus a zero image context where the model has one (as diffusers)."""
+        text_embeds = text_embeds.to(self.device, self.dtype)
+        cfg = self.transformer.config
+        if not cfg.img_context_dim_in:
+            return text_embeds
+        img = torch.zeros(
+            text_embeds.shape[0], cfg.img_context_num_tokens, cfg.img_context_dim_in, device=self.device, dtype=self.dtype
+        )
+        return (text_embeds, img)
+
+    def velocity(
+        self,
+        in_latents: torch.Tensor,
+        in_timestep: torch.Tensor,
+        context,
+        control_latents: Mapping[str, torch.Tensor],
+        control_scales: Mapping[str, float],
+        cond_mask: torch.Tensor,
+        padding_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One guidance branch: every active ControlNet's weighted residuals, summed, then the DiT."""
+        blocks = None
+        for modality, latents in control_latents.items():
+            residuals = self.controlnets[modality](
+                controls_latents=latents,
+                latents=in_latents,
+                timestep=in_timestep,
+                encoder_hidden_states=context,
+                condition_mask=cond_mask,
+                conditioning_scale=control_scales[modality],
+                padding_mask=padding_mask,
+                return_dict=False,
+            )[0]
+            blocks = residuals if blocks is None else [a + b for a, b in zip(blocks, residuals)]
+        return self.transformer(
+            hidden_states=in_latents,
+            timestep=in_timestep,
+            encoder_hidden_states=context,
+            block_controlnet_hidden_states=blocks,
+            condition_mask=cond_mask,
+            padding_mask=padding_mask,
+            return_dict=False,
+        )[0]
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        noise: torch.Tensor,
+        cond_latents: torch.Tensor | None,
+        num_cond_latent_frames: int,
+        control_latents: Mapping[str, torch.Tensor],
+        control_scales: Mapping[str, float],
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+        num_steps: int,
+        guidance: float,
+        pixel_size: Sequence[int],
+        on_step: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Denoise one chunk. ``noise``/``cond_latents`` ``[1, 16, T, h, w]`` float32 -> latents (float32).
+
+        The first ``num_cond_latent_frames`` latent frames are pinned to ``cond_latents``
+        (velocity replaced by the ground truth, timestep 0.1), in both CFG branches.
+        """
+        dtype, device = self.dtype, self.device
+        latents = noise.to(device=device, dtype=torch.float32)
+        B, _, T, _, _ = latents.shape
+        height, width = pixel_size
+        if cond_latents is None:
+            cond_latents = torch.zeros_like(latents)
+        cond_latents = cond_latents.to(device=device, dtype=torch.float32)
+        cond_indicator = latents.new_zeros(B, 1, T, 1, 1)
+        cond_indicator[:, :, :num_cond_latent_frames] = 1.0
+        cond_mask = (cond_indicator * latents.new_ones(B, 1, *latents.shape[2:])).to(dtype)  # [B, 1, T, h, w]
+        cond_timestep = torch.ones_like(cond_indicator) * CONDITIONAL_FRAME_TIMESTEP
+        padding_mask = latents.new_zeros(1, 1, height, width, dtype=dtype)
+        controls = {m: c.to(device=device, dtype=dtype) for m, c in control_latents.items()}
+        positive = self._context(prompt_embeds)
+        negative = self._context(negative_embeds) if guidance > 1.0 else None
+
+        self.scheduler.set_timesteps(num_steps, device=device)
+        gt_velocity = (latents - cond_latents) * cond_mask
+        for i, t in enumerate(self.scheduler.timesteps):
+            sigma_t = torch.tensor(self.scheduler.sigmas[i].item()).unsqueeze(0).to(device=device, dtype=dtype)
+            in_latents = (cond_mask * cond_latents + (1 - cond_mask) * latents).to(dtype)
+            in_timestep = cond_indicator * cond_timestep + (1 - cond_indicator) * sigma_t
+            branch = (in_latents, in_timestep)
+            pred = gt_velocity + self.velocity(*branch, positive, controls, control_scales, cond_mask, padding_mask) * (
+                1 - cond_mask
+            )
+            if negative is not None:
+                pred_neg = gt_velocity + self.velocity(
+                    *branch, negative, controls, control_scales, cond_mask, padding_mask
+                ) * (1 - cond_mask)
+                pred = pred + guidance * (pred - pred_neg)
+            latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step(i)
+        return latents

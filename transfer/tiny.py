@@ -1,0 +1,122 @@
+"""The embedded default checkpoint: random weights in the real diffusers layout.
+
+``ensure_tiny_checkpoint()`` writes (once, then reuses from the cache) a complete
+checkpoint directory -- ``text_encoder/ tokenizer/ transformer/ vae/ scheduler/
+controlnet/<modality>/`` -- so the CLI runs on a fresh CPU-only machine with no
+download. Weights come from fixed seeds, so every machine builds the same files.
+It is loaded by the same code as a real checkpoint. Its output is noise-like
+imagery, not a meaningful video.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+from configs.models import CheckpointConfig, preset
+
+#: Bump when the tiny layout or weights change, so stale caches are not reused.
+TINY_VERSION = 1
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+#: A minimal chat template in Qwen's shape, for the tiny Qwen2.5-VL tokenizer.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}<|im_end|>\n{% endfor %}"
+)
+
+
+def cache_root() -> Path:
+    """Where built presets live: ``$TRANSFER_CACHE_DIR`` or ``~/.cache/cosmos-transfer-pp``."""
+    env = os.environ.get("TRANSFER_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "cosmos-transfer-pp"
+
+
+def build_tokenizer(chat: bool):
+    """A character-level fast tokenizer built locally (no download), saved like any HF tokenizer."""
+    from tokenizers import Tokenizer, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, EOS, UNK, *CHAT_TOKENS] if chat else [PAD, EOS, UNK]
+    chars = sorted(set(string.printable) - set("\x0b\x0c"))
+    vocab = {tok: i for i, tok in enumerate([*specials, *chars])}
+    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    if not chat:  # T5 appends </s> to every sequence
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {EOS}", special_tokens=[(EOS, vocab[EOS])]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK,
+        additional_special_tokens=list(CHAT_TOKENS) if chat else None,
+        model_max_length=512,
+    )
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _save_models(cfg: CheckpointConfig, out: Path, seed: int) -> None:
+    from diffusers import AutoencoderKLWan, CosmosControlNetModel, CosmosTransformer3DModel, UniPCMultistepScheduler
+
+    tokenizer = build_tokenizer(chat=cfg.text_encoder_type == "qwen2_5_vl")
+    tokenizer.save_pretrained(out / "tokenizer")
+
+    torch.manual_seed(seed)
+    if cfg.text_encoder_type == "t5":
+        from transformers import T5Config, T5EncoderModel
+
+        text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **cfg.text_encoder))
+    else:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        te = dict(cfg.text_encoder)
+        ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        te["text_config"] = dict(te["text_config"], **ids)
+        text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**ids, **te))
+    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+
+    torch.manual_seed(seed + 1)
+    CosmosTransformer3DModel(**cfg.transformer).save_pretrained(out / "transformer", safe_serialization=True)
+    torch.manual_seed(seed + 2)
+    AutoencoderKLWan(**cfg.vae).save_pretrained(out / "vae", safe_serialization=True)
+    UniPCMultistepScheduler(**cfg.scheduler).save_pretrained(out / "scheduler")
+    for i, modality in enumerate(cfg.modalities):
+        torch.manual_seed(seed + 10 + i)
+        CosmosControlNetModel(**cfg.controlnet).save_pretrained(
+            out / "controlnet" / modality, safe_serialization=True
+        )
+
+
+def write_checkpoint(cfg: CheckpointConfig, out: Path, seed: int = 0) -> Path:
+    """Write a complete random-weight checkpoint for ``cfg`` at ``out`` (atomically)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _save_models(cfg, staging, seed)
+        try:
+            os.rename(staging, out)
+        except OSError:  # another process (e.g. another rank) finished first; keep theirs
+            if not (out / "transformer").is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def ensure_tiny_checkpoint(name: str = "tiny") -> Path:
+    """Return the cached checkpoint directory for a tiny preset, building it on first use."""
+    path = cache_root() / f"{name}-v{TINY_VERSION}"
+    if not (path / "transformer").is_dir():
+        logger.info(f"building the embedded {name!r} random-weight checkpoint at {path}")
+        write_checkpoint(preset(name), path)
+    return path
