@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny checkpoints built once per session into a private cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    path = Path(os.environ.get("TRANSFER_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
+    os.environ["TRANSFER_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(cache_dir) -> Path:
+    from transfer.tiny import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_reason_ckpt(cache_dir) -> Path:
+    from transfer.tiny import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint("tiny-reason")
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python transfer.py ARGS`` as a user would; returns the completed process."""
+    full_env = {**os.environ, "TRANSFER_LOG_LEVEL": "WARNING", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "transfer.py"), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+        timeout=900,
+    )
+
+
+def example_frames(name: str, num_frames: int | None = None) -> np.ndarray:
+    from transfer.video_io import read_video
+
+    frames, _ = read_video(ASSETS / name)
+    return frames if num_frames is None else frames[:num_frames]
