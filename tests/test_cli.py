@@ -1,0 +1,190 @@
+"""The CLI as a user runs it: outputs, determinism, multi-control, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ASSETS, ROOT, example_frames, run_cli
+from transfer.cli import main
+from transfer.video_io import read_video, write_mp4
+
+FAST = ["--num_steps", "2", "--num_frames_per_chunk", "9"]
+
+
+@pytest.fixture(scope="module")
+def short_inputs(tmp_path_factory) -> Path:
+    """13-frame copies of the example input and controls (two chunks at 9 frames/chunk)."""
+    d = tmp_path_factory.mktemp("inputs")
+    for name in ("example_input.mp4", "example_edge.mp4", "example_vis.mp4"):
+        write_mp4(d / name, example_frames(name, 13), 24)
+    return d
+
+
+def write_spec(folder: Path, **spec) -> Path:
+    base = {"prompt": "a ball and a box", "input_video_path": "example_input.mp4",
+            "edge": {"control_weight": 1.0, "input_control": "example_edge.mp4"}}
+    path = folder / "spec.json"
+    path.write_text(json.dumps({k: v for k, v in {**base, **spec}.items() if v is not None}))
+    return path
+
+
+def test_readme_main_command_writes_matching_mp4(tiny_ckpt, tmp_path):
+    """The README's main-job command, verbatim apart from the output folder."""
+    out = tmp_path / "outputs"
+    proc = run_cli("--controlnet_specs", "assets/example_spec.json", "--video_save_folder", str(out))
+    assert proc.returncode == 0, proc.stderr
+    frames, fps = read_video(out / "output.mp4")
+    source, _ = read_video(ASSETS / "example_input.mp4")
+    assert frames.shape == source.shape == (121, 96, 160, 3)
+    assert fps == 24
+    assert (out / "output.txt").read_text().startswith("A yellow ball")
+    assert sorted(p.name for p in out.iterdir()) == ["output.mp4", "output.txt"]
+
+
+def test_same_seed_same_raw_arrays_and_other_seed_differs(tiny_ckpt, short_inputs, tmp_path):
+    spec = write_spec(short_inputs)
+    raws = []
+    for run, seed in (("a", "5"), ("b", "5"), ("c", "6")):
+        assert main(["--controlnet_specs", str(spec), "--video_save_folder", str(tmp_path / run), "--seed", seed,
+                     "--save_raw", *FAST]) == 0
+        raws.append(np.load(tmp_path / run / "output.npz"))
+    a, b, c = raws
+    assert a["frames"].dtype == np.uint8 and a["frames"].shape == (13, 96, 160, 3)
+    assert a["latents"].dtype == np.float32 and a["latents"].shape == (2, 16, 3, 12, 20)
+    assert np.array_equal(a["frames"], b["frames"]) and np.array_equal(a["latents"], b["latents"])
+    assert not np.array_equal(a["latents"], c["latents"])
+
+
+def test_two_controls_differ_from_each_single_control(tiny_ckpt, short_inputs, tmp_path):
+    specs = {
+        "edge": dict(),
+        "vis": dict(edge=None, vis={"control_weight": 1.0, "input_control": "example_vis.mp4"}),
+        "both": dict(edge={"control_weight": 0.7, "input_control": "example_edge.mp4"},
+                     vis={"control_weight": 0.5, "input_control": "example_vis.mp4"}),
+    }
+    latents = {}
+    for name, fields in specs.items():
+        spec = write_spec(short_inputs, **fields)
+        assert main(["--controlnet_specs", str(spec), "--video_save_folder", str(tmp_path), "--video_save_name", name,
+                     "--save_raw", *FAST]) == 0
+        latents[name] = np.load(tmp_path / f"{name}.npz")["latents"]
+    assert np.isfinite(latents["both"]).all()
+    for single in ("edge", "vis"):
+        assert np.abs(latents["both"] - latents[single]).max() > 1e-3
+
+
+def test_batch_writes_one_stable_name_per_line(tiny_ckpt, short_inputs, tmp_path):
+    batch = short_inputs / "batch.jsonl"
+    line = {"prompt": "p", "visual_input": "example_input.mp4",
+            "edge": {"control_weight": 1.0, "input_control": "example_edge.mp4"}}
+    batch.write_text("\n".join(json.dumps(x) for x in [line, {**line, "name": "second", "seed": 3}]) + "\n")
+    assert main(["--batch_input_path", str(batch), "--video_save_folder", str(tmp_path), *FAST]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["second.mp4", "second.txt", "video_0.mp4", "video_0.txt"]
+
+
+def test_torchrun_single_process(tiny_ckpt, short_inputs, tmp_path):
+    import subprocess
+
+    spec = write_spec(short_inputs)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(ROOT / "transfer.py"),
+           "--num_gpus", "1", "--controlnet_specs", str(spec), "--video_save_folder", str(tmp_path), *FAST]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_video(tmp_path / "output.mp4")[0].shape == (13, 96, 160, 3)
+
+
+def test_reason_text_encoder_checkpoint_runs(tiny_reason_ckpt, short_inputs, tmp_path):
+    spec = write_spec(short_inputs)
+    assert main(["--checkpoint_dir", str(tiny_reason_ckpt), "--controlnet_specs", str(spec),
+                 "--video_save_folder", str(tmp_path), *FAST]) == 0
+    assert read_video(tmp_path / "output.mp4")[0].shape == (13, 96, 160, 3)
+
+
+# --- bad input: one clear line, non-zero exit, no output file -------------------------------------------------
+
+
+def _bad_cases(d: Path) -> dict:
+    """name -> (spec fields or a raw spec text, extra CLI args, expected message fragment)."""
+    truncated = d / "truncated.mp4"
+    truncated.write_bytes((d / "example_input.mp4").read_bytes()[:600])
+    (d / "notes.mp4").write_text("this is not a video")
+    write_mp4(d / "odd_size.mp4", example_frames("example_input.mp4", 13)[:, :90, :150], 24)
+    write_mp4(d / "short_edge.mp4", example_frames("example_edge.mp4", 5), 24)
+    return {
+        "missing_video": (dict(input_video_path="nope.mp4"), [], "input video not found"),
+        "corrupt_mp4": (dict(input_video_path="truncated.mp4"), [], "cannot read input video"),
+        "not_a_video": (dict(input_video_path="notes.mp4"), [], "cannot read input video"),
+        "unknown_control": (dict(depthh={"control_weight": 1}), [], "unknown key 'depthh'"),
+        "negative_weight": (dict(edge={"control_weight": -0.5, "input_control": "example_edge.mp4"}), [],
+                            "control_weight must be a finite number >= 0, got -0.5"),
+        "bad_resolution": (dict(input_video_path="odd_size.mp4"), [], "resolution 150x90 is not a multiple of 16"),
+        "short_control": (dict(edge={"control_weight": 1, "input_control": "short_edge.mp4"}), [],
+                          "control video for 'edge' has 5 frames, the input has 13"),
+        "malformed_json": ('{"prompt": "x", "edge": {', [], "is not valid JSON"),
+        "no_input_control": (dict(edge={"control_weight": 1}), [], "not yet supported"),
+        "missing_prompt": (dict(prompt=None), [], "a non-empty 'prompt' is required"),
+        "bad_chunk": (dict(), ["--num_frames_per_chunk", "10"], "--num_frames_per_chunk must be 1 + 4k"),
+        "bad_name": (dict(), ["--video_save_name", "../escape"], "is not a plain file name"),
+        "missing_checkpoint": (dict(), ["--checkpoint_dir", str(d / "no_ckpt")], "checkpoint directory not found"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(short_inputs, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    for p in short_inputs.iterdir():
+        shutil.copy(p, d / p.name)
+    return d, _bad_cases(d)
+
+
+@pytest.mark.parametrize("case", [
+    "missing_video", "corrupt_mp4", "not_a_video", "unknown_control", "negative_weight", "bad_resolution",
+    "short_control", "malformed_json", "no_input_control", "missing_prompt", "bad_chunk", "bad_name",
+    "missing_checkpoint",
+])
+def test_bad_spec_input_fails_cleanly(tiny_ckpt, bad_inputs, tmp_path, capsys, case):
+    d, cases = bad_inputs
+    fields, extra, message = cases[case]
+    spec = d / f"{case}.json"
+    if isinstance(fields, str):
+        spec.write_text(fields)
+    else:
+        write_spec(d, **fields).rename(spec)
+    out = tmp_path / "out"
+    code = main(["--controlnet_specs", str(spec), "--video_save_folder", str(out), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err and message in err[-1] and err[-1].startswith("transfer.py: error: ")
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": "ok", "input_video_path": "example_input.mp4", "edge": {"input_control": "example_edge.mp4"}}',
+      '{"prompt": "broken", '], "batch.jsonl:2: invalid JSON"),
+    (['["not", "an", "object"]'], "batch.jsonl:1: each line must be a JSON object"),
+    ([], "has no requests"),
+])
+def test_bad_batch_input_fails_before_writing(tiny_ckpt, bad_inputs, tmp_path, capsys, lines, message):
+    d, _ = bad_inputs
+    batch = d / "batch.jsonl"
+    batch.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert main(["--batch_input_path", str(batch), "--video_save_folder", str(out), *FAST]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_error_exit_from_real_process(tiny_ckpt, bad_inputs, tmp_path):
+    d, _ = bad_inputs
+    spec = write_spec(d, input_video_path="nope.mp4")
+    proc = run_cli("--controlnet_specs", str(spec), "--video_save_folder", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("transfer.py: error: ")
+    assert "input video not found" in proc.stderr
+    assert not (tmp_path / "out").exists()
