@@ -25,7 +25,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from tests.conftest import example_frames
 from transfer.checkpoint import inspect_checkpoint, load_dit, load_text_encoder, load_vae
-from transfer.pipeline import GenerationSettings, ModelLimits, PreparedRequest, TransferPipeline, to_model_video
+from transfer.pipeline import GenerationSettings, ModelLimits, PreparedRequest, TransferPipeline
 from transfer.specs import ControlSpec, Request
 
 
@@ -108,7 +108,7 @@ def test_matches_diffusers_cosmos2_5_transfer(
     control = example_frames("example_edge.mp4", num_frames)
     T, H, W = control.shape[:3]
     request = Request("eq", "a ball and a box", "blurry, static", None, {modality: ControlSpec(modality, weight, None)}, 0)
-    prepared = PreparedRequest(request, {modality: to_model_video(control)}, T, H, W)
+    prepared = PreparedRequest(request, {modality: control}, T, H, W)
     noise = torch.randn((1, 16, limits.latent_frames(frames_per_chunk), H // 8, W // 8), generator=torch.Generator().manual_seed(7))
     result = ours.generate(prepared, noise=FixedNoise(noise), progress=False)
     assert result.latents.shape[0] == expected_chunks

@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = p.add_argument_group("runtime")
     run.add_argument("--num_gpus", type=int, default=1,
-                     help="number of processes (torchrun --nproc_per_node); must equal WORLD_SIZE (default: 1)")
+                     help="number of processes (torchrun --nproc_per_node); must equal WORLD_SIZE (default: 1). "
+                     "Stages are placed by the preset for that many ranks (docs/parallelism.md)")
+    run.add_argument("--placement", help="JSON file overriding the stage placement: "
+                     '{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}')
+    run.add_argument("--trace", help="write a Chrome/Perfetto trace of every stage's busy intervals (multi-process runs)")
     return p
 
 

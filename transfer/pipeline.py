@@ -119,7 +119,7 @@ class PreparedRequest:
     """A request with its videos decoded and checked against the model's limits."""
 
     request: Request
-    controls: dict[str, torch.Tensor]  # modality -> [1, 3, N, H, W] in [-1, 1]
+    controls: dict[str, np.ndarray]  # modality -> uint8 [N, H, W, 3], the input's size and length
     num_frames: int
     height: int
     width: int
@@ -153,7 +153,7 @@ def prepare_request(request: Request, limits: ModelLimits) -> PreparedRequest:
         if frames.shape[1:3] != (height, width):
             logger.info(f"{where}: resizing {modality} control from {frames.shape[2]}x{frames.shape[1]} to {width}x{height}")
             frames = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in frames])
-        controls[modality] = to_model_video(frames)
+        controls[modality] = frames
     return PreparedRequest(request, controls, num_frames, height, width)
 
 
@@ -173,12 +173,8 @@ class SeededNoise:
 
 @dataclass
 class GenerationResult:
-    video: torch.Tensor  # [1, 3, N, H, W] float in [-1, 1]
-    latents: torch.Tensor  # [num_chunks, 16, T_latent, h, w] final latents of every chunk
-
-    @property
-    def frames(self) -> np.ndarray:
-        return to_uint8_frames(self.video)
+    frames: np.ndarray  # [N, H, W, 3] uint8
+    latents: torch.Tensor  # [num_chunks, 16, T_latent, h, w] final latents of every chunk (float32)
 
 
 class TransferPipeline:
@@ -189,41 +185,61 @@ class TransferPipeline:
         self.text_encoder, self.vae, self.dit, self.limits, self.settings = text_encoder, vae, dit, limits, settings
 
     def generate(self, prepared: PreparedRequest, noise: NoiseSource | None = None, progress: bool = True) -> GenerationResult:
-        s, lim, req = self.settings, self.limits, prepared.request
+        s, req = self.settings, prepared.request
         noise = noise or SeededNoise(req.seed)
         F, C = s.num_frames_per_chunk, s.num_conditional_frames
         chunks = plan_chunks(prepared.num_frames, F, C)
-        latent_shape = (
-            1, self.dit.transformer.config.in_channels - 1, lim.latent_frames(F),
-            prepared.height // lim.spatial_factor, prepared.width // lim.spatial_factor,
-        )
+        shape = latent_shape(self.limits, self.dit, F, prepared.height, prepared.width)
         prompt_embeds = self.text_encoder.encode(req.prompt)
         negative_embeds = self.text_encoder.encode(req.negative_prompt) if s.guidance > 1.0 else None
         scales = req.scales()
+        videos = {m: to_model_video(frames) for m, frames in prepared.controls.items()}
 
         decoded, latents_out = [], []
         bar = tqdm(total=len(chunks) * s.num_steps, desc=req.name, unit="step", disable=not progress, leave=False)
-        for k, (start, end) in enumerate(chunks):
-            controls = {
-                m: self.vae.encode(pad_frames(video[:, :, start:end], F), self.dit.dtype)
-                for m, video in prepared.controls.items()
-            }
+        for k, window in enumerate(chunks):
+            controls = encode_controls(self.vae, videos, window, F, self.dit.dtype)
             cond, num_cond = None, 0
             if k > 0 and C > 0:
-                cond, num_cond = self._roundtrip_condition(decoded[-1], C), lim.cond_latent_frames(C)
+                cond, num_cond = roundtrip_condition(self.vae, decoded[-1], C), self.limits.cond_latent_frames(C)
             latents = self.dit.denoise(
-                noise(k, latent_shape), cond, num_cond, controls, scales, prompt_embeds, negative_embeds,
+                noise(k, shape), cond, num_cond, controls, scales, prompt_embeds, negative_embeds,
                 s.num_steps, s.guidance, (prepared.height, prepared.width), on_step=lambda _: bar.update(),
             )
             decoded.append(self.vae.decode(latents))
             latents_out.append(latents.cpu())
         bar.close()
-        video = torch.cat([chunk if k == 0 else chunk[:, :, C:] for k, chunk in enumerate(decoded)], dim=2)
-        return GenerationResult(video[:, :, : prepared.num_frames], torch.cat(latents_out).float())
+        return assemble(decoded, latents_out, C, prepared.num_frames)
 
-    def _roundtrip_condition(self, previous: torch.Tensor, num_conditional_frames: int) -> torch.Tensor:
-        """Condition latents from the previous decoded chunk ``[1, 3, F, H, W]``: its last frames first, -1 after."""
-        video = previous.clone()
-        video[:, :, :num_conditional_frames] = video[:, :, -num_conditional_frames:]
-        video[:, :, num_conditional_frames:] = -1  # -1 is black in model space
-        return self.vae.encode(video, torch.float32)
+
+def latent_shape(limits: ModelLimits, dit, frames_per_chunk: int, height: int, width: int) -> tuple[int, ...]:
+    """Noise / latent shape of one chunk: ``[1, C_latent, T_latent, h, w]``."""
+    f = limits.spatial_factor
+    return (1, dit.transformer.config.in_channels - 1, limits.latent_frames(frames_per_chunk), height // f, width // f)
+
+
+def encode_controls(vae, controls: dict[str, torch.Tensor], window: tuple[int, int], frames_per_chunk: int, dtype):
+    """Control latents of one chunk window, per modality (the last chunk padded by repeating its last frame)."""
+    start, end = window
+    return {m: vae.encode(pad_frames(video[:, :, start:end], frames_per_chunk), dtype) for m, video in controls.items()}
+
+
+def roundtrip_condition(vae, previous: torch.Tensor, num_conditional_frames: int) -> torch.Tensor:
+    """Condition latents from the previous decoded chunk ``[1, 3, F, H, W]``: its last frames first, -1 after."""
+    video = previous.clone()
+    video[:, :, :num_conditional_frames] = video[:, :, -num_conditional_frames:]
+    video[:, :, num_conditional_frames:] = -1  # -1 is black in model space
+    return vae.encode(video, torch.float32)
+
+
+def join_chunks(chunks: list[torch.Tensor], num_conditional_frames: int, num_frames: int, dim: int) -> torch.Tensor:
+    """Join per-chunk frames along ``dim``, dropping each later chunk's overlap, trimmed to ``num_frames``."""
+    C = num_conditional_frames
+    joined = torch.cat([c if k == 0 else c.narrow(dim, C, c.shape[dim] - C) for k, c in enumerate(chunks)], dim=dim)
+    return joined.narrow(dim, 0, num_frames)
+
+
+def assemble(decoded: list[torch.Tensor], latents: list[torch.Tensor], num_conditional_frames: int, num_frames: int):
+    """The result from decoded chunks ``[1, 3, F, H, W]`` and each chunk's final latents."""
+    video = join_chunks(decoded, num_conditional_frames, num_frames, dim=2)
+    return GenerationResult(to_uint8_frames(video), torch.cat(latents).float())

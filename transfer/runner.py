@@ -77,8 +77,6 @@ def plan_job(args) -> Job:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.num_gpus != world:
         raise TransferError(f"--num_gpus {args.num_gpus} does not match the {world} process(es) started (WORLD_SIZE)")
-    if args.num_gpus != 1:
-        raise TransferError("--num_gpus > 1 (pipeline parallelism) is not supported yet")
     if args.fps <= 0:
         raise TransferError(f"--fps must be positive, got {args.fps}")
     requests = requests_from_args(args)
@@ -97,6 +95,10 @@ def plan_job(args) -> Job:
 
 
 def run(args) -> list[Path]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from transfer.distributed.runtime import run_distributed
+
+        run_distributed(args)  # exits the process
     job = plan_job(args)
     # Decode and check every input before loading models or writing anything.
     prepared = [prepare_request(r, job.limits) for r in job.requests]

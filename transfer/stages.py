@@ -110,6 +110,16 @@ class DiT:
             return_dict=False,
         )[0]
 
+    def chunk_masks(self, shape, num_cond_latent_frames: int, pixel_size: Sequence[int]):
+        """``cond_indicator [B,1,T,1,1]`` (float32), ``cond_mask [B,1,T,h,w]`` and ``padding_mask [1,1,H,W]`` (model dtype)."""
+        B, _, T, h, w = shape
+        height, width = pixel_size
+        cond_indicator = torch.zeros(B, 1, T, 1, 1, device=self.device)
+        cond_indicator[:, :, :num_cond_latent_frames] = 1.0
+        cond_mask = (cond_indicator * torch.ones(B, 1, T, h, w, device=self.device)).to(self.dtype)
+        padding_mask = torch.zeros(1, 1, height, width, device=self.device, dtype=self.dtype)
+        return cond_indicator, cond_mask, padding_mask
+
     @torch.no_grad()
     def denoise(
         self,
@@ -124,24 +134,22 @@ class DiT:
         guidance: float,
         pixel_size: Sequence[int],
         on_step: Callable[[int], None] | None = None,
+        remote_negative=None,
     ) -> torch.Tensor:
         """Denoise one chunk. ``noise``/``cond_latents`` ``[1, 16, T, h, w]`` float32 -> latents (float32).
 
         The first ``num_cond_latent_frames`` latent frames are pinned to ``cond_latents``
         (velocity replaced by the ground truth, timestep 0.1), in both CFG branches.
+        ``remote_negative`` (CFG parallelism) computes the negative branch elsewhere: it has
+        ``submit(step, in_latents, in_timestep)`` and ``result(step) -> velocity``.
         """
         dtype, device = self.dtype, self.device
         latents = noise.to(device=device, dtype=torch.float32)
-        B, _, T, _, _ = latents.shape
-        height, width = pixel_size
         if cond_latents is None:
             cond_latents = torch.zeros_like(latents)
         cond_latents = cond_latents.to(device=device, dtype=torch.float32)
-        cond_indicator = latents.new_zeros(B, 1, T, 1, 1)
-        cond_indicator[:, :, :num_cond_latent_frames] = 1.0
-        cond_mask = (cond_indicator * latents.new_ones(B, 1, *latents.shape[2:])).to(dtype)  # [B, 1, T, h, w]
+        cond_indicator, cond_mask, padding_mask = self.chunk_masks(latents.shape, num_cond_latent_frames, pixel_size)
         cond_timestep = torch.ones_like(cond_indicator) * CONDITIONAL_FRAME_TIMESTEP
-        padding_mask = latents.new_zeros(1, 1, height, width, dtype=dtype)
         controls = {m: c.to(device=device, dtype=dtype) for m, c in control_latents.items()}
         positive = self._context(prompt_embeds)
         negative = self._context(negative_embeds) if guidance > 1.0 else None
@@ -153,13 +161,17 @@ class DiT:
             in_latents = (cond_mask * cond_latents + (1 - cond_mask) * latents).to(dtype)
             in_timestep = cond_indicator * cond_timestep + (1 - cond_indicator) * sigma_t
             branch = (in_latents, in_timestep)
+            if remote_negative is not None and negative is not None:
+                remote_negative.submit(i, in_latents, in_timestep)  # runs beside the positive branch
             pred = gt_velocity + self.velocity(*branch, positive, controls, control_scales, cond_mask, padding_mask) * (
                 1 - cond_mask
             )
             if negative is not None:
-                pred_neg = gt_velocity + self.velocity(
-                    *branch, negative, controls, control_scales, cond_mask, padding_mask
-                ) * (1 - cond_mask)
+                if remote_negative is not None:
+                    velocity_neg = remote_negative.result(i).to(device)
+                else:
+                    velocity_neg = self.velocity(*branch, negative, controls, control_scales, cond_mask, padding_mask)
+                pred_neg = gt_velocity + velocity_neg * (1 - cond_mask)
                 pred = pred + guidance * (pred - pred_neg)
             latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
             if on_step is not None:

@@ -1,0 +1,1 @@
+"""The pipeline-parallel runtime: placement (who runs what), transport (how tensors move), stages."""

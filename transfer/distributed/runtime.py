@@ -1,0 +1,370 @@
+"""Stage processes: one event loop per rank, dispatching messages to the stages that rank holds.
+
+Flow of one request j with chunks k (``roundtrip`` conditioning)::
+
+    coordinator --text--------> text  --embeds----------> dit leader
+    coordinator --job---------------------------------> dit leader        (plan, seed, weights)
+    coordinator --controls----> vae   --control_latents--> dit leader     (encoded ahead, idle time)
+                                vae   <--decode (j,k)---- dit leader
+    coordinator <--decoded----- vae   --cond (j,k+1)---> dit leader       (decode, re-encode)
+    dit leader  <--velocity---- dit partner <--cfg_step-- dit leader      (CFG-parallel pair only)
+
+The DiT picks any request whose next chunk is ready (lowest request first), so while request
+j waits for its decode and re-encode, request j+1's chunk runs: the VAE hides behind the DiT
+in batches. Noise comes from each request's own generator in chunk order, so the result is
+bit-identical to the single-process run whatever the interleaving.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+import traceback
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from loguru import logger
+
+from transfer.checkpoint import load_dit, load_text_encoder, load_vae
+from transfer.distributed.placement import Placement, from_file, preset
+from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
+from transfer.distributed.transport import Message, PeerFailure, Transport
+from transfer.errors import TransferError
+from transfer.pipeline import (
+    GenerationResult, SeededNoise, encode_controls, join_chunks, latent_shape, plan_chunks, prepare_request,
+    roundtrip_condition, to_model_video, to_uint8_frames,
+)
+
+#: Gloo's timeout for one blocking operation. Stages legitimately wait minutes for the DiT;
+#: failures are detected by broken connections and abort messages, not by this.
+GROUP_TIMEOUT = datetime.timedelta(hours=6)
+
+
+class RemoteNegative:
+    """The leader's side of a CFG-parallel pair: the partner computes the negative branch each step."""
+
+    def __init__(self, loop: "RankLoop", partner: int, j: int, k: int, setup: dict, tensors: dict):
+        self.loop, self.partner, self.j, self.k = loop, partner, j, k
+        loop.transport.send(partner, "cfg_setup", {"j": j, "k": k, **setup}, tensors)
+
+    def submit(self, step: int, in_latents: torch.Tensor, in_timestep: torch.Tensor) -> None:
+        self.loop.transport.send(self.partner, "cfg_step", {"j": self.j, "k": self.k, "i": step},
+                                 {"latents": in_latents, "timestep": in_timestep})
+
+    def result(self, step: int) -> torch.Tensor:
+        msg = self.loop.wait_for(lambda m: m.kind == "velocity" and (m.meta["j"], m.meta["k"], m.meta["i"]) == (self.j, self.k, step))
+        return msg.tensors["velocity"]
+
+
+class RankLoop:
+    def __init__(self, rank: int, placement: Placement, job, args, transport: Transport, tracer: Tracer):
+        from transfer.runner import default_device, dtype_for
+
+        self.rank, self.placement, self.job, self.args = rank, placement, job, args
+        self.transport, self.tracer = transport, tracer
+        self.stages = placement.stages_of(rank)
+        self.deferred: deque[Message] = deque()
+        self.running = True
+        self.settings = job.settings
+        device = default_device()
+        dtype = dtype_for(device)
+        info = job.info
+        self.text_encoder = load_text_encoder(info, device, dtype) if "text" in self.stages else None
+        self.vae = load_vae(info, device, dtype) if "vae" in self.stages else None
+        modalities = sorted({m for r in job.requests for m in r.controls})
+        self.dit = load_dit(info, modalities, device, dtype) if "dit" in self.stages else None
+        self.dit_dtype = dtype
+        # stage state
+        self.vae_controls: dict[int, dict] = {}
+        self.vae_work: deque[tuple[int, int]] = deque()
+        self.dit_jobs: dict[int, dict] = {}
+        self.dit_inputs: dict[tuple, object] = {}
+        self.cfg_context: dict[tuple[int, int], dict] = {}
+        self.results: dict[int, dict] = {}
+        self.written = []
+        self.traces: list[dict] = []
+
+    # -- message plumbing ---------------------------------------------------------------------
+    def next_message(self, timeout: float) -> Message | None:
+        if self.deferred:
+            return self.deferred.popleft()
+        return self.transport.get(timeout)
+
+    def wait_for(self, predicate) -> Message:
+        """Block until a message matching ``predicate`` arrives; others wait their turn in ``deferred``."""
+        for i, m in enumerate(self.deferred):
+            if predicate(m):
+                del self.deferred[i]
+                return m
+        while True:
+            m = self.transport.get(1.0)
+            if m is None:
+                continue
+            if predicate(m):
+                return m
+            self.deferred.append(m)
+
+    def run(self) -> None:
+        if "coordinator" in self.stages:
+            self.start_requests()
+        while self.running:
+            msg = self.next_message(0.0 if self.vae_work else 0.5)
+            if msg is not None:
+                getattr(self, f"on_{msg.kind}")(msg)
+                self.run_ready_dit_chunks()
+            elif self.vae_work:
+                self.encode_next_controls()
+
+    # -- coordinator ----------------------------------------------------------------------------
+    def start_requests(self) -> None:
+        s = self.settings
+        for j, request in enumerate(self.job.requests):
+            with self.tracer.span("coordinator", "prepare", request=j):
+                prepared = prepare_request(request, self.job.limits)
+            chunks = plan_chunks(prepared.num_frames, s.num_frames_per_chunk, s.num_conditional_frames)
+            leader = self.placement.dit_group_for(j)[0]
+            self.results[j] = {"request": request, "num_frames": prepared.num_frames, "frames": {}, "latents": {},
+                               "chunks": len(chunks)}
+            self.transport.send(self.placement.text, "text", {"j": j, "leader": leader, "prompt": request.prompt,
+                                                              "negative": request.negative_prompt})
+            self.transport.send(leader, "job", {"j": j, "seed": request.seed, "chunks": chunks,
+                                                "height": prepared.height, "width": prepared.width,
+                                                "scales": request.scales()})
+            u8 = {m: torch.from_numpy(np.ascontiguousarray(v)) for m, v in prepared.controls.items()}
+            self.transport.send(self.placement.vae, "controls", {"j": j, "leader": leader, "chunks": chunks}, u8)
+
+    def on_decoded(self, msg: Message) -> None:
+        j, k = msg.meta["j"], msg.meta["k"]
+        state = self.results[j]
+        state["frames"][k], state["latents"][k] = msg.tensors["frames"], msg.tensors["latents"]
+        logger.info(f"{state['request'].name}: chunk {k + 1}/{state['chunks']} decoded")
+        if len(state["frames"]) < state["chunks"]:
+            return
+        from transfer.runner import write_outputs
+
+        order = range(state["chunks"])
+        frames = join_chunks([state["frames"][i] for i in order], self.settings.num_conditional_frames,
+                             state["num_frames"], dim=0)
+        result = GenerationResult(frames.numpy(), torch.cat([state["latents"][i] for i in order]).float())
+        with self.tracer.span("coordinator", "write", request=j):
+            self.written.append(write_outputs(Path(self.args.video_save_folder), state["request"], result,
+                                              self.args.fps, self.args.save_raw))
+        logger.info(f"wrote {self.written[-1]}")
+        del self.results[j]
+        if not self.results:
+            self.finish()
+
+    def finish(self) -> None:
+        others = [r for r in range(self.placement.world_size) if r != self.rank]
+        for r in others:
+            self.transport.send(r, "stop")
+        for _ in others:
+            msg = self.wait_for(lambda m: m.kind == "trace")
+            self.traces.append(msg.meta)
+        self.running = False
+
+    # -- text ------------------------------------------------------------------------------------
+    def on_text(self, msg: Message) -> None:
+        j = msg.meta["j"]
+        with self.tracer.span("text", "encode", request=j):
+            tensors = {"prompt": self.text_encoder.encode(msg.meta["prompt"])}
+            if self.settings.guidance > 1.0:
+                tensors["negative"] = self.text_encoder.encode(msg.meta["negative"])
+        self.transport.send(msg.meta["leader"], "embeds", {"j": j}, tensors)
+
+    # -- vae -------------------------------------------------------------------------------------
+    def on_controls(self, msg: Message) -> None:
+        j = msg.meta["j"]
+        videos = {m: to_model_video(v.numpy()) for m, v in msg.tensors.items()}
+        self.vae_controls[j] = {"videos": videos, "chunks": msg.meta["chunks"], "leader": msg.meta["leader"], "left": len(msg.meta["chunks"])}
+        self.vae_work.extend((j, k) for k in range(len(msg.meta["chunks"])))
+
+    def encode_next_controls(self) -> None:
+        j, k = self.vae_work.popleft()
+        state = self.vae_controls[j]
+        with self.tracer.span("vae", "encode_controls", request=j, chunk=k):
+            latents = encode_controls(self.vae, state["videos"], tuple(state["chunks"][k]),
+                                      self.settings.num_frames_per_chunk, self.dit_dtype)
+        self.transport.send(state["leader"], "control_latents", {"j": j, "k": k}, latents)
+        state["left"] -= 1
+        if state["left"] == 0:
+            del self.vae_controls[j]
+
+    def on_decode(self, msg: Message) -> None:
+        j, k, last = msg.meta["j"], msg.meta["k"], msg.meta["last"]
+        with self.tracer.span("vae", "decode", request=j, chunk=k):
+            video = self.vae.decode(msg.tensors["latents"])
+        frames = torch.from_numpy(to_uint8_frames(video))
+        self.transport.send(self.placement.coordinator, "decoded", {"j": j, "k": k}, {"frames": frames, "latents": msg.tensors["latents"]})
+        C = self.settings.num_conditional_frames
+        if not last and C > 0:
+            with self.tracer.span("vae", "reencode", request=j, chunk=k + 1):
+                cond = roundtrip_condition(self.vae, video, C)
+            self.transport.send(msg.src, "cond", {"j": j, "k": k + 1}, {"cond": cond})
+
+    # -- dit -------------------------------------------------------------------------------------
+    def on_job(self, msg: Message) -> None:
+        self.dit_jobs[msg.meta["j"]] = {**msg.meta, "noise": SeededNoise(msg.meta["seed"]), "next": 0}
+
+    def on_embeds(self, msg: Message) -> None:
+        self.dit_inputs[("embeds", msg.meta["j"])] = msg.tensors
+
+    def on_control_latents(self, msg: Message) -> None:
+        self.dit_inputs[("controls", msg.meta["j"], msg.meta["k"])] = msg.tensors
+
+    def on_cond(self, msg: Message) -> None:
+        self.dit_inputs[("cond", msg.meta["j"], msg.meta["k"])] = msg.tensors["cond"]
+
+    def _ready(self, j: int, k: int) -> bool:
+        need = [("embeds", j), ("controls", j, k)]
+        if k > 0 and self.settings.num_conditional_frames > 0:
+            need.append(("cond", j, k))
+        return all(key in self.dit_inputs for key in need)
+
+    def run_ready_dit_chunks(self) -> None:
+        if self.dit is None:
+            return
+        progressed = True
+        while progressed:
+            progressed = False
+            for j in sorted(self.dit_jobs):
+                job = self.dit_jobs[j]
+                if self._ready(j, job["next"]):
+                    self.denoise_chunk(j, job)
+                    progressed = True
+                    break
+
+    def denoise_chunk(self, j: int, job: dict) -> None:
+        s, k = self.settings, job["next"]
+        embeds = self.dit_inputs[("embeds", j)]
+        controls = self.dit_inputs.pop(("controls", j, k))
+        cond = self.dit_inputs.pop(("cond", j, k), None)
+        num_cond = self.job.limits.cond_latent_frames(s.num_conditional_frames) if cond is not None else 0
+        shape = latent_shape(self.job.limits, self.dit, s.num_frames_per_chunk, job["height"], job["width"])
+        pixel = (job["height"], job["width"])
+        group = self.placement.dit_group_for(j)
+        remote = None
+        if len(group) == 2 and "negative" in embeds:
+            remote = RemoteNegative(self, group[1], j, k, {"num_cond": num_cond, "shape": list(shape), "pixel": list(pixel),
+                                                         "scales": job["scales"]}, {"negative": embeds["negative"], **{f"control.{m}": c for m, c in controls.items()}})
+        steps = []
+        t_step = [time.time()]
+
+        def on_step(i):
+            now = time.time()
+            steps.append((i, t_step[0], now))
+            t_step[0] = now
+
+        with self.tracer.span("dit", "denoise", request=j, chunk=k):
+            latents = self.dit.denoise(
+                job["noise"](k, shape), cond, num_cond, controls, job["scales"], embeds["prompt"], embeds.get("negative"),
+                s.num_steps, s.guidance, pixel, on_step=on_step, remote_negative=remote,
+            )
+        for i, start, end in steps:
+            self.tracer.spans.append({"stage": "dit", "name": f"step {i}", "start": start - self.tracer.t0,
+                                      "end": end - self.tracer.t0, "rank": self.rank, "args": {"request": j, "chunk": k, "step": i}})
+        last = k == len(job["chunks"]) - 1
+        self.transport.send(self.placement.vae, "decode", {"j": j, "k": k, "last": last}, {"latents": latents})
+        job["next"] += 1
+        if last:
+            del self.dit_jobs[j]
+            del self.dit_inputs[("embeds", j)]
+            if remote is not None:
+                self.transport.send(group[1], "cfg_done", {"j": j})
+
+    # -- dit partner (negative branch of a CFG-parallel pair) --------------------------------------
+    def on_cfg_setup(self, msg: Message) -> None:
+        m = msg.meta
+        _, cond_mask, padding_mask = self.dit.chunk_masks(m["shape"], m["num_cond"], m["pixel"])
+        controls = {name.removeprefix("control."): t.to(self.dit.device, self.dit.dtype)
+                    for name, t in msg.tensors.items() if name.startswith("control.")}
+        self.cfg_context[(m["j"], m["k"])] = {"negative": self.dit._context(msg.tensors["negative"]), "controls": controls,
+                                             "scales": m["scales"], "cond_mask": cond_mask, "padding_mask": padding_mask}
+
+    def on_cfg_step(self, msg: Message) -> None:
+        j, k, i = msg.meta["j"], msg.meta["k"], msg.meta["i"]
+        ctx = self.cfg_context[(j, k)]
+        with self.tracer.span("dit", f"negative step {i}", request=j, chunk=k, step=i), torch.no_grad():
+            v = self.dit.velocity(msg.tensors["latents"].to(self.dit.device), msg.tensors["timestep"].to(self.dit.device),
+                                  ctx["negative"], ctx["controls"], ctx["scales"], ctx["cond_mask"], ctx["padding_mask"])
+        self.transport.send(msg.src, "velocity", {"j": j, "k": k, "i": i}, {"velocity": v})
+        if i == self.settings.num_steps - 1:
+            del self.cfg_context[(j, k)]
+
+    def on_cfg_done(self, msg: Message) -> None:
+        pass
+
+    # -- shutdown -------------------------------------------------------------------------------
+    def on_stop(self, msg: Message) -> None:
+        self.transport.flush(60)
+        self.transport.send(msg.src, "trace", {"rank": self.rank, "spans": self.tracer.spans,
+                                               "bytes_sent": self.transport.bytes_sent})
+        self.transport.flush(60)
+        self.running = False
+
+
+def placement_from_args(args, world_size: int) -> Placement:
+    return from_file(args.placement, world_size) if args.placement else preset(world_size)
+
+
+def _exit(code: int) -> None:
+    """Leave without tearing down the process group: receiver threads may still block in recv."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_distributed(args) -> None:
+    """Entry for WORLD_SIZE > 1 (under torchrun). Never returns: exits the process with its status."""
+    from transfer.runner import plan_job
+
+    dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank != 0:
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING", format=f"rank {rank} | {{level}} | {{message}}")
+    try:
+        placement = placement_from_args(args, world)
+        job = plan_job(args)
+    except TransferError as e:  # every rank validates the same inputs and fails the same way
+        if rank == 0:
+            print(f"transfer.py: error: {e}", file=sys.stderr)
+        _exit(2)
+    if rank == 0:
+        logger.info(f"placement: {placement.describe()}")
+    t0 = time.time()
+    transport = Transport(rank, world)
+    tracer = Tracer(rank, t0)
+    loop = None
+    try:
+        loop = RankLoop(rank, placement, job, args, transport, tracer)
+        loop.run()
+    except PeerFailure as e:
+        if rank == placement.coordinator:
+            print(f"transfer.py: error: {e}", file=sys.stderr)
+        _exit(1)
+    except TransferError as e:
+        transport.abort_all(str(e))
+        print(f"transfer.py: error: {e}", file=sys.stderr)
+        _exit(2)
+    except Exception as e:  # a stage crashed: tell everyone, show the original error
+        where = f"rank {rank} ({'+'.join(placement.stages_of(rank))})"
+        traceback.print_exc()
+        transport.abort_all(f"{where} failed: {type(e).__name__}: {e}")
+        print(f"transfer.py: error: {where} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        _exit(1)
+    if rank == placement.coordinator:
+        wall = time.time() - t0
+        spans = tracer.spans + [s for t in loop.traces for s in t["spans"]]
+        sent = {rank: transport.bytes_sent, **{t["rank"]: t["bytes_sent"] for t in loop.traces}}
+        if args.trace:
+            write_chrome_trace(args.trace, spans)
+            logger.info(f"trace written to {args.trace}")
+        print(stage_table(spans, wall, sent), file=sys.stderr)
+    transport.flush(60)
+    _exit(0)

@@ -1,0 +1,53 @@
+"""Busy intervals per stage: a Chrome/Perfetto trace file and the end-of-run stage table."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class Tracer:
+    """Records ``(stage, name, start, end, args)`` spans on one rank; times are seconds since ``t0``."""
+
+    def __init__(self, rank: int, t0: float | None = None):
+        self.rank, self.t0 = rank, time.time() if t0 is None else t0
+        self.spans: list[dict] = []
+
+    @contextmanager
+    def span(self, stage: str, name: str, **args):
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.spans.append({"stage": stage, "name": name, "start": start - self.t0, "end": time.time() - self.t0,
+                               "rank": self.rank, "args": args})
+
+
+def write_chrome_trace(path: str | Path, spans: list[dict]) -> None:
+    """Complete events (``ph: X``), one process row per rank, one thread row per stage."""
+    stages = sorted({s["stage"] for s in spans})
+    events = [
+        {"name": s["name"], "cat": s["stage"], "ph": "X", "ts": s["start"] * 1e6, "dur": (s["end"] - s["start"]) * 1e6,
+         "pid": s["rank"], "tid": stages.index(s["stage"]), "args": s["args"]}
+        for s in spans
+    ]
+    events += [{"name": "thread_name", "ph": "M", "pid": r, "tid": stages.index(st), "args": {"name": st}}
+               for r, st in sorted({(s["rank"], s["stage"]) for s in spans})]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+
+
+def stage_table(spans: list[dict], wall: float, bytes_sent: dict[int, int]) -> str:
+    """Per (rank, stage): busy seconds, idle fraction of the wall time, bytes the rank sent."""
+    rows = {}
+    for s in spans:
+        key = (s["rank"], s["stage"])
+        rows[key] = rows.get(key, 0.0) + s["end"] - s["start"]
+    lines = [f"{'rank':>4}  {'stage':<12}{'busy s':>9}{'idle':>8}{'MB sent':>10}", "-" * 45]
+    for (rank, stage), busy in sorted(rows.items()):
+        idle = 1 - busy / wall if wall > 0 else 0.0
+        lines.append(f"{rank:>4}  {stage:<12}{busy:>9.2f}{idle:>8.0%}{bytes_sent.get(rank, 0) / 1e6:>10.2f}")
+    lines.append(f"wall {wall:.2f} s")
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""Point-to-point messages between stage processes: metadata first, then the named tensors.
+
+A message is ``(kind, meta, tensors)``. On the wire (torch.distributed send/recv):
+
+1. a header ``int64[2]`` = (metadata byte length, number of tensors), tag ``HEADER``, which the
+   receiver takes from *any* source -- so independent flows (text for request j+1, the decode of
+   chunk k, the control encode of chunk k+1) are served in whatever order they arrive;
+2. the metadata as UTF-8 JSON bytes (kind, request/chunk ids, tensor names, shapes, dtypes),
+   tag ``PAYLOAD``, from that source; the receiver allocates every tensor from it;
+3. each tensor's raw bytes, tag ``PAYLOAD``, from that source.
+
+One sender thread per process sends whole messages in order; one receiver thread per process
+receives whole messages into an inbox. Compute threads never block on the network, and a
+sender blocked on a peer is always drained by that peer's receiver thread, so no interleaving
+of flows can deadlock. JSON, never pickle: nothing received is unpickled. Messages to the
+process's own rank skip the network.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+HEADER, PAYLOAD = 1, 2
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool)}
+
+
+@dataclass
+class Message:
+    kind: str
+    src: int
+    meta: dict = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class PeerFailure(RuntimeError):
+    """Another rank failed (it sent ``abort``) or the connection to it broke."""
+
+
+class Transport:
+    """Message passing for one rank over a gloo process group (CPU tensors on the wire)."""
+
+    def __init__(self, rank: int, world_size: int, group=None):
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.inbox: queue.Queue[Message] = queue.Queue()
+        self._outbox: queue.Queue = queue.Queue()
+        self.bytes_sent = 0
+        self._sender = threading.Thread(target=self._send_loop, name="transport-send", daemon=True)
+        self._receiver = threading.Thread(target=self._recv_loop, name="transport-recv", daemon=True)
+        if world_size > 1:
+            self._sender.start()
+            self._receiver.start()
+
+    # -- sending -------------------------------------------------------------------------------
+    def send(self, dst: int, kind: str, meta: dict | None = None, tensors: dict[str, torch.Tensor] | None = None):
+        """Queue a message for ``dst``; returns at once. Tensors are moved to CPU and must not be mutated after."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}
+        if dst == self.rank:
+            self.inbox.put(Message(kind, self.rank, dict(meta or {}), tensors))
+            return
+        done = threading.Event()
+        self._outbox.put((dst, kind, dict(meta or {}), tensors, done))
+        return done
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued message has been received by its peer."""
+        marker = threading.Event()
+        if self.world_size == 1:
+            return True
+        self._outbox.put((None, None, None, None, marker))
+        return marker.wait(timeout)
+
+    def _send_loop(self):
+        while True:
+            dst, kind, meta, tensors, done = self._outbox.get()
+            if dst is None:
+                done.set()
+                continue
+            try:
+                self._send_now(dst, kind, meta, tensors)
+            except Exception as e:  # the peer is gone; surface it to our compute thread
+                self.inbox.put(Message("abort", dst, {"error": f"lost connection to rank {dst}: {e}", "rank": dst}))
+            done.set()
+
+    def _send_now(self, dst: int, kind: str, meta: dict, tensors: dict[str, torch.Tensor]):
+        specs = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()]
+        payload = json.dumps({"kind": kind, "meta": meta, "tensors": specs}).encode()
+        dist.send(torch.tensor([len(payload), len(tensors)], dtype=torch.int64), dst, group=self.group, tag=HEADER)
+        dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst, group=self.group, tag=PAYLOAD)
+        for t in tensors.values():
+            if t.numel():
+                dist.send(t.reshape(-1).view(torch.uint8), dst, group=self.group, tag=PAYLOAD)
+        self.bytes_sent += len(payload) + sum(t.numel() * t.element_size() for t in tensors.values())
+
+    # -- receiving -----------------------------------------------------------------------------
+    def _recv_loop(self):
+        while True:
+            try:
+                header = torch.empty(2, dtype=torch.int64)
+                src = dist.recv(header, None, group=self.group, tag=HEADER)
+                raw = torch.empty(int(header[0]), dtype=torch.uint8)
+                dist.recv(raw, src, group=self.group, tag=PAYLOAD)
+                envelope = json.loads(bytes(raw.numpy()).decode())
+                tensors = {}
+                for spec in envelope["tensors"]:
+                    dtype = _DTYPES[spec["dtype"]]
+                    t = torch.empty(spec["shape"], dtype=dtype)
+                    if t.numel():
+                        buf = torch.empty(t.numel() * t.element_size(), dtype=torch.uint8)
+                        dist.recv(buf, src, group=self.group, tag=PAYLOAD)
+                        t = buf.view(dtype).reshape(spec["shape"])
+                    tensors[spec["name"]] = t
+            except Exception as e:  # a peer died or the group broke
+                self.inbox.put(Message("abort", -1, {"error": f"lost connection to a peer: {e}", "rank": -1}))
+                return
+            self.inbox.put(Message(envelope["kind"], src, envelope["meta"], tensors))
+            if envelope["kind"] == "stop":
+                return
+
+    def get(self, timeout: float | None = None) -> Message | None:
+        """Next message, or None after ``timeout`` seconds. An ``abort`` raises ``PeerFailure``."""
+        try:
+            msg = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if msg.kind == "abort":
+            raise PeerFailure(msg.meta.get("error", "a peer failed"))
+        return msg
+
+    def abort_all(self, error: str, timeout: float = 5.0) -> None:
+        """Best effort: tell every other rank to stop because of ``error``."""
+        events = [self.send(r, "abort", {"error": error, "rank": self.rank}) for r in range(self.world_size) if r != self.rank]
+        deadline = time.monotonic() + timeout
+        for e in events:
+            if e is not None:
+                e.wait(max(0.0, deadline - time.monotonic()))
