@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 import time
 import traceback
@@ -299,13 +300,33 @@ class RankLoop:
     def on_cfg_done(self, msg: Message) -> None:
         pass
 
+    def held_parameters(self) -> dict[str, int]:
+        """Parameter counts of the models this rank built (proves each rank loads only its stages)."""
+        held = {}
+        if self.text_encoder is not None:
+            held["text_encoder"] = sum(p.numel() for p in self.text_encoder.model.parameters())
+        if self.vae is not None:
+            held["vae"] = sum(p.numel() for p in self.vae.vae.parameters())
+        if self.dit is not None:
+            held["transformer"] = sum(p.numel() for p in self.dit.transformer.parameters())
+            held["controlnets"] = sum(p.numel() for c in self.dit.controlnets.values() for p in c.parameters())
+        return held
+
     # -- shutdown -------------------------------------------------------------------------------
     def on_stop(self, msg: Message) -> None:
         self.transport.flush(60)
         self.transport.send(msg.src, "trace", {"rank": self.rank, "spans": self.tracer.spans,
-                                               "bytes_sent": self.transport.bytes_sent})
+                                               "bytes_sent": self.transport.bytes_sent, "params": self.held_parameters()})
         self.transport.flush(60)
         self.running = False
+
+
+class Terminated(BaseException):
+    """SIGTERM (torchrun stopping the job after another rank died): unwinds so temp files are removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def placement_from_args(args, world_size: int) -> Placement:
@@ -323,6 +344,7 @@ def run_distributed(args) -> None:
     """Entry for WORLD_SIZE > 1 (under torchrun). Never returns: exits the process with its status."""
     from transfer.runner import plan_job
 
+    signal.signal(signal.SIGTERM, _on_sigterm)
     dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank != 0:
@@ -344,6 +366,8 @@ def run_distributed(args) -> None:
     try:
         loop = RankLoop(rank, placement, job, args, transport, tracer)
         loop.run()
+    except Terminated:
+        _exit(143)
     except PeerFailure as e:
         if rank == placement.coordinator:
             print(f"transfer.py: error: {e}", file=sys.stderr)
@@ -362,8 +386,10 @@ def run_distributed(args) -> None:
         wall = time.time() - t0
         spans = tracer.spans + [s for t in loop.traces for s in t["spans"]]
         sent = {rank: transport.bytes_sent, **{t["rank"]: t["bytes_sent"] for t in loop.traces}}
+        params = {rank: loop.held_parameters(), **{t["rank"]: t["params"] for t in loop.traces}}
         if args.trace:
-            write_chrome_trace(args.trace, spans)
+            write_chrome_trace(args.trace, spans, {"placement": placement.describe(),
+                                                   "parameters_by_rank": {str(r): p for r, p in sorted(params.items())}})
             logger.info(f"trace written to {args.trace}")
         print(stage_table(spans, wall, sent), file=sys.stderr)
     transport.flush(60)

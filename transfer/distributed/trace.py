@@ -25,7 +25,7 @@ class Tracer:
                                "rank": self.rank, "args": args})
 
 
-def write_chrome_trace(path: str | Path, spans: list[dict]) -> None:
+def write_chrome_trace(path: str | Path, spans: list[dict], other: dict | None = None) -> None:
     """Complete events (``ph: X``), one process row per rank, one thread row per stage."""
     stages = sorted({s["stage"] for s in spans})
     events = [
@@ -36,7 +36,7 @@ def write_chrome_trace(path: str | Path, spans: list[dict]) -> None:
     events += [{"name": "thread_name", "ph": "M", "pid": r, "tid": stages.index(st), "args": {"name": st}}
                for r, st in sorted({(s["rank"], s["stage"]) for s in spans})]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms", "otherData": other or {}}))
 
 
 def stage_table(spans: list[dict], wall: float, bytes_sent: dict[int, int]) -> str:

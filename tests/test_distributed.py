@@ -1,0 +1,169 @@
+"""torchrun with gloo on CPU: stage processes give the single-process result bit for bit.
+
+Every run here uses OMP_NUM_THREADS=1 (torchrun's own default), single-process runs included:
+CPU kernels may sum in another order with another thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, example_frames
+from transfer.distributed.placement import Placement, preset
+from transfer.errors import TransferError
+from transfer.video_io import read_video, write_mp4
+
+FAST = ["--num_steps", "2", "--num_frames_per_chunk", "5"]
+ENV = {"OMP_NUM_THREADS": "1", "TRANSFER_LOG_LEVEL": "INFO"}
+
+
+def launch(nproc: int, *args: str, popen: bool = False):
+    env = {**os.environ, **ENV}
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "transfer.py"), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(ROOT / "transfer.py"),
+               "--num_gpus", str(nproc), *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory) -> Path:
+    """Three requests: a single-chunk video, a three-chunk video, a two-control video (three chunks)."""
+    d = tmp_path_factory.mktemp("dist")
+    for name in ("example_input.mp4", "example_edge.mp4", "example_vis.mp4"):
+        write_mp4(d / name, example_frames(name, 13), 24)
+        write_mp4(d / f"short_{name}", example_frames(name, 5), 24)
+    edge = {"control_weight": 1.0, "input_control": "example_edge.mp4"}
+    lines = [
+        {"name": "single", "prompt": "one chunk", "input_video_path": "short_example_input.mp4",
+         "edge": {"control_weight": 1.0, "input_control": "short_example_edge.mp4"}, "seed": 11},
+        {"name": "three", "prompt": "three chunks", "input_video_path": "example_input.mp4", "edge": edge, "seed": 12},
+        {"name": "multi", "prompt": "two controls", "input_video_path": "example_input.mp4",
+         "edge": {"control_weight": 0.7, "input_control": "example_edge.mp4"},
+         "vis": {"control_weight": 0.5, "input_control": "example_vis.mp4"}, "seed": 13},
+    ]
+    (d / "batch.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_ckpt, batch, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    proc = launch(1, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(out), "--save_raw", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("nproc", [4, 2, 3, 6])
+def test_stage_processes_equal_single_process(tiny_ckpt, batch, single_process, tmp_path, nproc):
+    trace = tmp_path / "trace.json"
+    proc = launch(nproc, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),
+                  "--save_raw", "--trace", str(trace), *FAST)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name, chunks in (("single", 1), ("three", 3), ("multi", 3)):
+        ref, got = np.load(single_process / f"{name}.npz"), np.load(tmp_path / f"{name}.npz")
+        assert ref["latents"].shape[0] == chunks
+        assert np.array_equal(ref["frames"], got["frames"]), name
+        assert np.array_equal(ref["latents"], got["latents"]), name
+        assert (tmp_path / f"{name}.mp4").is_file()
+    assert "busy s" in proc.stderr and "idle" in proc.stderr  # the per-stage table
+    data = json.loads(trace.read_text())
+    stages = {e["cat"] for e in data["traceEvents"] if e["ph"] == "X"}
+    assert {"coordinator", "text", "vae", "dit"} <= stages
+    if nproc >= 5:  # the CFG partner computed negative-branch steps
+        assert any(e["name"].startswith("negative step") for e in data["traceEvents"])
+
+
+def test_each_rank_holds_only_its_stages_weights(tiny_ckpt, batch, tmp_path):
+    trace = tmp_path / "trace.json"
+    proc = launch(4, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),
+                  "--trace", str(trace), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    held = json.loads(trace.read_text())["otherData"]["parameters_by_rank"]
+    assert held["0"] == {}
+    assert set(held["1"]) == {"text_encoder"} and held["1"]["text_encoder"] > 0
+    assert set(held["2"]) == {"vae"} and held["2"]["vae"] > 0
+    assert set(held["3"]) == {"transformer", "controlnets"} and held["3"]["transformer"] > 0
+
+
+def _rank_pids(root_pid: int) -> dict[int, int]:
+    """RANK -> pid of torchrun's worker processes (read from /proc)."""
+    import psutil
+
+    out = {}
+    for child in psutil.Process(root_pid).children(recursive=True):
+        try:
+            env = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+        if ranks:
+            out[int(ranks[0])] = child.pid
+    return out
+
+
+def test_killed_stage_ends_every_rank_without_output(tiny_ckpt, batch, tmp_path):
+    proc = launch(4, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),
+                  "--num_steps", "30", "--num_frames_per_chunk", "5", popen=True)
+    lines = []
+    while True:  # kill the VAE rank once the first chunk has come back through it
+        line = proc.stdout.readline()
+        assert line, "".join(lines)[-3000:]
+        lines.append(line)
+        if "chunk 1/" in line:
+            break
+    pids = _rank_pids(proc.pid)
+    assert set(pids) == {0, 1, 2, 3}
+    os.kill(pids[2], signal.SIGKILL)
+    start = time.monotonic()
+    proc.communicate(timeout=90)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 60
+    assert not list(tmp_path.glob(".*tmp*"))  # no half-written file
+    # The one-chunk request may have finished before the kill; anything present is complete.
+    assert {p.name for p in tmp_path.glob("*.mp4")} <= {"single.mp4"}
+    for path in tmp_path.glob("*.mp4"):
+        assert read_video(path)[0].shape == (5, 96, 160, 3)
+    import psutil
+
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids.values())
+
+
+def test_bad_input_found_by_the_coordinator_stops_every_rank(tiny_ckpt, batch, tmp_path):
+    (batch / "broken.mp4").write_bytes(b"\x00" * 1000)
+    bad = batch / "bad_batch.jsonl"
+    line = json.loads((batch / "batch.jsonl").read_text().splitlines()[1])
+    bad.write_text(json.dumps(line) + "\n" + json.dumps({**line, "name": "broken", "input_video_path": "broken.mp4"}) + "\n")
+    start = time.monotonic()
+    proc = launch(4, "--batch_input_path", str(bad), "--video_save_folder", str(tmp_path), *FAST)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 120
+    assert "cannot read input video" in proc.stderr and "broken.mp4" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_placement_presets_and_validation():
+    assert preset(4).describe() == "rank 0: coordinator, rank 1: text, rank 2: vae, rank 3: dit"
+    assert preset(2).stages_of(0) == ["coordinator", "text", "vae"] and preset(2).stages_of(1) == ["dit"]
+    assert preset(6).dit_groups == ((3, 4), (5,))
+    assert preset(8).dit_groups == ((3, 4), (5, 6), (7,))
+    with pytest.raises(TransferError, match="outside 0..3"):
+        Placement(4, text=4, vae=2, dit_groups=((3,),))
+    with pytest.raises(TransferError, match="leaves rank 3 without a stage"):
+        Placement(4, text=1, vae=2, dit_groups=((0,),))
+    with pytest.raises(TransferError, match="no placement preset for 9"):
+        preset(9)
