@@ -65,7 +65,7 @@ class DiT:
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
-    def _context(self, text_embeds: torch.Tensor):
+    def context(self, text_embeds: torch.Tensor):
         """Encoder hidden states: text, plus a zero image context where the model has one (as diffusers)."""
         text_embeds = text_embeds.to(self.device, self.dtype)
         cfg = self.transformer.config
@@ -151,8 +151,8 @@ class DiT:
         cond_indicator, cond_mask, padding_mask = self.chunk_masks(latents.shape, num_cond_latent_frames, pixel_size)
         cond_timestep = torch.ones_like(cond_indicator) * CONDITIONAL_FRAME_TIMESTEP
         controls = {m: c.to(device=device, dtype=dtype) for m, c in control_latents.items()}
-        positive = self._context(prompt_embeds)
-        negative = self._context(negative_embeds) if guidance > 1.0 else None
+        positive = self.context(prompt_embeds)
+        negative = self.context(negative_embeds) if guidance > 1.0 else None
 
         self.scheduler.set_timesteps(num_steps, device=device)
         gt_velocity = (latents - cond_latents) * cond_mask

@@ -275,8 +275,6 @@ class RankLoop:
         if last:
             del self.dit_jobs[j]
             del self.dit_inputs[("embeds", j)]
-            if remote is not None:
-                self.transport.send(group[1], "cfg_done", {"j": j})
 
     # -- dit partner (negative branch of a CFG-parallel pair) --------------------------------------
     def on_cfg_setup(self, msg: Message) -> None:
@@ -284,7 +282,7 @@ class RankLoop:
         _, cond_mask, padding_mask = self.dit.chunk_masks(m["shape"], m["num_cond"], m["pixel"])
         controls = {name.removeprefix("control."): t.to(self.dit.device, self.dit.dtype)
                     for name, t in msg.tensors.items() if name.startswith("control.")}
-        self.cfg_context[(m["j"], m["k"])] = {"negative": self.dit._context(msg.tensors["negative"]), "controls": controls,
+        self.cfg_context[(m["j"], m["k"])] = {"negative": self.dit.context(msg.tensors["negative"]), "controls": controls,
                                              "scales": m["scales"], "cond_mask": cond_mask, "padding_mask": padding_mask}
 
     def on_cfg_step(self, msg: Message) -> None:
@@ -296,9 +294,6 @@ class RankLoop:
         self.transport.send(msg.src, "velocity", {"j": j, "k": k, "i": i}, {"velocity": v})
         if i == self.settings.num_steps - 1:
             del self.cfg_context[(j, k)]
-
-    def on_cfg_done(self, msg: Message) -> None:
-        pass
 
     def held_parameters(self) -> dict[str, int]:
         """Parameter counts of the models this rank built (proves each rank loads only its stages)."""
