@@ -188,3 +188,12 @@ def test_error_exit_from_real_process(tiny_ckpt, bad_inputs, tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("transfer.py: error: ")
     assert "input video not found" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_control_without_controlnet_in_checkpoint_is_refused(tiny_reason_ckpt, short_inputs, tmp_path, capsys):
+    spec = write_spec(short_inputs, edge=None, depth={"control_weight": 1.0, "input_control": "example_edge.mp4"})
+    out = tmp_path / "out"
+    assert main(["--checkpoint_dir", str(tiny_reason_ckpt), "--controlnet_specs", str(spec),
+                 "--video_save_folder", str(out)]) == 2
+    assert "control 'depth' requested but the checkpoint has no controlnet/depth/ (available: vis, edge)" in capsys.readouterr().err
+    assert not out.exists()

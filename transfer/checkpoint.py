@@ -137,6 +137,17 @@ def inspect_checkpoint(root: str | Path) -> CheckpointInfo:
     return info
 
 
+def require_modalities(info: CheckpointInfo, modalities, where: str = "") -> None:
+    """Raise ``TransferError`` unless the checkpoint has a ControlNet for every modality."""
+    missing = [m for m in modalities if m not in info.controlnets]
+    if missing:
+        prefix = f"{where}: " if where else ""
+        raise TransferError(
+            f"{prefix}control {missing[0]!r} requested but the checkpoint has no controlnet/{missing[0]}/ "
+            f"(available: {', '.join(info.modalities)})"
+        )
+
+
 def _load(component: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
@@ -177,12 +188,7 @@ def load_dit(info: CheckpointInfo, modalities, device: torch.device, dtype: torc
 
     from transfer.stages import DiT
 
-    missing = [m for m in modalities if m not in info.controlnets]
-    if missing:
-        raise TransferError(
-            f"control {missing[0]!r} requested but the checkpoint has no controlnet/{missing[0]}/ "
-            f"(available: {', '.join(info.modalities)})"
-        )
+    require_modalities(info, modalities)
     transformer = _load(
         "transformer", CosmosTransformer3DModel.from_pretrained, info.root / "transformer",
         torch_dtype=dtype, local_files_only=True,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from transfer.checkpoint import inspect_checkpoint, load_dit, load_text_encoder, load_vae
+from transfer.checkpoint import inspect_checkpoint, load_dit, load_text_encoder, load_vae, require_modalities
 from transfer.errors import TransferError
 from transfer.pipeline import GenerationResult, GenerationSettings, ModelLimits, TransferPipeline, prepare_request
 from transfer.specs import Request, check_name, load_batch, load_spec
@@ -85,12 +85,7 @@ def plan_job(args) -> Job:
     settings = settings_from_args(args)
     limits.check_settings(settings)
     for request in requests:
-        missing = [m for m in request.controls if m not in info.controlnets]
-        if missing:
-            raise TransferError(
-                f"{request.source}: control {missing[0]!r} requested but the checkpoint has no controlnet/{missing[0]}/ "
-                f"(available: {', '.join(info.modalities)})"
-            )
+        require_modalities(info, request.controls, request.source)
     return Job(info, limits, settings, requests)
 
 
