@@ -23,7 +23,7 @@ requests of a batch (request j goes to group j mod groups).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transfer.errors import TransferError
@@ -99,6 +99,3 @@ def from_file(path: str | Path, world_size: int) -> Placement:
     groups = tuple(tuple(g) for g in data.get("dit_groups", [[0]]))
     return Placement(world_size, data.get("coordinator", 0), data.get("text", 0), data.get("vae", 0), groups)
 
-
-def to_json(p: Placement) -> str:
-    return json.dumps({k: v for k, v in asdict(p).items() if k != "world_size"})

@@ -71,9 +71,9 @@ class Transport:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued message has been received by its peer."""
-        marker = threading.Event()
         if self.world_size == 1:
             return True
+        marker = threading.Event()
         self._outbox.put((None, None, None, None, marker))
         return marker.wait(timeout)
 
