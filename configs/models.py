@@ -35,6 +35,20 @@ class CheckpointConfig:
     vae: dict
     scheduler: dict = field(default_factory=lambda: dict(TRANSFER25_SCHEDULER))
     modalities: tuple[str, ...] = MODALITIES
+    embedded: bool = True
+    """True: small enough to build with random weights on first use. False: configs only (``--plan``)."""
+
+    def text_config(self, **overrides):
+        """The text encoder's ``transformers`` config object (``overrides`` e.g. a tokenizer's ids)."""
+        if self.text_encoder_type == "t5":
+            from transformers import T5Config
+
+            return T5Config(**{**self.text_encoder, **overrides})
+        from transformers import Qwen2_5_VLConfig
+
+        te = dict(self.text_encoder)
+        te["text_config"] = dict(te["text_config"], **overrides)
+        return Qwen2_5_VLConfig(**overrides, **te)
 
 
 def _tiny_dit(text_dim: int, crossattn_in: int | None) -> tuple[dict, dict]:
@@ -113,7 +127,73 @@ def tiny_reason() -> CheckpointConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "tiny-reason": tiny_reason}
+#: Wan2.1 VAE (AutoencoderKLWan defaults): 8x spatial, 4x temporal, 16 latent channels.
+WAN21_VAE = dict(
+    base_dim=96,
+    z_dim=16,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
+)
+
+#: Cosmos-Reason1-7B = Qwen2.5-VL-7B-Instruct's architecture (28 layers x 3584 -> 100352 when concatenated).
+REASON1_7B = dict(
+    text_config=dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [16, 24, 24]},
+        tie_word_embeddings=False,
+    ),
+    vision_config=dict(
+        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+        in_chans=3, tokens_per_second=2,
+    ),
+    vocab_size=152064,
+    hidden_size=3584,
+    tie_word_embeddings=False,
+)
+
+#: google-t5/t5-11b, encoder only (the cosmos-transfer1 / Cosmos 1-2 text encoder): 1024-channel embeddings.
+T5_11B = dict(
+    d_model=1024, d_kv=128, d_ff=65536, num_layers=24, num_heads=128, vocab_size=32128,
+    relative_attention_num_buckets=32, dropout_rate=0.0, feed_forward_proj="relu", is_encoder_decoder=False,
+)
+
+
+def _transfer25_2b_dit(crossattn: bool) -> tuple[dict, dict]:
+    """Cosmos-Transfer2.5-2B DiT + ControlNet (diffusers' conversion script, 'Cosmos-2.5-Transfer-General-2B')."""
+    shared = dict(
+        num_attention_heads=16, attention_head_dim=128, mlp_ratio=4.0, text_embed_dim=1024, adaln_lora_dim=256,
+        max_size=(128, 240, 240), patch_size=(1, 2, 2), rope_scale=(1.0, 3.0, 3.0), extra_pos_embed_type=None,
+        img_context_dim_in=1152, img_context_dim_out=2048, use_crossattn_projection=crossattn,
+        crossattn_proj_in_channels=100352, encoder_hidden_states_channels=1024,
+    )
+    transformer = dict(shared, in_channels=16 + 1, out_channels=16, num_layers=28, concat_padding_mask=True,
+                       controlnet_block_every_n=7, img_context_num_tokens=256)
+    controlnet = dict(shared, n_controlnet_blocks=4, model_channels=2048, in_channels=130, latent_channels=18)
+    return transformer, controlnet
+
+
+def transfer25_2b() -> CheckpointConfig:
+    """Cosmos-Transfer2.5-2B as released: Cosmos-Reason1-7B text encoder, Wan2.1 VAE. Configs only."""
+    transformer, controlnet = _transfer25_2b_dit(crossattn=True)
+    return CheckpointConfig("transfer2.5-2b", "qwen2_5_vl", dict(REASON1_7B), transformer, controlnet,
+                            dict(WAN21_VAE), embedded=False)
+
+
+def transfer25_2b_t5() -> CheckpointConfig:
+    """The Transfer2.5-2B DiT fed by a T5-11B encoder (1024-channel embeddings, no cross-attn projection).
+    Configs only: the memory plan of the cosmos-transfer1-style text stage."""
+    transformer, controlnet = _transfer25_2b_dit(crossattn=False)
+    return CheckpointConfig("transfer2.5-2b-t5-11b", "t5", dict(T5_11B), transformer, controlnet,
+                            dict(WAN21_VAE), embedded=False)
+
+
+PRESETS = {"tiny": tiny, "tiny-reason": tiny_reason, "transfer2.5-2b": transfer25_2b,
+           "transfer2.5-2b-t5-11b": transfer25_2b_t5}
 
 
 def preset(name: str) -> CheckpointConfig:

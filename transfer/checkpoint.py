@@ -34,7 +34,8 @@ CONTROLNET_CLASS = "CosmosControlNetModel"
 class CheckpointInfo:
     """Validated configs of a checkpoint directory (no weights loaded)."""
 
-    root: Path
+    root: Path | None
+    """The directory; None for configs taken from a preset (``--plan`` without weights)."""
     text_encoder_type: str
     text_config: object  # transformers.PretrainedConfig
     transformer: dict
@@ -132,6 +133,16 @@ def inspect_checkpoint(root: str | Path) -> CheckpointInfo:
         raise TransferError(f"checkpoint {root} has no controlnet/<modality>/ directories")
     info = CheckpointInfo(
         root, text_config.model_type, text_config, configs["transformer"], configs["vae"], configs["scheduler"], controlnets
+    )
+    _check_consistent(info)
+    return info
+
+
+def info_from_preset(cfg) -> CheckpointInfo:
+    """A ``CheckpointInfo`` from a ``configs.models.CheckpointConfig`` (configs only, nothing on disk)."""
+    info = CheckpointInfo(
+        None, cfg.text_encoder_type, cfg.text_config(), dict(cfg.transformer), dict(cfg.vae), dict(cfg.scheduler),
+        {m: dict(cfg.controlnet) for m in cfg.modalities},
     )
     _check_consistent(info)
     return info

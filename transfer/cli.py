@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from configs.models import PRESETS
 
@@ -40,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--checkpoint_dir", help="diffusers-layout checkpoint directory "
                        "(default: the embedded tiny random-weight checkpoint, built on first use)")
     model.add_argument("--checkpoint_preset", default="tiny", choices=sorted(PRESETS),
-                       help="which embedded random-weight checkpoint to use without --checkpoint_dir (default: tiny)")
+                       help="which embedded random-weight checkpoint to use without --checkpoint_dir (default: tiny); "
+                       "transfer2.5-2b and transfer2.5-2b-t5-11b are real-size configs without weights, for --plan")
 
     gen = p.add_argument_group("generation")
     gen.add_argument("--num_steps", type=int, default=36, help="denoising steps per chunk (default: 36)")
@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--placement", help="JSON file overriding the stage placement: "
                      '{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}')
     run.add_argument("--trace", help="write a Chrome/Perfetto trace of every stage's busy intervals (multi-process runs)")
+
+    plan = p.add_argument_group("memory planning")
+    plan.add_argument("--plan", action="store_true",
+                      help="print each rank's weight memory for --num_gpus / --placement and exit; builds the models "
+                      "on the meta device from configs only (works with the configs-only presets transfer2.5-2b and "
+                      "transfer2.5-2b-t5-11b); needs no torchrun and no inputs (a spec narrows the ControlNets)")
+    plan.add_argument("--gpu_memory_gb", type=float, default=80.0, help="GPU memory to plan against (default: 80)")
+    plan.add_argument("--plan_dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                      help="weight dtype to plan with (default: bf16, what CUDA runs use)")
     return p
 
 
@@ -73,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     logger.add(sys.stderr, level=os.environ.get("TRANSFER_LOG_LEVEL", "INFO"),
                format="<green>{time:HH:mm:ss}</green> | <level>{level: <7}</level> | {message}")
     try:
+        if args.plan:
+            from transfer.plan import run_plan
+
+            report = run_plan(args)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank plans; one prints
+                print(report)
+            return 0
         from transfer.runner import run
 
         run(args)

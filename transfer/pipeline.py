@@ -13,7 +13,7 @@ last frame and the output trimmed back. Chunk k > 0 is conditioned on the last
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import cv2
 import numpy as np

@@ -20,6 +20,7 @@ import torch
 from loguru import logger
 
 from configs.models import CheckpointConfig, preset
+from transfer.errors import TransferError
 
 #: Bump when the tiny layout or weights change, so stale caches are not reused.
 TINY_VERSION = 1
@@ -70,18 +71,15 @@ def _save_models(cfg: CheckpointConfig, out: Path, seed: int) -> None:
     tokenizer.save_pretrained(out / "tokenizer")
 
     torch.manual_seed(seed)
+    ids = dict(vocab_size=len(tokenizer))
     if cfg.text_encoder_type == "t5":
-        from transformers import T5Config, T5EncoderModel
-
-        text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **cfg.text_encoder))
+        from transformers import T5EncoderModel as cls
     else:
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        from transformers import Qwen2_5_VLForConditionalGeneration as cls
 
-        te = dict(cfg.text_encoder)
-        ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        te["text_config"] = dict(te["text_config"], **ids)
-        text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**ids, **te))
+        ids.update(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    text_encoder = cls(cfg.text_config(**ids))
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
 
     torch.manual_seed(seed + 1)
@@ -115,8 +113,12 @@ def write_checkpoint(cfg: CheckpointConfig, out: Path, seed: int = 0) -> Path:
 
 def ensure_tiny_checkpoint(name: str = "tiny") -> Path:
     """Return the cached checkpoint directory for a tiny preset, building it on first use."""
+    cfg = preset(name)
+    if not cfg.embedded:
+        raise TransferError(f"checkpoint preset {name!r} is configs only (for --plan); "
+                            "give --checkpoint_dir with real weights to generate")
     path = cache_root() / f"{name}-v{TINY_VERSION}"
     if not (path / "transformer").is_dir():
         logger.info(f"building the embedded {name!r} random-weight checkpoint at {path}")
-        write_checkpoint(preset(name), path)
+        write_checkpoint(cfg, path)
     return path

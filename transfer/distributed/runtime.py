@@ -36,6 +36,7 @@ from transfer.distributed.placement import Placement, from_file, preset
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
 from transfer.distributed.transport import Message, PeerFailure, Transport
 from transfer.errors import TransferError
+from transfer.job import default_device, dtype_for, plan_job, write_outputs
 from transfer.pipeline import (
     GenerationResult, SeededNoise, encode_controls, join_chunks, latent_shape, plan_chunks, prepare_request,
     roundtrip_condition, to_model_video, to_uint8_frames,
@@ -64,8 +65,6 @@ class RemoteNegative:
 
 class RankLoop:
     def __init__(self, rank: int, placement: Placement, job, args, transport: Transport, tracer: Tracer):
-        from transfer.runner import default_device, dtype_for
-
         self.rank, self.placement, self.job, self.args = rank, placement, job, args
         self.transport, self.tracer = transport, tracer
         self.stages = placement.stages_of(rank)
@@ -146,8 +145,6 @@ class RankLoop:
         logger.info(f"{state['request'].name}: chunk {k + 1}/{state['chunks']} decoded")
         if len(state["frames"]) < state["chunks"]:
             return
-        from transfer.runner import write_outputs
-
         order = range(state["chunks"])
         frames = join_chunks([state["frames"][i] for i in order], self.settings.num_conditional_frames,
                              state["num_frames"], dim=0)
@@ -267,8 +264,7 @@ class RankLoop:
                 s.num_steps, s.guidance, pixel, on_step=on_step, remote_negative=remote,
             )
         for i, start, end in steps:
-            self.tracer.spans.append({"stage": "dit", "name": f"step {i}", "start": start - self.tracer.t0,
-                                      "end": end - self.tracer.t0, "rank": self.rank, "args": {"request": j, "chunk": k, "step": i}})
+            self.tracer.add("dit", f"step {i}", start, end, nested=True, request=j, chunk=k, step=i)
         last = k == len(job["chunks"]) - 1
         self.transport.send(self.placement.vae, "decode", {"j": j, "k": k, "last": last}, {"latents": latents})
         job["next"] += 1
@@ -337,8 +333,6 @@ def _exit(code: int) -> None:
 
 def run_distributed(args) -> None:
     """Entry for WORLD_SIZE > 1 (under torchrun). Never returns: exits the process with its status."""
-    from transfer.runner import plan_job
-
     signal.signal(signal.SIGTERM, _on_sigterm)
     dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -15,14 +15,21 @@ class Tracer:
         self.rank, self.t0 = rank, time.time() if t0 is None else t0
         self.spans: list[dict] = []
 
+    def add(self, stage: str, name: str, start: float, end: float, nested: bool = False, **args) -> None:
+        """Record a span from wall-clock ``start``/``end``; ``nested`` spans lie inside another span of the
+        same stage (e.g. the steps of a chunk) and do not add to its busy time."""
+        span = {"stage": stage, "name": name, "start": start - self.t0, "end": end - self.t0, "rank": self.rank, "args": args}
+        if nested:
+            span["nested"] = True
+        self.spans.append(span)
+
     @contextmanager
     def span(self, stage: str, name: str, **args):
         start = time.time()
         try:
             yield
         finally:
-            self.spans.append({"stage": stage, "name": name, "start": start - self.t0, "end": time.time() - self.t0,
-                               "rank": self.rank, "args": args})
+            self.add(stage, name, start, time.time(), **args)
 
 
 def write_chrome_trace(path: str | Path, spans: list[dict], other: dict | None = None) -> None:
@@ -40,9 +47,11 @@ def write_chrome_trace(path: str | Path, spans: list[dict], other: dict | None =
 
 
 def stage_table(spans: list[dict], wall: float, bytes_sent: dict[int, int]) -> str:
-    """Per (rank, stage): busy seconds, idle fraction of the wall time, bytes the rank sent."""
+    """Per (rank, stage): busy seconds (top-level spans only), idle fraction of the wall time, bytes the rank sent."""
     rows = {}
     for s in spans:
+        if s.get("nested"):
+            continue
         key = (s["rank"], s["stage"])
         rows[key] = rows.get(key, 0.0) + s["end"] - s["start"]
     lines = [f"{'rank':>4}  {'stage':<12}{'busy s':>9}{'idle':>8}{'MB sent':>10}", "-" * 45]

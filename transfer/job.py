@@ -1,0 +1,92 @@
+"""A job: validated requests, checkpoint configs and settings, shared by every execution path.
+
+Everything here runs before any model loads, so bad input fails fast and the same way on every
+rank; ``write_outputs`` is the one place outputs are written (single process and coordinator).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from transfer.checkpoint import inspect_checkpoint, require_modalities
+from transfer.errors import TransferError
+from transfer.pipeline import GenerationResult, GenerationSettings, ModelLimits
+from transfer.specs import Request, check_name, load_batch, load_spec
+from transfer.video_io import write_mp4, write_npz, write_text
+
+
+def settings_from_args(args) -> GenerationSettings:
+    return GenerationSettings(
+        num_steps=args.num_steps, guidance=args.guidance,
+        num_frames_per_chunk=args.num_frames_per_chunk, num_conditional_frames=args.num_conditional_frames,
+    )
+
+
+def requests_from_args(args) -> list[Request]:
+    defaults = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "input_video_path") if getattr(args, k)}
+    defaults["seed"] = args.seed
+    if args.batch_input_path:
+        return load_batch(args.batch_input_path, defaults=defaults, base_spec=args.controlnet_specs)
+    if not args.controlnet_specs:
+        raise TransferError("give --controlnet_specs SPEC.json or --batch_input_path BATCH.jsonl")
+    return [load_spec(args.controlnet_specs, name=check_name(args.video_save_name, "--video_save_name"), defaults=defaults)]
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_checkpoint(args) -> Path:
+    if args.checkpoint_dir:
+        return Path(args.checkpoint_dir)
+    from transfer.tiny import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint(args.checkpoint_preset)
+
+
+def write_outputs(folder: Path, request: Request, result: GenerationResult, fps: float, save_raw: bool) -> Path:
+    """Write ``{name}.txt``, optionally ``{name}.npz``, then ``{name}.mp4``; each atomically."""
+    frames = result.frames
+    write_text(folder / f"{request.name}.txt", request.prompt + "\n")
+    if save_raw:
+        write_npz(folder / f"{request.name}.npz", frames=frames, latents=result.latents.numpy().astype("float32"))
+    path = folder / f"{request.name}.mp4"
+    write_mp4(path, frames, fps)
+    return path
+
+
+@dataclass
+class Job:
+    """Everything a run needs, validated before any model loads."""
+
+    info: object
+    limits: ModelLimits
+    settings: GenerationSettings
+    requests: list[Request]
+
+
+def plan_job(args) -> Job:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.num_gpus != world:
+        raise TransferError(f"--num_gpus {args.num_gpus} does not match the {world} process(es) started (WORLD_SIZE)")
+    if args.fps <= 0:
+        raise TransferError(f"--fps must be positive, got {args.fps}")
+    requests = requests_from_args(args)
+    info = inspect_checkpoint(resolve_checkpoint(args))
+    limits = ModelLimits.from_info(info)
+    settings = settings_from_args(args)
+    limits.check_settings(settings)
+    for request in requests:
+        require_modalities(info, request.controls, request.source)
+    return Job(info, limits, settings, requests)
