@@ -26,8 +26,8 @@ FAST = ["--num_steps", "2", "--num_frames_per_chunk", "5"]
 ENV = {"OMP_NUM_THREADS": "1", "TRANSFER_LOG_LEVEL": "INFO"}
 
 
-def launch(nproc: int, *args: str, popen: bool = False):
-    env = {**os.environ, **ENV}
+def launch(nproc: int, *args: str, popen: bool = False, env: dict | None = None):
+    env = {**os.environ, **ENV, **(env or {})}
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "transfer.py"), *args]
     else:
@@ -85,6 +85,34 @@ def test_stage_processes_equal_single_process(tiny_ckpt, batch, single_process, 
     assert {"coordinator", "text", "vae", "dit"} <= stages
     if nproc >= 5:  # the CFG partner computed negative-branch steps
         assert any(e["name"].startswith("negative step") for e in data["traceEvents"])
+
+
+def test_direction_groups_transport_equals_single_process(tiny_ckpt, batch, single_process, tmp_path):
+    """Every tensor over the per-direction groups (the path CUDA tensors take with NCCL), here on gloo,
+    6 ranks so the CFG pair's per-step traffic takes it too."""
+    proc = launch(6, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),
+                  "--save_raw", *FAST, env={"TRANSFER_TRANSPORT": "pairs"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("single", "three", "multi"):
+        ref, got = np.load(single_process / f"{name}.npz"), np.load(tmp_path / f"{name}.npz")
+        assert np.array_equal(ref["frames"], got["frames"]) and np.array_equal(ref["latents"], got["latents"]), name
+
+
+def test_single_spec_run_equals_single_process(tiny_ckpt, batch, tmp_path):
+    """A plain --controlnet_specs run (no batch): two controls, three chunks, 4 ranks vs 1."""
+    line = json.loads((batch / "batch.jsonl").read_text().splitlines()[2])
+    spec = batch / "multi_spec.json"
+    spec.write_text(json.dumps({k: v for k, v in line.items() if k not in ("name", "seed")}))
+    outs = {}
+    for nproc in (1, 4):
+        outs[nproc] = tmp_path / str(nproc)
+        proc = launch(nproc, "--controlnet_specs", str(spec), "--video_save_folder", str(outs[nproc]), "--save_raw",
+                      "--seed", "13", *FAST)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, got = np.load(outs[1] / "output.npz"), np.load(outs[4] / "output.npz")
+    assert ref["latents"].shape[0] == 3
+    assert np.array_equal(ref["frames"], got["frames"]) and np.array_equal(ref["latents"], got["latents"])
+    assert sorted(p.name for p in outs[4].iterdir()) == ["output.mp4", "output.npz", "output.txt"]
 
 
 def test_each_rank_holds_only_its_stages_weights(tiny_ckpt, batch, tmp_path):

@@ -34,7 +34,7 @@ from loguru import logger
 from transfer.checkpoint import load_dit, load_text_encoder, load_vae
 from transfer.distributed.placement import Placement, from_file, preset
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
-from transfer.distributed.transport import Message, PeerFailure, Transport
+from transfer.distributed.transport import Message, PeerFailure, Transport, direction_groups
 from transfer.errors import TransferError
 from transfer.job import default_device, dtype_for, plan_job, write_outputs
 from transfer.pipeline import (
@@ -198,7 +198,8 @@ class RankLoop:
         with self.tracer.span("vae", "decode", request=j, chunk=k):
             video = self.vae.decode(msg.tensors["latents"])
         frames = torch.from_numpy(to_uint8_frames(video))
-        self.transport.send(self.placement.coordinator, "decoded", {"j": j, "k": k}, {"frames": frames, "latents": msg.tensors["latents"]})
+        self.transport.send(self.placement.coordinator, "decoded", {"j": j, "k": k},
+                            {"frames": frames, "latents": msg.tensors["latents"].cpu()})
         C = self.settings.num_conditional_frames
         if not last and C > 0:
             with self.tracer.span("vae", "reencode", request=j, chunk=k + 1):
@@ -331,10 +332,28 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
+def make_transport(rank: int, world: int, cuda: bool) -> Transport:
+    """Gloo world group for metadata; per-direction groups for device tensors (NCCL) -- or, with
+    ``TRANSFER_TRANSPORT=pairs`` on CPU, for every tensor over gloo (the same path, testable here)."""
+    forced = os.environ.get("TRANSFER_TRANSPORT", "") == "pairs"
+    pairs = direction_groups(world, "nccl" if cuda else "gloo") if cuda or forced else None
+    return Transport(rank, world, pairs=pairs, device=default_device(), all_via_pairs=forced and not cuda)
+
+
 def run_distributed(args) -> None:
     """Entry for WORLD_SIZE > 1 (under torchrun). Never returns: exits the process with its status."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            if local_rank == 0 or os.environ.get("RANK") == "0":
+                print(f"transfer.py: error: {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes per node but only "
+                      f"{torch.cuda.device_count()} GPU(s) visible: one process per GPU", file=sys.stderr)
+            _exit(2)
+        torch.cuda.set_device(local_rank)
+    # gloo carries metadata and CPU tensors (any-source receive); NCCL carries CUDA tensors
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=GROUP_TIMEOUT)
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank != 0:
         logger.remove()
@@ -349,7 +368,7 @@ def run_distributed(args) -> None:
     if rank == 0:
         logger.info(f"placement: {placement.describe()}")
     t0 = time.time()
-    transport = Transport(rank, world)
+    transport = make_transport(rank, world, cuda)
     tracer = Tracer(rank, t0)
     loop = None
     try:
@@ -377,7 +396,8 @@ def run_distributed(args) -> None:
         sent = {rank: transport.bytes_sent, **{t["rank"]: t["bytes_sent"] for t in loop.traces}}
         params = {rank: loop.held_parameters(), **{t["rank"]: t["params"] for t in loop.traces}}
         if args.trace:
-            write_chrome_trace(args.trace, spans, {"placement": placement.describe(),
+            write_chrome_trace(args.trace, spans, {"placement": placement.describe(), "wall_s": wall,
+                                                   "bytes_sent_by_rank": {str(r): b for r, b in sorted(sent.items())},
                                                    "parameters_by_rank": {str(r): p for r, p in sorted(params.items())}})
             logger.info(f"trace written to {args.trace}")
         print(stage_table(spans, wall, sent), file=sys.stderr)

@@ -18,10 +18,10 @@ class Tracer:
     def add(self, stage: str, name: str, start: float, end: float, nested: bool = False, **args) -> None:
         """Record a span from wall-clock ``start``/``end``; ``nested`` spans lie inside another span of the
         same stage (e.g. the steps of a chunk) and do not add to its busy time."""
-        span = {"stage": stage, "name": name, "start": start - self.t0, "end": end - self.t0, "rank": self.rank, "args": args}
         if nested:
-            span["nested"] = True
-        self.spans.append(span)
+            args = {**args, "nested": True}
+        self.spans.append({"stage": stage, "name": name, "start": start - self.t0, "end": end - self.t0, "rank": self.rank,
+                           "args": args})
 
     @contextmanager
     def span(self, stage: str, name: str, **args):
@@ -46,16 +46,29 @@ def write_chrome_trace(path: str | Path, spans: list[dict], other: dict | None =
     Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms", "otherData": other or {}}))
 
 
-def stage_table(spans: list[dict], wall: float, bytes_sent: dict[int, int]) -> str:
-    """Per (rank, stage): busy seconds (top-level spans only), idle fraction of the wall time, bytes the rank sent."""
-    rows = {}
+def busy_by_stage(spans: list[dict]) -> dict[tuple[int, str], float]:
+    """Busy seconds per (rank, stage), from top-level spans (nested ones lie inside them)."""
+    rows: dict[tuple[int, str], float] = {}
     for s in spans:
-        if s.get("nested"):
-            continue
-        key = (s["rank"], s["stage"])
-        rows[key] = rows.get(key, 0.0) + s["end"] - s["start"]
+        if not s["args"].get("nested"):
+            key = (s["rank"], s["stage"])
+            rows[key] = rows.get(key, 0.0) + s["end"] - s["start"]
+    return rows
+
+
+def spans_from_chrome_trace(path: str | Path) -> tuple[list[dict], dict]:
+    """The spans and ``otherData`` of a trace written by ``write_chrome_trace``."""
+    data = json.loads(Path(path).read_text())
+    spans = [{"stage": e["cat"], "name": e["name"], "start": e["ts"] / 1e6, "end": (e["ts"] + e["dur"]) / 1e6,
+              "rank": e["pid"], "args": e["args"]}
+             for e in data["traceEvents"] if e["ph"] == "X"]
+    return spans, data.get("otherData", {})
+
+
+def stage_table(spans: list[dict], wall: float, bytes_sent: dict[int, int]) -> str:
+    """Per (rank, stage): busy seconds, idle fraction of the wall time, bytes the rank sent."""
     lines = [f"{'rank':>4}  {'stage':<12}{'busy s':>9}{'idle':>8}{'MB sent':>10}", "-" * 45]
-    for (rank, stage), busy in sorted(rows.items()):
+    for (rank, stage), busy in sorted(busy_by_stage(spans).items()):
         idle = 1 - busy / wall if wall > 0 else 0.0
         lines.append(f"{rank:>4}  {stage:<12}{busy:>9.2f}{idle:>8.0%}{bytes_sent.get(rank, 0) / 1e6:>10.2f}")
     lines.append(f"wall {wall:.2f} s")

@@ -2,23 +2,34 @@
 
 A message is ``(kind, meta, tensors)``. On the wire (torch.distributed send/recv):
 
-1. a header ``int64[2]`` = (metadata byte length, number of tensors), tag ``HEADER``, which the
-   receiver takes from *any* source -- so independent flows (text for request j+1, the decode of
-   chunk k, the control encode of chunk k+1) are served in whatever order they arrive;
-2. the metadata as UTF-8 JSON bytes (kind, request/chunk ids, tensor names, shapes, dtypes),
-   tag ``PAYLOAD``, from that source; the receiver allocates every tensor from it;
-3. each tensor's raw bytes, tag ``PAYLOAD``, from that source.
+1. a header ``int64[2]`` = (metadata byte length, number of tensors) over the gloo group, tag
+   ``HEADER``, which the receiver takes from *any* source -- so independent flows (text for
+   request j+1, the decode of chunk k, the control encode of chunk k+1) are served in whatever
+   order they arrive;
+2. the metadata as UTF-8 JSON bytes (kind, request/chunk ids, tensor names, shapes, dtypes and
+   which channel each tensor takes), gloo, tag ``PAYLOAD``, from that source; the receiver
+   allocates every tensor from it;
+3. each tensor's bytes, from that source: CPU tensors over gloo (tag ``PAYLOAD``); CUDA tensors
+   over NCCL, device to device, on a process group of their own for that *direction*
+   (sender -> receiver). NCCL has no tags and no any-source receive, and one communicator per
+   pair would queue a send and a receive in opposite directions on the same stream, where two
+   large transfers can wait on each other; a group per direction has only one sender and one
+   receiver, both in message order. (The vLLM pattern: metadata over gloo, tensors over NCCL.)
 
 One sender thread per process sends whole messages in order; one receiver thread per process
 receives whole messages into an inbox. Compute threads never block on the network, and a
-sender blocked on a peer is always drained by that peer's receiver thread, so no interleaving
-of flows can deadlock. JSON, never pickle: nothing received is unpickled. Messages to the
-process's own rank skip the network.
+sender blocked on a peer is always drained by that peer's receiver thread, which waits on
+nothing else: no interleaving of flows can deadlock. JSON, never pickle: nothing received is
+unpickled. Messages to the process's own rank skip the network.
+
+``TRANSFER_TRANSPORT=pairs`` sends CPU tensors over the per-direction groups too (gloo), which
+lets the CPU tests exercise the same path the CUDA tensors take.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import queue
 import threading
 import time
@@ -44,11 +55,28 @@ class PeerFailure(RuntimeError):
     """Another rank failed (it sent ``abort``) or the connection to it broke."""
 
 
-class Transport:
-    """Message passing for one rank over a gloo process group (CPU tensors on the wire)."""
+def direction_groups(world_size: int, backend: str) -> dict[tuple[int, int], object]:
+    """One process group per ordered pair ``(src, dst)``. Collective: every rank calls it, same order."""
+    groups = {}
+    for src in range(world_size):
+        for dst in range(world_size):
+            if src != dst:
+                groups[(src, dst)] = dist.new_group([src, dst], backend=backend)
+    return groups
 
-    def __init__(self, rank: int, world_size: int, group=None):
+
+class Transport:
+    """Message passing for one rank: metadata over gloo (``group``), tensors over gloo or NCCL.
+
+    ``pairs`` maps ``(src, dst)`` to that direction's process group (``direction_groups``); with
+    it, CUDA tensors (or every tensor, ``all_via_pairs``) travel there; without, everything goes
+    over ``group`` and CUDA tensors are staged through the CPU.
+    """
+
+    def __init__(self, rank: int, world_size: int, group=None, pairs: dict | None = None,
+                 device: torch.device | None = None, all_via_pairs: bool = False):
         self.rank, self.world_size, self.group = rank, world_size, group
+        self.pairs, self.device, self.all_via_pairs = pairs or {}, device or torch.device("cpu"), all_via_pairs
         self.inbox: queue.Queue[Message] = queue.Queue()
         self._outbox: queue.Queue = queue.Queue()
         self.bytes_sent = 0
@@ -59,9 +87,13 @@ class Transport:
             self._receiver.start()
 
     # -- sending -------------------------------------------------------------------------------
+    def _via_pair(self, t: torch.Tensor) -> bool:
+        return bool(self.pairs) and (t.is_cuda or self.all_via_pairs)
+
     def send(self, dst: int, kind: str, meta: dict | None = None, tensors: dict[str, torch.Tensor] | None = None):
-        """Queue a message for ``dst``; returns at once. Tensors are moved to CPU and must not be mutated after."""
-        tensors = {k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}
+        """Queue a message for ``dst``; returns at once (an event set once sent). CUDA tensors stay on the
+        device when a direction group carries them, else go through the CPU. Do not mutate them after."""
+        tensors = {k: (v.detach() if self._via_pair(v) else v.detach().cpu()).contiguous() for k, v in (tensors or {}).items()}
         if dst == self.rank:
             self.inbox.put(Message(kind, self.rank, dict(meta or {}), tensors))
             return
@@ -90,12 +122,17 @@ class Transport:
             done.set()
 
     def _send_now(self, dst: int, kind: str, meta: dict, tensors: dict[str, torch.Tensor]):
-        specs = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()]
+        specs = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
+                  "via": "pair" if self._via_pair(v) else "gloo", "cuda": v.is_cuda} for k, v in tensors.items()]
         payload = json.dumps({"kind": kind, "meta": meta, "tensors": specs}).encode()
         dist.send(torch.tensor([len(payload), len(tensors)], dtype=torch.int64), dst, group=self.group, tag=HEADER)
         dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst, group=self.group, tag=PAYLOAD)
-        for t in tensors.values():
-            if t.numel():
+        for spec, t in zip(specs, tensors.values()):
+            if not t.numel():
+                continue
+            if spec["via"] == "pair":
+                dist.send(t.reshape(-1).view(torch.uint8), dst, group=self.pairs[(self.rank, dst)])
+            else:
                 dist.send(t.reshape(-1).view(torch.uint8), dst, group=self.group, tag=PAYLOAD)
         self.bytes_sent += len(payload) + sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -110,19 +147,26 @@ class Transport:
                 envelope = json.loads(bytes(raw.numpy()).decode())
                 tensors = {}
                 for spec in envelope["tensors"]:
-                    dtype = _DTYPES[spec["dtype"]]
-                    t = torch.empty(spec["shape"], dtype=dtype)
-                    if t.numel():
-                        buf = torch.empty(t.numel() * t.element_size(), dtype=torch.uint8)
-                        dist.recv(buf, src, group=self.group, tag=PAYLOAD)
-                        t = buf.view(dtype).reshape(spec["shape"])
-                    tensors[spec["name"]] = t
+                    tensors[spec["name"]] = self._recv_tensor(src, spec)
             except Exception as e:  # a peer died or the group broke
                 self.inbox.put(Message("abort", -1, {"error": f"lost connection to a peer: {e}", "rank": -1}))
                 return
             self.inbox.put(Message(envelope["kind"], src, envelope["meta"], tensors))
             if envelope["kind"] == "stop":
                 return
+
+    def _recv_tensor(self, src: int, spec: dict) -> torch.Tensor:
+        dtype = _DTYPES[spec["dtype"]]
+        pair = spec["via"] == "pair"
+        device = self.device if pair and spec["cuda"] else torch.device("cpu")
+        nbytes = math.prod(spec["shape"]) * torch.empty((), dtype=dtype).element_size()
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        if nbytes:
+            if pair:
+                dist.recv(buf, src, group=self.pairs[(src, self.rank)])
+            else:
+                dist.recv(buf, src, group=self.group, tag=PAYLOAD)
+        return buf.view(dtype).reshape(spec["shape"])
 
     def get(self, timeout: float | None = None) -> Message | None:
         """Next message, or None after ``timeout`` seconds. An ``abort`` raises ``PeerFailure``."""
