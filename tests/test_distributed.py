@@ -115,6 +115,29 @@ def test_single_spec_run_equals_single_process(tiny_ckpt, batch, tmp_path):
     assert sorted(p.name for p in outs[4].iterdir()) == ["output.mp4", "output.npz", "output.txt"]
 
 
+def test_batch_is_handed_out_in_a_bounded_window(tiny_ckpt, batch, tmp_path):
+    """Six requests, one DiT: requests beyond the window (1 group + LOOKAHEAD) reach the text and VAE stages
+    only after an earlier request was written, so stage memory does not grow with the batch."""
+    from transfer.distributed.runtime import LOOKAHEAD
+
+    line = json.loads((batch / "batch.jsonl").read_text().splitlines()[0])  # the one-chunk request
+    six = batch / "six.jsonl"
+    six.write_text("".join(json.dumps({**line, "name": f"r{j}", "seed": j}) + "\n" for j in range(6)))
+    trace = tmp_path / "trace.json"
+    proc = launch(4, "--batch_input_path", str(six), "--video_save_folder", str(tmp_path), "--trace", str(trace), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == [f"r{j}.mp4" for j in range(6)]
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    start = {(e["name"], e["args"].get("request")): e["ts"] for e in events}
+    writes = sorted(e["ts"] + e["dur"] for e in events if e["name"] == "write")
+    window = 1 + LOOKAHEAD
+    for j in range(window, 6):
+        # request j goes out once request j - window is written (requests finish in order with one DiT)
+        assert start[("encode", j)] >= writes[j - window], j
+        assert start[("encode_controls", j)] >= writes[j - window], j
+    assert start[("encode", 0)] < writes[0]
+
+
 def test_each_rank_holds_only_its_stages_weights(tiny_ckpt, batch, tmp_path):
     trace = tmp_path / "trace.json"
     proc = launch(4, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),

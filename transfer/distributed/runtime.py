@@ -45,6 +45,9 @@ from transfer.pipeline import (
 #: Gloo's timeout for one blocking operation. Stages legitimately wait minutes for the DiT;
 #: failures are detected by broken connections and abort messages, not by this.
 GROUP_TIMEOUT = datetime.timedelta(hours=6)
+#: Requests handed out beyond one per DiT group: their text and control latents are made while the
+#: DiT works on earlier requests; later ones wait at the coordinator, so memory does not grow with the batch.
+LOOKAHEAD = 2
 
 
 class RemoteNegative:
@@ -122,10 +125,28 @@ class RankLoop:
 
     # -- coordinator ----------------------------------------------------------------------------
     def start_requests(self) -> None:
-        s = self.settings
+        """Check every request's inputs before any output is written (as the single process does), handing
+        the first ``window`` to the stages as soon as each is ready; the rest follow as requests finish."""
+        self.window = len(self.placement.dit_groups) + LOOKAHEAD
+        self.pending = deque(range(len(self.job.requests)))
+        self.prepared = {}
         for j, request in enumerate(self.job.requests):
             with self.tracer.span("coordinator", "prepare", request=j):
                 prepared = prepare_request(request, self.job.limits)
+            if self.pending and self.pending[0] == j and len(self.results) < self.window:
+                self.prepared[j] = prepared
+                self.release_requests()
+
+    def release_requests(self) -> None:
+        """Hand out requests while fewer than ``window`` are in flight: bounds the memory of every stage."""
+        s = self.settings
+        while self.pending and len(self.results) < self.window:
+            j = self.pending.popleft()
+            request = self.job.requests[j]
+            prepared = self.prepared.pop(j, None)
+            if prepared is None:  # checked earlier and dropped to keep memory flat: decode again
+                with self.tracer.span("coordinator", "prepare", request=j):
+                    prepared = prepare_request(request, self.job.limits)
             chunks = plan_chunks(prepared.num_frames, s.num_frames_per_chunk, s.num_conditional_frames)
             leader = self.placement.dit_group_for(j)[0]
             self.results[j] = {"request": request, "num_frames": prepared.num_frames, "frames": {}, "latents": {},
@@ -154,6 +175,7 @@ class RankLoop:
                                               self.args.fps, self.args.save_raw))
         logger.info(f"wrote {self.written[-1]}")
         del self.results[j]
+        self.release_requests()
         if not self.results:
             self.finish()
 
@@ -177,17 +199,18 @@ class RankLoop:
 
     # -- vae -------------------------------------------------------------------------------------
     def on_controls(self, msg: Message) -> None:
-        j = msg.meta["j"]
-        videos = {m: to_model_video(v.numpy()) for m, v in msg.tensors.items()}
-        self.vae_controls[j] = {"videos": videos, "chunks": msg.meta["chunks"], "leader": msg.meta["leader"], "left": len(msg.meta["chunks"])}
+        j = msg.meta["j"]  # kept as uint8; each chunk's window is converted when it is encoded
+        self.vae_controls[j] = {"frames": msg.tensors, "chunks": msg.meta["chunks"], "leader": msg.meta["leader"],
+                                "left": len(msg.meta["chunks"])}
         self.vae_work.extend((j, k) for k in range(len(msg.meta["chunks"])))
 
     def encode_next_controls(self) -> None:
         j, k = self.vae_work.popleft()
         state = self.vae_controls[j]
+        start, end = state["chunks"][k]
         with self.tracer.span("vae", "encode_controls", request=j, chunk=k):
-            latents = encode_controls(self.vae, state["videos"], tuple(state["chunks"][k]),
-                                      self.settings.num_frames_per_chunk, self.dit_dtype)
+            videos = {m: to_model_video(v[start:end].numpy()) for m, v in state["frames"].items()}
+            latents = encode_controls(self.vae, videos, (0, end - start), self.settings.num_frames_per_chunk, self.dit_dtype)
         self.transport.send(state["leader"], "control_latents", {"j": j, "k": k}, latents)
         state["left"] -= 1
         if state["left"] == 0:
