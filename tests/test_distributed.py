@@ -218,3 +218,17 @@ def test_placement_presets_and_validation():
         Placement(4, text=1, vae=2, dit_groups=((0,),))
     with pytest.raises(TransferError, match="no placement preset for 9"):
         preset(9)
+
+
+def test_stage_table_counts_nested_spans_once():
+    """Per-step spans lie inside their chunk's span: busy time counts the chunk, not both."""
+    from transfer.distributed.trace import Tracer, busy_by_stage, stage_table
+
+    tracer = Tracer(rank=3, t0=100.0)
+    tracer.add("dit", "denoise", 100.0, 104.0, request=0, chunk=0)
+    for i in range(4):
+        tracer.add("dit", f"step {i}", 100.0 + i, 101.0 + i, nested=True, request=0, chunk=0, step=i)
+    tracer.add("vae", "decode", 104.0, 105.5, request=0, chunk=0)
+    assert busy_by_stage(tracer.spans) == {(3, "dit"): 4.0, (3, "vae"): 1.5}
+    table = stage_table(tracer.spans, wall=8.0, bytes_sent={3: 2_000_000})
+    assert "   3  dit              4.00     50%      2.00" in table

@@ -72,3 +72,4 @@ def test_configs_only_preset_refuses_to_generate(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("transfer.py: error: checkpoint preset 'transfer2.5-2b' is configs only")
     assert list(tmp_path.iterdir()) == []
+

@@ -127,37 +127,37 @@ class RankLoop:
     def start_requests(self) -> None:
         """Check every request's inputs before any output is written (as the single process does), handing
         the first ``window`` to the stages as soon as each is ready; the rest follow as requests finish."""
+        n = len(self.job.requests)
         self.window = len(self.placement.dit_groups) + LOOKAHEAD
-        self.pending = deque(range(len(self.job.requests)))
-        self.prepared = {}
+        self.pending = deque(range(min(self.window, n), n))
         for j, request in enumerate(self.job.requests):
             with self.tracer.span("coordinator", "prepare", request=j):
                 prepared = prepare_request(request, self.job.limits)
-            if self.pending and self.pending[0] == j and len(self.results) < self.window:
-                self.prepared[j] = prepared
-                self.release_requests()
+            if j < self.window:
+                self.hand_out(j, prepared)
 
     def release_requests(self) -> None:
-        """Hand out requests while fewer than ``window`` are in flight: bounds the memory of every stage."""
-        s = self.settings
+        """Hand out waiting requests while fewer than ``window`` are in flight: bounds every stage's memory."""
         while self.pending and len(self.results) < self.window:
             j = self.pending.popleft()
-            request = self.job.requests[j]
-            prepared = self.prepared.pop(j, None)
-            if prepared is None:  # checked earlier and dropped to keep memory flat: decode again
-                with self.tracer.span("coordinator", "prepare", request=j):
-                    prepared = prepare_request(request, self.job.limits)
-            chunks = plan_chunks(prepared.num_frames, s.num_frames_per_chunk, s.num_conditional_frames)
-            leader = self.placement.dit_group_for(j)[0]
-            self.results[j] = {"request": request, "num_frames": prepared.num_frames, "frames": {}, "latents": {},
-                               "chunks": len(chunks)}
-            self.transport.send(self.placement.text, "text", {"j": j, "leader": leader, "prompt": request.prompt,
-                                                              "negative": request.negative_prompt})
-            self.transport.send(leader, "job", {"j": j, "seed": request.seed, "chunks": chunks,
-                                                "height": prepared.height, "width": prepared.width,
-                                                "scales": request.scales()})
-            u8 = {m: torch.from_numpy(np.ascontiguousarray(v)) for m, v in prepared.controls.items()}
-            self.transport.send(self.placement.vae, "controls", {"j": j, "leader": leader, "chunks": chunks}, u8)
+            with self.tracer.span("coordinator", "prepare", request=j):  # checked at start, dropped to keep memory flat
+                prepared = prepare_request(self.job.requests[j], self.job.limits)
+            self.hand_out(j, prepared)
+
+    def hand_out(self, j: int, prepared) -> None:
+        """Send request ``j`` to the text stage, its DiT group and the VAE."""
+        s, request = self.settings, self.job.requests[j]
+        chunks = plan_chunks(prepared.num_frames, s.num_frames_per_chunk, s.num_conditional_frames)
+        leader = self.placement.dit_group_for(j)[0]
+        self.results[j] = {"request": request, "num_frames": prepared.num_frames, "frames": {}, "latents": {},
+                           "chunks": len(chunks)}
+        self.transport.send(self.placement.text, "text", {"j": j, "leader": leader, "prompt": request.prompt,
+                                                          "negative": request.negative_prompt})
+        self.transport.send(leader, "job", {"j": j, "seed": request.seed, "chunks": chunks,
+                                            "height": prepared.height, "width": prepared.width,
+                                            "scales": request.scales()})
+        u8 = {m: torch.from_numpy(np.ascontiguousarray(v)) for m, v in prepared.controls.items()}
+        self.transport.send(self.placement.vae, "controls", {"j": j, "leader": leader, "chunks": chunks}, u8)
 
     def on_decoded(self, msg: Message) -> None:
         j, k = msg.meta["j"], msg.meta["k"]
