@@ -378,6 +378,10 @@ def run_distributed(args) -> None:
     # gloo carries metadata and CPU tensors (any-source receive); NCCL carries CUDA tensors
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=GROUP_TIMEOUT)
     rank, world = dist.get_rank(), dist.get_world_size()
+    # one time origin for every rank's spans, so the trace lines up across processes
+    origin = torch.tensor([time.time()], dtype=torch.float64)
+    dist.broadcast(origin, src=0)
+    t0 = float(origin)
     if rank != 0:
         logger.remove()
         logger.add(sys.stderr, level="WARNING", format=f"rank {rank} | {{level}} | {{message}}")
@@ -390,7 +394,6 @@ def run_distributed(args) -> None:
         _exit(2)
     if rank == 0:
         logger.info(f"placement: {placement.describe()}")
-    t0 = time.time()
     transport = make_transport(rank, world, cuda)
     tracer = Tracer(rank, t0)
     loop = None
