@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="frames per chunk, 1 + 4k (default: 93)")
     gen.add_argument("--num_conditional_frames", type=int, default=1,
                      help="frames of overlap conditioning each later chunk (default: 1)")
+    gen.add_argument("--chunk_conditioning", choices=("roundtrip", "latent"), default="roundtrip",
+                     help="how a chunk is conditioned on the previous one: roundtrip = decode it and re-encode its last "
+                     "frames (upstream); latent = reuse its final latents, no VAE between chunks; needs "
+                     "--num_conditional_frames 0 or 1 + 4k (docs/long_video.md) (default: roundtrip)")
 
     run = p.add_argument_group("runtime")
     run.add_argument("--num_gpus", type=int, default=1,

@@ -23,6 +23,7 @@ def settings_from_args(args) -> GenerationSettings:
     return GenerationSettings(
         num_steps=args.num_steps, guidance=args.guidance,
         num_frames_per_chunk=args.num_frames_per_chunk, num_conditional_frames=args.num_conditional_frames,
+        chunk_conditioning=args.chunk_conditioning,
     )
 
 

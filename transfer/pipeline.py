@@ -3,11 +3,13 @@
     controls --VAE encode--> control latents --+
     prompt --text encoder--> embeddings -------+--> DiT + ControlNets (CFG) --> latents --VAE decode--> frames
     previous chunk's last frames --VAE (roundtrip)--> conditioning latents --+
+    previous chunk's last latents (latent) ---------> conditioning latents --+
 
 Chunk indices are computed before the loop; the input is padded by repeating its
 last frame and the output trimmed back. Chunk k > 0 is conditioned on the last
-``num_conditional_frames`` decoded frames of chunk k - 1, re-encoded by the VAE
-(``roundtrip``, the upstream behaviour).
+``num_conditional_frames`` frames of chunk k - 1: decoded and re-encoded by the VAE
+(``roundtrip``, the upstream behaviour), or as chunk k - 1's own final latents
+(``latent``, no VAE between chunks; docs/long_video.md says which latents are valid).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from transfer.specs import Request
 from transfer.video_io import read_video
 
 
+#: How chunk k + 1 gets chunk k's overlap frames (docs/long_video.md).
+CHUNK_CONDITIONING = ("roundtrip", "latent")
+
+
 @dataclass
 class GenerationSettings:
     num_steps: int = 36
@@ -37,6 +43,8 @@ class GenerationSettings:
     """Frames generated per chunk; must be 1 + 4k for the Wan VAE."""
     num_conditional_frames: int = 1
     """Frames of overlap: chunk k + 1 is conditioned on the last frames of chunk k."""
+    chunk_conditioning: str = "roundtrip"
+    """``roundtrip`` (decode chunk k, re-encode its last frames) or ``latent`` (reuse chunk k's latents)."""
 
 
 @dataclass
@@ -79,6 +87,14 @@ class ModelLimits:
             )
         if s.num_steps < 1:
             raise TransferError(f"--num_steps must be >= 1, got {s.num_steps}")
+        if s.chunk_conditioning not in CHUNK_CONDITIONING:
+            raise TransferError(f"--chunk_conditioning must be one of {', '.join(CHUNK_CONDITIONING)}, got {s.chunk_conditioning!r}")
+        C = s.num_conditional_frames
+        if s.chunk_conditioning == "latent" and C > 0 and (C - 1) % tf:
+            raise TransferError(
+                f"--chunk_conditioning latent needs --num_conditional_frames 0 or 1 + {tf}k (1, {1 + tf}, {1 + 2 * tf}, ...), "
+                f"got {C}: a reused latent frame stands for {tf} frames, so the overlap must end on a latent frame boundary"
+            )
 
     def check_resolution(self, height: int, width: int, where: str) -> None:
         unit = self.spatial_factor * self.patch_size[1]
@@ -195,20 +211,30 @@ class TransferPipeline:
         scales = req.scales()
         videos = {m: to_model_video(frames) for m, frames in prepared.controls.items()}
 
+        latent_mode = s.chunk_conditioning == "latent"
+        # latent mode: every VAE encode before the chunk loop, every decode after it
+        encoded = [encode_controls(self.vae, videos, w, F, self.dit.dtype) for w in chunks] if latent_mode else None
         decoded, latents_out = [], []
         bar = tqdm(total=len(chunks) * s.num_steps, desc=req.name, unit="step", disable=not progress, leave=False)
         for k, window in enumerate(chunks):
-            controls = encode_controls(self.vae, videos, window, F, self.dit.dtype)
+            controls = encoded[k] if latent_mode else encode_controls(self.vae, videos, window, F, self.dit.dtype)
             cond, num_cond = None, 0
             if k > 0 and C > 0:
-                cond, num_cond = roundtrip_condition(self.vae, decoded[-1], C), self.limits.cond_latent_frames(C)
+                num_cond = self.limits.cond_latent_frames(C)
+                if latent_mode:
+                    cond = latent_condition(latents_out[-1], num_cond)
+                else:
+                    cond = roundtrip_condition(self.vae, decoded[-1], C)
             latents = self.dit.denoise(
                 noise(k, shape), cond, num_cond, controls, scales, prompt_embeds, negative_embeds,
                 s.num_steps, s.guidance, (prepared.height, prepared.width), on_step=lambda _: bar.update(),
             )
-            decoded.append(self.vae.decode(latents))
+            if not latent_mode:
+                decoded.append(self.vae.decode(latents))
             latents_out.append(latents.cpu())
         bar.close()
+        if latent_mode:
+            decoded = [self.vae.decode(latents) for latents in latents_out]
         return assemble(decoded, latents_out, C, prepared.num_frames)
 
 
@@ -230,6 +256,14 @@ def roundtrip_condition(vae, previous: torch.Tensor, num_conditional_frames: int
     video[:, :, :num_conditional_frames] = video[:, :, -num_conditional_frames:]
     video[:, :, num_conditional_frames:] = -1  # -1 is black in model space
     return vae.encode(video, torch.float32)
+
+
+def latent_condition(previous: torch.Tensor, num_cond_latent_frames: int) -> torch.Tensor:
+    """Condition latents from the previous chunk's final latents ``[1, 16, T, h, w]``: its last
+    ``num_cond_latent_frames`` frames first (the only ones the DiT reads), zeros after."""
+    cond = torch.zeros_like(previous, dtype=torch.float32)
+    cond[:, :, :num_cond_latent_frames] = previous[:, :, -num_cond_latent_frames:]
+    return cond
 
 
 def join_chunks(chunks: list[torch.Tensor], num_conditional_frames: int, num_frames: int, dim: int) -> torch.Tensor:

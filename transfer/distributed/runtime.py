@@ -38,7 +38,7 @@ from transfer.distributed.transport import Message, PeerFailure, Transport, dire
 from transfer.errors import TransferError
 from transfer.job import default_device, dtype_for, plan_job, write_outputs
 from transfer.pipeline import (
-    GenerationResult, SeededNoise, encode_controls, join_chunks, latent_shape, plan_chunks, prepare_request,
+    GenerationResult, SeededNoise, encode_controls, join_chunks, latent_condition, latent_shape, plan_chunks, prepare_request,
     roundtrip_condition, to_model_video, to_uint8_frames,
 )
 
@@ -224,7 +224,7 @@ class RankLoop:
         self.transport.send(self.placement.coordinator, "decoded", {"j": j, "k": k},
                             {"frames": frames, "latents": msg.tensors["latents"].cpu()})
         C = self.settings.num_conditional_frames
-        if not last and C > 0:
+        if not last and C > 0 and self.settings.chunk_conditioning == "roundtrip":
             with self.tracer.span("vae", "reencode", request=j, chunk=k + 1):
                 cond = roundtrip_condition(self.vae, video, C)
             self.transport.send(msg.src, "cond", {"j": j, "k": k + 1}, {"cond": cond})
@@ -244,8 +244,8 @@ class RankLoop:
 
     def _ready(self, j: int, k: int) -> bool:
         need = [("embeds", j), ("controls", j, k)]
-        if k > 0 and self.settings.num_conditional_frames > 0:
-            need.append(("cond", j, k))
+        if k > 0 and self.settings.num_conditional_frames > 0 and self.settings.chunk_conditioning == "roundtrip":
+            need.append(("cond", j, k))  # latent mode: the DiT holds the previous chunk's latents itself
         return all(key in self.dit_inputs for key in need)
 
     def run_ready_dit_chunks(self) -> None:
@@ -266,6 +266,8 @@ class RankLoop:
         embeds = self.dit_inputs[("embeds", j)]
         controls = self.dit_inputs.pop(("controls", j, k))
         cond = self.dit_inputs.pop(("cond", j, k), None)
+        if "previous" in job and s.num_conditional_frames > 0:  # latent mode, k > 0
+            cond = latent_condition(job.pop("previous"), self.job.limits.cond_latent_frames(s.num_conditional_frames))
         num_cond = self.job.limits.cond_latent_frames(s.num_conditional_frames) if cond is not None else 0
         shape = latent_shape(self.job.limits, self.dit, s.num_frames_per_chunk, job["height"], job["width"])
         pixel = (job["height"], job["width"])
@@ -291,6 +293,8 @@ class RankLoop:
             self.tracer.add("dit", f"step {i}", start, end, nested=True, request=j, chunk=k, step=i)
         last = k == len(job["chunks"]) - 1
         self.transport.send(self.placement.vae, "decode", {"j": j, "k": k, "last": last}, {"latents": latents})
+        if s.chunk_conditioning == "latent" and not last:
+            job["previous"] = latents  # chunk k + 1 starts now; the VAE decodes chunk k beside it
         job["next"] += 1
         if last:
             del self.dit_jobs[j]
