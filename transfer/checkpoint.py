@@ -172,12 +172,9 @@ def load_text_encoder(info: CheckpointInfo, device: torch.device, dtype: torch.d
     """Build the text stage: tokenizer + encoder model (eval, on ``device``)."""
     from transformers import AutoTokenizer
 
-    from transfer.text_encoding import TextEncoder
+    from transfer.text_encoding import TextEncoder, text_encoder_class
 
-    if info.text_encoder_type == "t5":
-        from transformers import T5EncoderModel as cls
-    else:
-        from transformers import Qwen2_5_VLForConditionalGeneration as cls
+    cls = text_encoder_class(info.text_encoder_type)
     tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, info.root / "tokenizer", local_files_only=True)
     model = _load("text_encoder", cls.from_pretrained, info.root / "text_encoder", dtype=dtype, local_files_only=True)
     return TextEncoder(model.to(device).eval(), tokenizer, device, dtype)

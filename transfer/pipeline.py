@@ -46,6 +46,16 @@ class GenerationSettings:
     chunk_conditioning: str = "roundtrip"
     """``roundtrip`` (decode chunk k, re-encode its last frames) or ``latent`` (reuse chunk k's latents)."""
 
+    @property
+    def reencodes_condition(self) -> bool:
+        """Whether each later chunk waits for the previous one's decode + re-encode (``roundtrip`` with overlap)."""
+        return self.chunk_conditioning == "roundtrip" and self.num_conditional_frames > 0
+
+    @property
+    def reuses_latents(self) -> bool:
+        """Whether each later chunk is conditioned on the previous one's own latents (``latent`` with overlap)."""
+        return self.chunk_conditioning == "latent" and self.num_conditional_frames > 0
+
 
 @dataclass
 class ModelLimits:

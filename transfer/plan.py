@@ -20,11 +20,8 @@ GB = 1e9
 
 
 def _bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
-    total = 0
-    for t in [*module.parameters(), *module.buffers()]:
-        size = torch.empty((), dtype=dtype).element_size() if t.is_floating_point() else t.element_size()
-        total += t.numel() * size
-    return total
+    return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+               for t in [*module.parameters(), *module.buffers()])
 
 
 def _on_meta(build):
@@ -36,23 +33,21 @@ def component_bytes(info: CheckpointInfo, modalities, dtype: torch.dtype) -> dic
     """``{stage: {component: bytes}}`` for the text, vae and dit stages, built on the meta device."""
     from diffusers import AutoencoderKLWan, CosmosControlNetModel, CosmosTransformer3DModel
 
-    if info.text_encoder_type == "t5":
-        from transformers import T5EncoderModel as text_cls
-    else:
-        from transformers import Qwen2_5_VLForConditionalGeneration as text_cls
-    text = _on_meta(lambda: text_cls(info.text_config))
-    vae = _on_meta(lambda: AutoencoderKLWan(**_init_kwargs(AutoencoderKLWan, info.vae)))
-    transformer = _on_meta(lambda: CosmosTransformer3DModel(**_init_kwargs(CosmosTransformer3DModel, info.transformer)))
+    from transfer.text_encoding import text_encoder_class
+
+    text = _on_meta(lambda: text_encoder_class(info.text_encoder_type)(info.text_config))
+    vae = _on_meta(lambda: AutoencoderKLWan(**_init_kwargs(info.vae)))
+    transformer = _on_meta(lambda: CosmosTransformer3DModel(**_init_kwargs(info.transformer)))
     dit = {"transformer": _bytes(transformer, dtype)}
     for m in modalities:
         cfg = info.controlnets[m]
-        net = _on_meta(lambda: CosmosControlNetModel(**_init_kwargs(CosmosControlNetModel, cfg)))
+        net = _on_meta(lambda: CosmosControlNetModel(**_init_kwargs(cfg)))
         dit[f"controlnet/{m}"] = _bytes(net, dtype)
     return {"text": {f"text_encoder ({info.text_encoder_type})": _bytes(text, dtype)},
             "vae": {"vae": _bytes(vae, dtype)}, "dit": dit}
 
 
-def _init_kwargs(cls, config: dict) -> dict:
+def _init_kwargs(config: dict) -> dict:
     """A saved diffusers config without its bookkeeping keys (``_class_name``, ``_diffusers_version``)."""
     return {k: v for k, v in config.items() if not k.startswith("_")}
 

@@ -17,6 +17,17 @@ SYSTEM_PROMPT = "You are a helpful assistant who will provide prompts to an imag
 TEXT_ENCODER_TYPES = ("t5", "qwen2_5_vl")
 
 
+def text_encoder_class(kind: str):
+    """The ``transformers`` model class for a text encoder ``model_type`` (one of ``TEXT_ENCODER_TYPES``)."""
+    if kind == "t5":
+        from transformers import T5EncoderModel
+
+        return T5EncoderModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration
+
+
 def embedding_dim(config) -> int:
     """Channels of the embedding a text encoder config produces (no weights needed)."""
     if config.model_type == "t5":

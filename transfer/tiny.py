@@ -21,6 +21,7 @@ from loguru import logger
 
 from configs.models import CheckpointConfig, preset
 from transfer.errors import TransferError
+from transfer.text_encoding import text_encoder_class
 
 #: Bump when the tiny layout or weights change, so stale caches are not reused.
 TINY_VERSION = 1
@@ -72,14 +73,10 @@ def _save_models(cfg: CheckpointConfig, out: Path, seed: int) -> None:
 
     torch.manual_seed(seed)
     ids = dict(vocab_size=len(tokenizer))
-    if cfg.text_encoder_type == "t5":
-        from transformers import T5EncoderModel as cls
-    else:
-        from transformers import Qwen2_5_VLForConditionalGeneration as cls
-
+    if cfg.text_encoder_type != "t5":  # Qwen's config carries the tokenizer's special ids
         ids.update(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
-    text_encoder = cls(cfg.text_config(**ids))
+    text_encoder = text_encoder_class(cfg.text_encoder_type)(cfg.text_config(**ids))
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
 
     torch.manual_seed(seed + 1)

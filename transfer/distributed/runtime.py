@@ -223,10 +223,9 @@ class RankLoop:
         frames = torch.from_numpy(to_uint8_frames(video))
         self.transport.send(self.placement.coordinator, "decoded", {"j": j, "k": k},
                             {"frames": frames, "latents": msg.tensors["latents"].cpu()})
-        C = self.settings.num_conditional_frames
-        if not last and C > 0 and self.settings.chunk_conditioning == "roundtrip":
+        if not last and self.settings.reencodes_condition:
             with self.tracer.span("vae", "reencode", request=j, chunk=k + 1):
-                cond = roundtrip_condition(self.vae, video, C)
+                cond = roundtrip_condition(self.vae, video, self.settings.num_conditional_frames)
             self.transport.send(msg.src, "cond", {"j": j, "k": k + 1}, {"cond": cond})
 
     # -- dit -------------------------------------------------------------------------------------
@@ -244,7 +243,7 @@ class RankLoop:
 
     def _ready(self, j: int, k: int) -> bool:
         need = [("embeds", j), ("controls", j, k)]
-        if k > 0 and self.settings.num_conditional_frames > 0 and self.settings.chunk_conditioning == "roundtrip":
+        if k > 0 and self.settings.reencodes_condition:
             need.append(("cond", j, k))  # latent mode: the DiT holds the previous chunk's latents itself
         return all(key in self.dit_inputs for key in need)
 
@@ -265,10 +264,11 @@ class RankLoop:
         s, k = self.settings, job["next"]
         embeds = self.dit_inputs[("embeds", j)]
         controls = self.dit_inputs.pop(("controls", j, k))
-        cond = self.dit_inputs.pop(("cond", j, k), None)
-        if "previous" in job and s.num_conditional_frames > 0:  # latent mode, k > 0
-            cond = latent_condition(job.pop("previous"), self.job.limits.cond_latent_frames(s.num_conditional_frames))
-        num_cond = self.job.limits.cond_latent_frames(s.num_conditional_frames) if cond is not None else 0
+        num_cond = self.job.limits.cond_latent_frames(s.num_conditional_frames) if k > 0 else 0
+        if s.reuses_latents and k > 0:
+            cond = latent_condition(job.pop("previous"), num_cond)
+        else:
+            cond = self.dit_inputs.pop(("cond", j, k), None)
         shape = latent_shape(self.job.limits, self.dit, s.num_frames_per_chunk, job["height"], job["width"])
         pixel = (job["height"], job["width"])
         group = self.placement.dit_group_for(j)
@@ -293,7 +293,7 @@ class RankLoop:
             self.tracer.add("dit", f"step {i}", start, end, nested=True, request=j, chunk=k, step=i)
         last = k == len(job["chunks"]) - 1
         self.transport.send(self.placement.vae, "decode", {"j": j, "k": k, "last": last}, {"latents": latents})
-        if s.chunk_conditioning == "latent" and not last:
+        if s.reuses_latents and not last:
             job["previous"] = latents  # chunk k + 1 starts now; the VAE decodes chunk k beside it
         job["next"] += 1
         if last:

@@ -159,7 +159,7 @@ class Transport:
         dtype = _DTYPES[spec["dtype"]]
         pair = spec["via"] == "pair"
         device = self.device if pair and spec["cuda"] else torch.device("cpu")
-        nbytes = math.prod(spec["shape"]) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(spec["shape"]) * dtype.itemsize
         buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
         if nbytes:
             if pair:
