@@ -63,6 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
                      '{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}')
     run.add_argument("--trace", help="write a Chrome/Perfetto trace of every stage's busy intervals (multi-process runs)")
 
+    guard = p.add_argument_group("guardrails (docs/guardrails.md)")
+    guard.add_argument("--guardrail", choices=("on", "async", "off"), default="on",
+                       help="on: check each prompt before generating it and each video before writing it; async: the "
+                       "same checks beside generation (text while the models start, video of request j while j+1 "
+                       "generates); off: no checks. A blocked request writes NAME.blocked.json, no video (default: on)")
+    guard.add_argument("--disable_guardrail", action="store_true", help="same as --guardrail off (upstream's flag)")
+    guard.add_argument("--blocklist", action="append", metavar="FILE",
+                       help="extra blocked words or phrases, one per line (# comments); repeatable")
+    guard.add_argument("--allowlist", action="append", metavar="FILE",
+                       help="phrases never blocked (known false positives), one per line; repeatable")
+    guard.add_argument("--guard_model", metavar="DIR",
+                       help="local transformers text classifier or guard LLM (Llama Guard, Qwen3Guard) checked after "
+                       "the blocklist; loaded on first use (default: none)")
+    guard.add_argument("--cosmos_guardrail_dir", metavar="DIR",
+                       help="local nvidia/Cosmos-Guardrail1 weights: adds the cosmos_guardrail package's text and video "
+                       "safety checker (package must be installed)")
+    guard.add_argument("--face_pixelation", choices=("on", "off"), default="on",
+                       help="pixelate faces found by OpenCV's Haar face detector (default: on)")
+    guard.add_argument("--face_min_size", type=int, default=20, help="smallest face, in pixels, to pixelate (default: 20)")
+    guard.add_argument("--face_confidence", type=float, default=1.0,
+                       help="detector confidence (cascade level weight) a face needs; higher = fewer false "
+                       "positives (default: 1.0)")
+
     plan = p.add_argument_group("memory planning")
     plan.add_argument("--plan", action="store_true",
                       help="print each rank's weight memory for --num_gpus / --placement and exit; builds the models "

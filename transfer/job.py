@@ -6,12 +6,14 @@ rank; ``write_outputs`` is the one place outputs are written (single process and
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from guardrails import check_guard_args
 from transfer.checkpoint import inspect_checkpoint, require_modalities
 from transfer.errors import TransferError
 from transfer.pipeline import GenerationResult, GenerationSettings, ModelLimits
@@ -56,15 +58,45 @@ def resolve_checkpoint(args) -> Path:
     return ensure_tiny_checkpoint(args.checkpoint_preset)
 
 
+OUTPUT_SUFFIXES = (".mp4", ".txt", ".npz")
+BLOCKED_SUFFIX = ".blocked.json"
+
+
 def write_outputs(folder: Path, request: Request, result: GenerationResult, fps: float, save_raw: bool) -> Path:
-    """Write ``{name}.txt``, optionally ``{name}.npz``, then ``{name}.mp4``; each atomically."""
+    """Write ``{name}.txt``, optionally ``{name}.npz``, then ``{name}.mp4``; each atomically. A record of an
+    earlier run's block of this name goes: one name, one state."""
     frames = result.frames
     write_text(folder / f"{request.name}.txt", request.prompt + "\n")
-    if save_raw:
-        write_npz(folder / f"{request.name}.npz", frames=frames, latents=result.latents.numpy().astype("float32"))
+    if save_raw:  # no latents when a video guard altered the frames: they would give back what it hid
+        raw = {"frames": frames} if result.latents is None else {"frames": frames, "latents": result.latents.numpy().astype("float32")}
+        write_npz(folder / f"{request.name}.npz", **raw)
     path = folder / f"{request.name}.mp4"
     write_mp4(path, frames, fps)
+    (folder / f"{request.name}{BLOCKED_SUFFIX}").unlink(missing_ok=True)
     return path
+
+
+def write_blocked(folder: Path, request: Request, blocked) -> Path:
+    """``{name}.blocked.json`` (which guard, why) instead of any output; earlier outputs of this name go."""
+    path = folder / f"{request.name}{BLOCKED_SUFFIX}"
+    record = {"name": request.name, "source": request.source, "stage": blocked.stage, "guard": blocked.guard,
+              "reason": blocked.reason}
+    write_text(path, json.dumps(record, indent=2) + "\n")
+    for suffix in OUTPUT_SUFFIXES:
+        (folder / f"{request.name}{suffix}").unlink(missing_ok=True)
+    return path
+
+
+def make_gate(args, notify=None):
+    """The output gate for this run's ``--guardrail`` mode; builds the guards (call on the rank that runs them)."""
+    from guardrails import build_guards, guard_mode
+    from guardrails.gate import Gate
+
+    folder = Path(args.video_save_folder)
+    mode = guard_mode(args)
+    return Gate(build_guards(args, device=str(default_device())), mode,
+                write=lambda request, result: write_outputs(folder, request, result, args.fps, args.save_raw),
+                write_blocked=lambda request, blocked: write_blocked(folder, request, blocked), notify=notify)
 
 
 @dataclass
@@ -88,6 +120,7 @@ def plan_job(args) -> Job:
     limits = ModelLimits.from_info(info)
     settings = settings_from_args(args)
     limits.check_settings(settings)
+    check_guard_args(args)
     for request in requests:
         require_modalities(info, request.controls, request.source)
     return Job(info, limits, settings, requests)

@@ -200,7 +200,8 @@ class SeededNoise:
 @dataclass
 class GenerationResult:
     frames: np.ndarray  # [N, H, W, 3] uint8
-    latents: torch.Tensor  # [num_chunks, 16, T_latent, h, w] final latents of every chunk (float32)
+    latents: torch.Tensor | None  # [num_chunks, 16, T_latent, h, w] final latents of every chunk (float32);
+    # None once a video guard altered the frames
 
 
 class TransferPipeline:

@@ -8,7 +8,7 @@ from pathlib import Path
 from loguru import logger
 
 from transfer.checkpoint import load_dit, load_text_encoder, load_vae
-from transfer.job import default_device, dtype_for, plan_job, write_outputs
+from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.pipeline import TransferPipeline, prepare_request
 
 
@@ -22,19 +22,29 @@ def run(args) -> list[Path]:
     prepared = [prepare_request(r, job.limits) for r in job.requests]
     if len(prepared) > 1:
         prepared = [None] * len(prepared)  # batch: keep memory flat, decode again when its turn comes
+    gate = make_gate(args)
+    for j, request in enumerate(job.requests):
+        gate.admit(j, request)  # on: checked now; async: every text check starts, beside loading and generation
+    pipeline = None
+    for j, (request, ready) in enumerate(zip(job.requests, prepared)):
+        if gate.skip_generation(j):
+            gate.release(j, request, None)  # its record
+            continue
+        pipeline = pipeline or load_pipeline(job)
+        ready = ready or prepare_request(request, job.limits)
+        result = pipeline.generate(ready)
+        gate.check()
+        gate.release(j, request, result)  # async: checked and written while the next request generates
+    gate.close()
+    return gate.written
+
+
+def load_pipeline(job) -> TransferPipeline:
     device = default_device()
     dtype = dtype_for(device)
     modalities = sorted({m for r in job.requests for m in r.controls})
     logger.info(f"checkpoint {job.info.root} on {device} ({dtype}), controls: {', '.join(modalities)}")
-    pipeline = TransferPipeline(
+    return TransferPipeline(
         load_text_encoder(job.info, device, dtype), load_vae(job.info, device, dtype),
         load_dit(job.info, modalities, device, dtype), job.limits, job.settings,
     )
-    folder = Path(args.video_save_folder)
-    written = []
-    for request, ready in zip(job.requests, prepared):
-        ready = ready or prepare_request(request, job.limits)
-        result = pipeline.generate(ready)
-        written.append(write_outputs(folder, request, result, args.fps, args.save_raw))
-        logger.info(f"wrote {written[-1]} ({ready.num_frames} frames, {ready.width}x{ready.height})")
-    return written

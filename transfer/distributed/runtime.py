@@ -24,11 +24,12 @@ import sys
 import time
 import traceback
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import guardrails
 from loguru import logger
 
 from transfer.checkpoint import load_dit, load_text_encoder, load_vae
@@ -36,7 +37,7 @@ from transfer.distributed.placement import Placement, from_file, preset
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
 from transfer.distributed.transport import Message, PeerFailure, Transport, direction_groups
 from transfer.errors import TransferError
-from transfer.job import default_device, dtype_for, plan_job, write_outputs
+from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.pipeline import (
     GenerationResult, SeededNoise, encode_controls, join_chunks, latent_condition, latent_shape, plan_chunks, prepare_request,
     roundtrip_condition, to_model_video, to_uint8_frames,
@@ -82,6 +83,8 @@ class RankLoop:
         modalities = sorted({m for r in job.requests for m in r.controls})
         self.dit = load_dit(info, modalities, device, dtype) if "dit" in self.stages else None
         self.dit_dtype = dtype
+        # guards: built on the coordinator only; an asynchronous release wakes this loop with a "released" message
+        self.gate = make_gate(args, notify=lambda: transport.send(rank, "released")) if "coordinator" in self.stages else None
         # stage state
         self.vae_controls: dict[int, dict] = {}
         self.vae_work: deque[tuple[int, int]] = deque()
@@ -89,7 +92,6 @@ class RankLoop:
         self.dit_inputs: dict[tuple, object] = {}
         self.cfg_context: dict[tuple[int, int], dict] = {}
         self.results: dict[int, dict] = {}
-        self.written = []
         self.traces: list[dict] = []
 
     # -- message plumbing ---------------------------------------------------------------------
@@ -127,22 +129,44 @@ class RankLoop:
     def start_requests(self) -> None:
         """Check every request's inputs before any output is written (as the single process does), handing
         the first ``window`` to the stages as soon as each is ready; the rest follow as requests finish."""
-        n = len(self.job.requests)
         self.window = len(self.placement.dit_groups) + LOOKAHEAD
-        self.pending = deque(range(min(self.window, n), n))
+        self.pending = deque()
         for j, request in enumerate(self.job.requests):
             with self.tracer.span("coordinator", "prepare", request=j):
                 prepared = prepare_request(request, self.job.limits)
-            if j < self.window:
-                self.hand_out(j, prepared)
+            with self.tracer.span("coordinator", "text guard", request=j):
+                self.gate.admit(j, request)  # on: checked here; async: started in the background
+            self.pending.append(j)
+            self.release_requests({j: prepared})
+        self.after_release()
 
-    def release_requests(self) -> None:
-        """Hand out waiting requests while fewer than ``window`` are in flight: bounds every stage's memory."""
-        while self.pending and len(self.results) < self.window:
+    def in_flight(self) -> int:
+        return len(self.results) + self.gate.pending
+
+    def release_requests(self, ready: dict | None = None) -> None:
+        """Hand out waiting requests while fewer than ``window`` are in flight (being generated, or waiting for
+        their video check): bounds every stage's memory. A request whose prompt is known blocked is skipped."""
+        while self.pending and self.in_flight() < self.window:
             j = self.pending.popleft()
-            with self.tracer.span("coordinator", "prepare", request=j):  # checked at start, dropped to keep memory flat
-                prepared = prepare_request(self.job.requests[j], self.job.limits)
+            request = self.job.requests[j]
+            if self.gate.skip_generation(j):
+                self.gate.release(j, request, None)  # its record
+                continue
+            prepared = (ready or {}).get(j)
+            if prepared is None:
+                with self.tracer.span("coordinator", "prepare", request=j):  # checked at start, dropped to keep memory flat
+                    prepared = prepare_request(request, self.job.limits)
             self.hand_out(j, prepared)
+
+    def after_release(self) -> None:
+        """A request left the window: hand out more, or stop everyone when all is written."""
+        self.release_requests()
+        if not self.results and not self.pending and not self.gate.pending:
+            self.finish()
+
+    def on_released(self, msg: Message) -> None:
+        self.gate.check()  # a failed background write fails the run
+        self.after_release()
 
     def hand_out(self, j: int, prepared) -> None:
         """Send request ``j`` to the text stage, its DiT group and the VAE."""
@@ -170,16 +194,15 @@ class RankLoop:
         frames = join_chunks([state["frames"][i] for i in order], self.settings.num_conditional_frames,
                              state["num_frames"], dim=0)
         result = GenerationResult(frames.numpy(), torch.cat([state["latents"][i] for i in order]).float())
-        with self.tracer.span("coordinator", "write", request=j):
-            self.written.append(write_outputs(Path(self.args.video_save_folder), state["request"], result,
-                                              self.args.fps, self.args.save_raw))
-        logger.info(f"wrote {self.written[-1]}")
+        with self.tracer.span("coordinator", "release", request=j):  # on: video check + write; async: queued
+            self.gate.release(j, state["request"], result)
         del self.results[j]
-        self.release_requests()
-        if not self.results:
-            self.finish()
+        self.after_release()
 
     def finish(self) -> None:
+        if not self.running:
+            return
+        self.gate.close()
         others = [r for r in range(self.placement.world_size) if r != self.rank]
         for r in others:
             self.transport.send(r, "stop")
@@ -334,7 +357,7 @@ class RankLoop:
     # -- shutdown -------------------------------------------------------------------------------
     def on_stop(self, msg: Message) -> None:
         self.transport.flush(60)
-        self.transport.send(msg.src, "trace", {"rank": self.rank, "spans": self.tracer.spans,
+        self.transport.send(msg.src, "trace", {"rank": self.rank, "spans": self.tracer.spans, "guards": list(guardrails.BUILT),
                                                "bytes_sent": self.transport.bytes_sent, "params": self.held_parameters()})
         self.transport.flush(60)
         self.running = False
@@ -425,10 +448,12 @@ def run_distributed(args) -> None:
         spans = tracer.spans + [s for t in loop.traces for s in t["spans"]]
         sent = {rank: transport.bytes_sent, **{t["rank"]: t["bytes_sent"] for t in loop.traces}}
         params = {rank: loop.held_parameters(), **{t["rank"]: t["params"] for t in loop.traces}}
+        guards = {rank: list(guardrails.BUILT), **{t["rank"]: t["guards"] for t in loop.traces}}
         if args.trace:
             write_chrome_trace(args.trace, spans, {"placement": placement.describe(), "wall_s": wall,
                                                    "bytes_sent_by_rank": {str(r): b for r, b in sorted(sent.items())},
-                                                   "parameters_by_rank": {str(r): p for r, p in sorted(params.items())}})
+                                                   "parameters_by_rank": {str(r): p for r, p in sorted(params.items())},
+                                                   "guards_by_rank": {str(r): g for r, g in sorted(guards.items())}})
             logger.info(f"trace written to {args.trace}")
         print(stage_table(spans, wall, sent), file=sys.stderr)
     transport.flush(60)
