@@ -117,7 +117,7 @@ def test_single_spec_run_equals_single_process(tiny_ckpt, batch, tmp_path):
 
 def test_batch_is_handed_out_in_a_bounded_window(tiny_ckpt, batch, tmp_path):
     """Six requests, one DiT: requests beyond the window (1 group + LOOKAHEAD) reach the text and VAE stages
-    only after an earlier request was written, so stage memory does not grow with the batch."""
+    only after an earlier request was released (checked and written), so stage memory does not grow with the batch."""
     from transfer.distributed.runtime import LOOKAHEAD
 
     line = json.loads((batch / "batch.jsonl").read_text().splitlines()[0])  # the one-chunk request
@@ -129,7 +129,7 @@ def test_batch_is_handed_out_in_a_bounded_window(tiny_ckpt, batch, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.mp4")) == [f"r{j}.mp4" for j in range(6)]
     events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
     start = {(e["name"], e["args"].get("request")): e["ts"] for e in events}
-    writes = sorted(e["ts"] + e["dur"] for e in events if e["name"] == "write")
+    writes = sorted(e["ts"] + e["dur"] for e in events if e["name"] == "release")
     window = 1 + LOOKAHEAD
     for j in range(window, 6):
         # request j goes out once request j - window is written (requests finish in order with one DiT)

@@ -87,14 +87,17 @@ def write_blocked(folder: Path, request: Request, blocked) -> Path:
     return path
 
 
-def make_gate(args, notify=None):
-    """The output gate for this run's ``--guardrail`` mode; builds the guards (call on the rank that runs them)."""
+def make_gate(args, notify=None, guards=None):
+    """The output gate for this run's ``--guardrail`` mode, with ``guards`` or the ones the options ask for
+    (built here: call on the rank that runs them)."""
     from guardrails import build_guards, guard_mode
     from guardrails.gate import Gate
 
     folder = Path(args.video_save_folder)
     mode = guard_mode(args)
-    return Gate(build_guards(args, device=str(default_device())), mode,
+    if guards is None:
+        guards = build_guards(args, device=str(default_device()))
+    return Gate(guards, mode,
                 write=lambda request, result: write_outputs(folder, request, result, args.fps, args.save_raw),
                 write_blocked=lambda request, blocked: write_blocked(folder, request, blocked), notify=notify)
 

@@ -12,7 +12,9 @@ from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.pipeline import TransferPipeline, prepare_request
 
 
-def run(args) -> list[Path]:
+def run(args, guards=None) -> list[Path]:
+    """Generate every request of ``args``; ``guards`` (a ``guardrails.GuardSet``) replaces the guards the options
+    would build -- the injection point for custom guards (single process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from transfer.distributed.runtime import run_distributed
 
@@ -22,7 +24,7 @@ def run(args) -> list[Path]:
     prepared = [prepare_request(r, job.limits) for r in job.requests]
     if len(prepared) > 1:
         prepared = [None] * len(prepared)  # batch: keep memory flat, decode again when its turn comes
-    gate = make_gate(args)
+    gate = make_gate(args, guards=guards)
     for j, request in enumerate(job.requests):
         gate.admit(j, request)  # on: checked now; async: every text check starts, beside loading and generation
     pipeline = None
