@@ -50,15 +50,21 @@ class Gate:
         with self._lock:
             return self._pending
 
-    def admit(self, j: int, request) -> None:
-        """Start (async) or run (on) request ``j``'s text check."""
-        if self.guards is None:
-            return
-        prompts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
+    def start(self, requests) -> None:
+        """async: start every request's text check now, in the background, so each verdict is usually in
+        before the request's turn comes. on / off: nothing (``admit`` checks each request when its turn comes)."""
         if self.mode == "async":
-            self._text[j] = self._text_pool.submit(self.guards.check_text, prompts)
-        else:
-            self._text[j] = self.guards.check_text(prompts)
+            for j, request in enumerate(requests):
+                self._text[j] = self._text_pool.submit(self.guards.check_text, self._prompts(request))
+
+    def admit(self, j: int, request) -> None:
+        """on: run request ``j``'s text check now, before it is generated (async: already started)."""
+        if self.mode == "on" and j not in self._text:
+            self._text[j] = self.guards.check_text(self._prompts(request))
+
+    @staticmethod
+    def _prompts(request) -> dict[str, str]:
+        return {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
 
     def skip_generation(self, j: int) -> bool:
         """True when request ``j`` is already known to be blocked by its text check."""

@@ -25,10 +25,10 @@ def run(args, guards=None) -> list[Path]:
     if len(prepared) > 1:
         prepared = [None] * len(prepared)  # batch: keep memory flat, decode again when its turn comes
     gate = make_gate(args, guards=guards)
-    for j, request in enumerate(job.requests):
-        gate.admit(j, request)  # on: checked now; async: every text check starts, beside loading and generation
+    gate.start(job.requests)  # async: every text check starts now, beside model loading and generation
     pipeline = None
     for j, (request, ready) in enumerate(zip(job.requests, prepared)):
+        gate.admit(j, request)  # on: the text check, before generating
         if gate.skip_generation(j):
             gate.release(j, request, None)  # its record
             continue

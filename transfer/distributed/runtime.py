@@ -131,11 +131,10 @@ class RankLoop:
         the first ``window`` to the stages as soon as each is ready; the rest follow as requests finish."""
         self.window = len(self.placement.dit_groups) + LOOKAHEAD
         self.pending = deque()
+        self.gate.start(self.job.requests)  # async: every text check starts now, in the background
         for j, request in enumerate(self.job.requests):
             with self.tracer.span("coordinator", "prepare", request=j):
                 prepared = prepare_request(request, self.job.limits)
-            with self.tracer.span("coordinator", "text guard", request=j):
-                self.gate.admit(j, request)  # on: checked here; async: started in the background
             self.pending.append(j)
             self.release_requests({j: prepared})
         self.after_release()
@@ -149,6 +148,8 @@ class RankLoop:
         while self.pending and self.in_flight() < self.window:
             j = self.pending.popleft()
             request = self.job.requests[j]
+            with self.tracer.span("coordinator", "text guard", request=j):
+                self.gate.admit(j, request)  # on: checked before it is handed out
             if self.gate.skip_generation(j):
                 self.gate.release(j, request, None)  # its record
                 continue
