@@ -1,12 +1,15 @@
 """``--guardrail on`` vs ``async`` with a deliberately slow guard, one process and N stage processes.
 
-    python benchmarks/guardrails.py [--requests 4] [--text_delay 1.0] [--video_delay 3.0] [--nproc 4]
+    python benchmarks/guardrails.py [--requests 4] [--text_delay 1.0] [--video_delay 6.0] [--nproc 4]
 
 The guards are the shipped ones (blocklist, face pixelation) plus a slow guard that sleeps
 ``--text_delay`` seconds per prompt checked (prompt and negative prompt) and ``--video_delay``
 per video, standing in for a guard LLM or a video classifier. Each mode runs the same batch
 (requests of 29 frames, one chunk, edge control, tiny checkpoint). Prints wall times, the guard
-time the run contains, how much of it ``async`` hid, and whether both modes wrote identical files.
+time the run contains, how much of it ``async`` hid, whether both modes wrote identical files, and
+(stage processes) the coordinator's busy seconds from the trace: in ``on`` mode the guards run in
+the coordinator's loop, which is its own process, so they already overlap the other stages'
+work; ``async`` takes them off that loop.
 
 The slow guard is installed by running this file as the CLI (``--as-cli``), in every process
 (only the coordinator builds guards).
@@ -64,6 +67,13 @@ def as_cli(argv: list[str]) -> int:
     return cli.main(argv)
 
 
+def coordinator_busy(trace: Path) -> float:
+    from transfer.distributed.trace import busy_by_stage, spans_from_chrome_trace
+
+    spans, _ = spans_from_chrome_trace(trace)
+    return busy_by_stage(spans).get((0, "coordinator"), 0.0)
+
+
 def same_outputs(a: Path, b: Path) -> bool:
     names = sorted(p.name for p in a.iterdir() if p.suffix == ".npz")
     if names != sorted(p.name for p in b.iterdir() if p.suffix == ".npz"):
@@ -80,7 +90,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--num_steps", type=int, default=12)
     p.add_argument("--text_delay", type=float, default=1.0, help="seconds per prompt checked (default: 1.0)")
-    p.add_argument("--video_delay", type=float, default=3.0, help="seconds per video checked (default: 3.0)")
+    p.add_argument("--video_delay", type=float, default=6.0, help="seconds per video checked (default: 6.0)")
     p.add_argument("--nproc", type=int, default=4)
     args = p.parse_args()
 
@@ -107,6 +117,8 @@ def main() -> None:
                         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)])
             cmd = [*launcher, str(Path(__file__).resolve()), "--as-cli", *common, "--video_save_folder", str(out),
                    "--guardrail", mode, "--num_gpus", str(nproc)]
+            if nproc > 1:
+                cmd += ["--trace", str(work / f"{mode}_{nproc}.json")]
             start = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             walls[mode] = time.perf_counter() - start
@@ -114,14 +126,17 @@ def main() -> None:
                 sys.exit(f"benchmark run failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
         identical = same_outputs(work / f"on_{nproc}", work / f"async_{nproc}")
         hidden = (walls["on"] - walls["async"]) / guard_s
-        rows.append((nproc, walls["on"], walls["async"], walls["async"] / walls["on"], hidden, identical))
+        busy = {m: coordinator_busy(work / f"{m}_{nproc}.json") if nproc > 1 else None for m in walls}
+        rows.append((nproc, walls["on"], walls["async"], walls["async"] / walls["on"], hidden, identical, busy))
 
     print(f"\n{args.requests} requests x 29 frames, {args.num_steps} steps; slow guard: {args.text_delay} s per prompt "
           f"(2 per request), {args.video_delay} s per video = {guard_s:.1f} s of guard time per run")
-    print("| processes | on wall s | async wall s | async / on | guard time hidden | on == async |")
-    print("|---:|---:|---:|---:|---:|---|")
-    for nproc, on, asy, ratio, hidden, identical in rows:
-        print(f"| {nproc} | {on:.1f} | {asy:.1f} | {ratio:.3f} | {hidden:.0%} | {'yes' if identical else 'NO'} |")
+    print("| processes | on wall s | async wall s | async / on | guard time hidden | on == async "
+          "| coordinator busy s, on / async |")
+    print("|---:|---:|---:|---:|---:|---|---|")
+    for nproc, on, asy, ratio, hidden, identical, busy in rows:
+        busy_s = "-" if busy["on"] is None else f"{busy['on']:.1f} / {busy['async']:.1f}"
+        print(f"| {nproc} | {on:.1f} | {asy:.1f} | {ratio:.3f} | {hidden:.0%} | {'yes' if identical else 'NO'} | {busy_s} |")
 
 
 if __name__ == "__main__":
