@@ -1,17 +1,115 @@
-"""Control preprocessors (vis, edge, depth, seg, keypoint), loaded lazily.
+"""Control preprocessors: compute a control video from the input video when a spec gives none.
 
-Computing a control from the input video arrives with the preprocessors work; until
-then a control without ``input_control`` is refused with a clear error.
+One module per modality, found through ``REGISTRY`` and imported only when a request needs it:
+
+=========  ============================  ===================================================
+modality   module                        what it computes
+=========  ============================  ===================================================
+vis        ``preprocessors.vis``         bilateral blur + down/up resize (OpenCV), presets
+edge       ``preprocessors.edge``        Canny edges (OpenCV), threshold presets
+depth      ``preprocessors.depth``       Depth-Anything (transformers), local weights
+seg        ``preprocessors.seg``         GroundingDINO boxes + SAM2 video masks (transformers)
+keypoint   ``preprocessors.keypoint``    person detector + ViTPose (transformers), skeletons
+=========  ============================  ===================================================
+
+Each module has ``Config.from_options(options)`` (its own few settings) and ``Preprocessor(config)``
+with ``key(request)`` (what, beyond the input video, its output depends on) and
+``__call__(frames, request) -> frames`` (uint8 ``[T, H, W, 3]`` in, same size and length out).
+A preprocessor is built once per process and reused for the whole batch; model-backed ones load
+their weights on first use.
+
+``ControlMaker`` writes each computed control as
+``{folder}/{modality}_input_control_{key}_r{RANK}.mp4`` (atomically; ``key`` hashes the input
+video's bytes, the modality and its parameters; ``RANK`` is the global rank of the writer) and
+uses the decoded file, so a later run with the same input and parameters reuses it and gets the
+very same frames. Only the rank that prepares requests (the coordinator) computes controls.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from loguru import logger
+
 from transfer.errors import TransferError
 
+REGISTRY = {m: f"preprocessors.{m}" for m in ("vis", "edge", "depth", "seg", "keypoint")}
+#: Where model-backed preprocessors find their weights, under ``--preprocessor_dir``.
+MODEL_DIRS = {"depth": ("depth",), "seg": ("seg/detector", "seg/sam2"), "keypoint": ("keypoint/detector", "keypoint/pose")}
 
-def compute_control(modality: str, request):
-    """Compute ``modality``'s control video from the request's input video (uint8 ``[T, H, W, 3]``)."""
-    raise TransferError(
-        f"{request.source or request.name}: control {modality!r} has no input_control; computing controls from the "
-        f"input video is not yet supported -- give a precomputed control video as input_control"
-    )
+
+def options_from_args(args) -> dict:
+    """The preprocessor settings of a run (each module's ``Config`` picks what it needs)."""
+    return {"blur_strength": args.blur_strength, "canny_threshold": args.canny_threshold,
+            "model_dir": None if args.preprocessor_dir is None else str(args.preprocessor_dir)}
+
+
+def check_models(modality: str, model_dir: str | Path | None) -> list[Path]:
+    """The weight folders ``modality`` needs; a clear error naming the modality and the path when one is missing."""
+    paths = []
+    for sub in MODEL_DIRS.get(modality, ()):
+        if model_dir is None:
+            raise TransferError(f"computing the {modality!r} control needs model weights: give --preprocessor_dir "
+                                f"(expects {sub}/ under it)")
+        path = Path(model_dir) / sub
+        if not (path / "config.json").is_file():
+            raise TransferError(f"computing the {modality!r} control needs model weights at {path} (no config.json there)")
+        paths.append(path)
+    return paths
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ControlMaker:
+    """Computes missing controls for the requests of a run (one per process that prepares requests)."""
+
+    folder: Path
+    options: dict
+    rank: int = field(default_factory=lambda: int(os.environ.get("RANK", "0")))
+    built: dict = field(default_factory=dict)
+
+    def check(self, modalities) -> None:
+        """Fail fast, before anything loads, on a modality whose weights are missing."""
+        for m in modalities:
+            check_models(m, self.options.get("model_dir"))
+
+    def preprocessor(self, modality: str):
+        if modality not in self.built:
+            module = importlib.import_module(REGISTRY[modality])
+            self.built[modality] = module.Preprocessor(module.Config.from_options(self.options))
+        return self.built[modality]
+
+    def path_for(self, modality: str, request, input_digest: str) -> Path:
+        key = json.dumps({"input": input_digest, "modality": modality, **self.preprocessor(modality).key(request)},
+                         sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return self.folder / f"{modality}_input_control_{digest}_r{self.rank}.mp4"
+
+    def __call__(self, modality: str, request, frames: np.ndarray, fps: float) -> np.ndarray:
+        """The control for ``modality`` computed from ``frames`` (the decoded input video)."""
+        from transfer.video_io import read_video, write_mp4
+
+        path = self.path_for(modality, request, file_digest(request.input_video_path))
+        if path.is_file():  # written atomically: present means complete
+            logger.info(f"{request.name}: reusing computed {modality} control {path.name}")
+        else:
+            logger.info(f"{request.name}: computing the {modality} control")
+            out = self.preprocessor(modality)(frames, request)
+            if out.shape != frames.shape or out.dtype != np.uint8:
+                raise TransferError(f"{modality} preprocessor returned {out.dtype} {out.shape}, expected uint8 {frames.shape}")
+            write_mp4(path, out, fps or 24.0)
+        control, _ = read_video(path, f"computed {modality} control")
+        return control

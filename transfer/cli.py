@@ -63,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
                      '{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}')
     run.add_argument("--trace", help="write a Chrome/Perfetto trace of every stage's busy intervals (multi-process runs)")
 
+    pre = p.add_argument_group("computed controls (docs/preprocessors.md): a control without input_control is "
+                               "computed from the input video")
+    pre.add_argument("--blur_strength", default="medium",
+                     choices=("none", "very_low", "low", "medium", "high", "very_high"),
+                     help="vis control: bilateral blur + down/up resize preset (default: medium)")
+    pre.add_argument("--canny_threshold", default="medium", choices=("very_low", "low", "medium", "high", "very_high"),
+                     help="edge control: Canny threshold preset (default: medium)")
+    pre.add_argument("--preprocessor_dir", metavar="DIR",
+                     help="weights for the depth, seg and keypoint preprocessors: depth/, seg/detector/, seg/sam2/, "
+                     "keypoint/detector/, keypoint/pose/ (default: CHECKPOINT/preprocessors when it exists)")
+
     guard = p.add_argument_group("guardrails (docs/guardrails.md)")
     guard.add_argument("--guardrail", choices=("on", "async", "off"), default="on",
                        help="on: check each prompt before generating it and each video before writing it; async: the "

@@ -110,6 +110,8 @@ class Job:
     limits: ModelLimits
     settings: GenerationSettings
     requests: list[Request]
+    controls: object = None
+    """``preprocessors.ControlMaker`` for controls without ``input_control``."""
 
 
 def plan_job(args) -> Job:
@@ -126,4 +128,16 @@ def plan_job(args) -> Job:
     check_guard_args(args)
     for request in requests:
         require_modalities(info, request.controls, request.source)
-    return Job(info, limits, settings, requests)
+    return Job(info, limits, settings, requests, control_maker(args, info, requests))
+
+
+def control_maker(args, info, requests):
+    """The preprocessors for controls the specs leave out (weights checked now, loaded on first use)."""
+    from preprocessors import ControlMaker, options_from_args
+
+    options = options_from_args(args)
+    if options["model_dir"] is None and (Path(info.root) / "preprocessors").is_dir():
+        options["model_dir"] = str(Path(info.root) / "preprocessors")  # weights shipped beside the checkpoint
+    maker = ControlMaker(Path(args.video_save_folder), options)
+    maker.check(sorted({m for r in requests for m, c in r.controls.items() if c.input_control is None}))
+    return maker

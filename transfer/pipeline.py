@@ -151,18 +151,19 @@ class PreparedRequest:
     width: int
 
 
-def prepare_request(request: Request, limits: ModelLimits) -> PreparedRequest:
-    """Decode the input and control videos; raise ``TransferError`` for anything the model cannot take."""
+def prepare_request(request: Request, limits: ModelLimits, make_control=None) -> PreparedRequest:
+    """Decode the input and control videos, computing missing controls with ``make_control`` (a
+    ``preprocessors.ControlMaker``); raise ``TransferError`` for anything the model cannot take."""
     where = request.source or request.name
-    reference = None
+    reference, fps = None, 0.0
     if request.input_video_path is not None:
-        reference, _ = read_video(request.input_video_path, "input video")
+        reference, fps = read_video(request.input_video_path, "input video")
     controls_u8 = {}
     for modality, control in request.controls.items():
         if control.input_control is None:
-            from preprocessors import compute_control  # raises a clear error until preprocessors exist
-
-            controls_u8[modality] = compute_control(modality, request)
+            if make_control is None:
+                raise TransferError(f"{where}: control {modality!r} has no input_control and no preprocessor is set up")
+            controls_u8[modality] = make_control(modality, request, reference, fps)
         else:
             controls_u8[modality], _ = read_video(control.input_control, f"control video for {modality!r}")
     if reference is None:

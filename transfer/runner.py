@@ -21,7 +21,7 @@ def run(args, guards=None) -> list[Path]:
         run_distributed(args)  # exits the process
     job = plan_job(args)
     # Decode and check every input before loading models or writing anything.
-    prepared = [prepare_request(r, job.limits) for r in job.requests]
+    prepared = [prepare_request(r, job.limits, job.controls) for r in job.requests]
     if len(prepared) > 1:
         prepared = [None] * len(prepared)  # batch: keep memory flat, decode again when its turn comes
     gate = make_gate(args, guards=guards)
@@ -33,7 +33,7 @@ def run(args, guards=None) -> list[Path]:
             gate.release(j, request, None)  # its record
             continue
         pipeline = pipeline or load_pipeline(job)
-        ready = ready or prepare_request(request, job.limits)
+        ready = ready or prepare_request(request, job.limits, job.controls)
         result = pipeline.generate(ready)
         gate.check()
         gate.release(j, request, result)  # async: checked and written while the next request generates

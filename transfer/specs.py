@@ -26,7 +26,7 @@ from transfer.errors import TransferError
 UNSUPPORTED_CONTROLS = ("upscale", "hdmap", "lidar")
 REQUEST_FIELDS = ("prompt", "negative_prompt", "input_video_path", "name", "seed")
 BATCH_ALIASES = {"visual_input": "input_video_path"}
-CONTROL_FIELDS = ("control_weight", "input_control")
+CONTROL_FIELDS = ("control_weight", "input_control", "input_control_prompt")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 DEFAULT_NEGATIVE_PROMPT = (
@@ -44,6 +44,8 @@ class ControlSpec:
     modality: str
     weight: float
     input_control: Path | None
+    prompt: str | None = None
+    """``input_control_prompt``: what to segment when ``seg`` is computed (default: the request's prompt)."""
 
 
 @dataclass
@@ -121,10 +123,14 @@ def parse_request(obj: dict, *, where: str, name: str, defaults: dict, base_dir:
         if unknown:
             raise TransferError(f"{where}: control {key!r}: unknown field {unknown[0]!r} (known: {', '.join(CONTROL_FIELDS)})")
         control_path = value.get("input_control")
+        control_prompt = value.get("input_control_prompt")
+        if control_prompt is not None and (not isinstance(control_prompt, str) or not control_prompt.strip()):
+            raise TransferError(f"{where}: {key}.input_control_prompt must be a non-empty string")
         controls[key] = ControlSpec(
             modality=key,
             weight=_weight(value.get("control_weight", 1.0), where, key),
             input_control=None if control_path is None else _resolve(control_path, base_dir, where, f"{key}.input_control"),
+            prompt=control_prompt,
         )
     if not controls:
         raise TransferError(f"{where}: the spec names no control (one of {', '.join(MODALITIES)})")
@@ -142,8 +148,10 @@ def parse_request(obj: dict, *, where: str, name: str, defaults: dict, base_dir:
         raise TransferError(f"{where}: seed must be a non-negative integer, got {seed!r}")
     video = merged.get("input_video_path")
     video = None if video is None else _resolve(video, base_dir, where, "input_video_path")
-    if video is None and all(c.input_control is None for c in controls.values()):
-        raise TransferError(f"{where}: needs an input_video_path or at least one control with input_control")
+    missing = [m for m, c in controls.items() if c.input_control is None]
+    if video is None and missing:
+        raise TransferError(f"{where}: control {missing[0]!r} has no input_control and there is no input_video_path "
+                            "to compute it from")
     return Request(
         name=check_name(obj.get("name", name)),
         prompt=prompt,

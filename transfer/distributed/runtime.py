@@ -134,7 +134,7 @@ class RankLoop:
         self.gate.start(self.job.requests)  # async: every text check starts now, in the background
         for j, request in enumerate(self.job.requests):
             with self.tracer.span("coordinator", "prepare", request=j):
-                prepared = prepare_request(request, self.job.limits)
+                prepared = prepare_request(request, self.job.limits, self.job.controls)
             self.pending.append(j)
             self.release_requests({j: prepared})
         self.after_release()
@@ -156,7 +156,7 @@ class RankLoop:
             prepared = (ready or {}).get(j)
             if prepared is None:
                 with self.tracer.span("coordinator", "prepare", request=j):  # checked at start, dropped to keep memory flat
-                    prepared = prepare_request(request, self.job.limits)
+                    prepared = prepare_request(request, self.job.limits, self.job.controls)
             self.hand_out(j, prepared)
 
     def after_release(self) -> None:
