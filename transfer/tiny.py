@@ -2,7 +2,7 @@
 
 ``ensure_tiny_checkpoint()`` writes (once, then reuses from the cache) a complete
 checkpoint directory -- ``text_encoder/ tokenizer/ transformer/ vae/ scheduler/
-controlnet/<modality>/`` -- so the CLI runs on a fresh CPU-only machine with no
+controlnet/<modality>/`` and tiny control preprocessors in ``preprocessors/`` -- so the CLI runs on a fresh CPU-only machine with no
 download. Weights come from fixed seeds, so every machine builds the same files.
 It is loaded by the same code as a real checkpoint. Its output is noise-like
 imagery, not a meaningful video.
@@ -24,7 +24,7 @@ from transfer.errors import TransferError
 from transfer.text_encoding import text_encoder_class
 
 #: Bump when the tiny layout or weights change, so stale caches are not reused.
-TINY_VERSION = 1
+TINY_VERSION = 2  # 2: preprocessors/ (depth, seg, keypoint) added
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 #: A minimal chat template in Qwen's shape, for the tiny Qwen2.5-VL tokenizer.
@@ -89,6 +89,9 @@ def _save_models(cfg: CheckpointConfig, out: Path, seed: int) -> None:
         CosmosControlNetModel(**cfg.controlnet).save_pretrained(
             out / "controlnet" / modality, safe_serialization=True
         )
+    from preprocessors.tiny import write_tiny_preprocessors
+
+    write_tiny_preprocessors(out / "preprocessors", seed)
 
 
 def write_checkpoint(cfg: CheckpointConfig, out: Path, seed: int = 0) -> Path:
