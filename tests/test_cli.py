@@ -127,7 +127,10 @@ def _bad_cases(d: Path) -> dict:
         "short_control": (dict(edge={"control_weight": 1, "input_control": "short_edge.mp4"}), [],
                           "control video for 'edge' has 5 frames, the input has 13"),
         "malformed_json": ('{"prompt": "x", "edge": {', [], "is not valid JSON"),
-        "no_input_control": (dict(edge={"control_weight": 1}), [], "not yet supported"),
+        "no_input_control": (dict(input_video_path=None, edge={"control_weight": 1}), [],
+                             "control 'edge' has no input_control and there is no input_video_path"),
+        "missing_preprocessor_weights": (dict(depth={"control_weight": 1}), ["--preprocessor_dir", str(d / "no_models")],
+                                         f"computing the 'depth' control needs model weights at {d / 'no_models' / 'depth'}"),
         "missing_prompt": (dict(prompt=None), [], "a non-empty 'prompt' is required"),
         "bad_chunk": (dict(), ["--num_frames_per_chunk", "10"], "--num_frames_per_chunk must be 1 + 4k"),
         "bad_name": (dict(), ["--video_save_name", "../escape"], "is not a plain file name"),
@@ -145,8 +148,8 @@ def bad_inputs(short_inputs, tmp_path_factory):
 
 @pytest.mark.parametrize("case", [
     "missing_video", "corrupt_mp4", "not_a_video", "unknown_control", "negative_weight", "bad_resolution",
-    "short_control", "malformed_json", "no_input_control", "missing_prompt", "bad_chunk", "bad_name",
-    "missing_checkpoint",
+    "short_control", "malformed_json", "no_input_control", "missing_preprocessor_weights", "missing_prompt", "bad_chunk",
+    "bad_name", "missing_checkpoint",
 ])
 def test_bad_spec_input_fails_cleanly(tiny_ckpt, bad_inputs, tmp_path, capsys, case):
     d, cases = bad_inputs
