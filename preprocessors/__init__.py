@@ -79,7 +79,23 @@ class ControlMaker:
     folder: Path
     options: dict
     rank: int = field(default_factory=lambda: int(os.environ.get("RANK", "0")))
+    """The rank that writes (and names) the files: this process, or the placement's preprocess rank."""
+    compute: bool = True
+    """False: another rank computes; only read its files (``precompute`` there first)."""
     built: dict = field(default_factory=dict)
+
+    @staticmethod
+    def missing(request) -> list[str]:
+        return [m for m, c in request.controls.items() if c.input_control is None]
+
+    def precompute(self, request) -> None:
+        """Compute and write every control ``request`` lacks (on the preprocess rank)."""
+        from transfer.video_io import read_video
+
+        if self.missing(request):
+            frames, fps = read_video(request.input_video_path, "input video")
+            for modality in self.missing(request):
+                self(modality, request, frames, fps)
 
     def check(self, modalities) -> None:
         """Fail fast, before anything loads, on a modality whose weights are missing."""
@@ -105,6 +121,8 @@ class ControlMaker:
         path = self.path_for(modality, request, file_digest(request.input_video_path))
         if path.is_file():  # written atomically: present means complete
             logger.info(f"{request.name}: reusing computed {modality} control {path.name}")
+        elif not self.compute:
+            raise TransferError(f"{request.name}: computed {modality} control {path} is missing (rank {self.rank} computes it)")
         else:
             logger.info(f"{request.name}: computing the {modality} control")
             out = self.preprocessor(modality)(frames, request)

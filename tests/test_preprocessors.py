@@ -184,3 +184,21 @@ def test_four_processes_compute_controls_on_the_coordinator_only(tiny_ckpt, all_
     for c in controls:
         assert np.array_equal(read_video(tmp_path / c)[0], read_video(all_missing_single / c)[0])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_placement_moves_preprocessors_to_another_rank(tiny_ckpt, all_missing, all_missing_single, tmp_path):
+    """``"preprocess": 1`` in a placement file: rank 1 (the text rank) computes and writes every control (suffix
+    ``_r1``), the coordinator reads them; outputs are those of the single process."""
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps({"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]], "preprocess": 1}))
+    out, trace = tmp_path / "out", tmp_path / "trace.json"
+    proc = launch(4, "--batch_input_path", str(all_missing / "batch.jsonl"), "--video_save_folder", str(out), "--save_raw",
+                  "--placement", str(placement), "--trace", str(trace), *FAST)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("a", "b"):
+        ref, got = np.load(all_missing_single / f"{name}.npz"), np.load(out / f"{name}.npz")
+        assert np.array_equal(ref["frames"], got["frames"]) and np.array_equal(ref["latents"], got["latents"])
+    controls = sorted(p.name for p in out.glob("*_input_control_*"))
+    assert controls == sorted(p.name.replace("_r0.mp4", "_r1.mp4") for p in all_missing_single.glob("*_input_control_*"))
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X" and e["cat"] == "preprocess"]
+    assert {e["pid"] for e in events} == {1} and len(events) == 2

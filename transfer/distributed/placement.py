@@ -15,6 +15,8 @@ ranks  coordinator  text   vae    dit groups
 8      0            1      2      [3, 4], [5, 6], [7]
 =====  ===========  =====  =====  ===========================================
 
+Computed controls (preprocessors) run on the coordinator unless ``preprocess`` names another rank.
+
 A DiT group of two ranks is a CFG-parallel pair: the first rank runs the conditional
 branch, the second the unconditional one, combined every step. Groups serve different
 requests of a batch (request j goes to group j mod groups).
@@ -43,9 +45,15 @@ class Placement:
     """Rank holding the VAE (control encode, decode, re-encode)."""
     dit_groups: tuple[tuple[int, ...], ...] = field(default=((0,),))
     """DiT + ControlNet ranks: each group serves whole requests; a 2-rank group splits the CFG branches."""
+    preprocess: int | None = None
+    """Rank computing controls a spec leaves out (depth, seg and keypoint models); default: the coordinator."""
+
+    @property
+    def preprocess_rank(self) -> int:
+        return self.coordinator if self.preprocess is None else self.preprocess
 
     def __post_init__(self):
-        ranks = [self.coordinator, self.text, self.vae, *(r for g in self.dit_groups for r in g)]
+        ranks = [self.coordinator, self.text, self.vae, self.preprocess_rank, *(r for g in self.dit_groups for r in g)]
         bad = [r for r in ranks if not isinstance(r, int) or not 0 <= r < self.world_size]
         if bad:
             raise TransferError(f"placement names rank {bad[0]!r}, outside 0..{self.world_size - 1} (WORLD_SIZE {self.world_size})")
@@ -63,6 +71,8 @@ class Placement:
     def stages_of(self, rank: int) -> list[str]:
         """The stages a rank runs, in STAGES order."""
         out = [s for s in ("coordinator", "text", "vae") if getattr(self, s) == rank]
+        if self.preprocess_rank == rank != self.coordinator:
+            out.append("preprocess")
         return out + (["dit"] if any(rank in g for g in self.dit_groups) else [])
 
     def dit_group_for(self, request_index: int) -> tuple[int, ...]:
@@ -88,14 +98,16 @@ def preset(world_size: int) -> Placement:
 
 
 def from_file(path: str | Path, world_size: int) -> Placement:
-    """A placement from JSON: ``{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}``."""
+    """A placement from JSON: ``{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}``, optionally
+    ``"preprocess": RANK``."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise TransferError(f"cannot read placement file {path}: {e}") from None
-    unknown = set(data) - {"coordinator", "text", "vae", "dit_groups"}
+    unknown = set(data) - {"coordinator", "text", "vae", "dit_groups", "preprocess"}
     if unknown:
         raise TransferError(f"placement file {path}: unknown key {sorted(unknown)[0]!r}")
     groups = tuple(tuple(g) for g in data.get("dit_groups", [[0]]))
-    return Placement(world_size, data.get("coordinator", 0), data.get("text", 0), data.get("vae", 0), groups)
+    return Placement(world_size, data.get("coordinator", 0), data.get("text", 0), data.get("vae", 0), groups,
+                     data.get("preprocess"))
 

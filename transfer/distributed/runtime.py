@@ -24,6 +24,7 @@ import sys
 import time
 import traceback
 from collections import deque
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -132,7 +133,16 @@ class RankLoop:
         self.window = len(self.placement.dit_groups) + LOOKAHEAD
         self.pending = deque()
         self.gate.start(self.job.requests)  # async: every text check starts now, in the background
+        remote = self.placement.preprocess_rank != self.rank
+        if remote:  # another rank computes missing controls, in request order; we read its files
+            self.job.controls = replace(self.job.controls, rank=self.placement.preprocess_rank, compute=False, built={})
+            for j, request in enumerate(self.job.requests):
+                if self.job.controls.missing(request):
+                    self.transport.send(self.placement.preprocess_rank, "precompute", {"j": j})
         for j, request in enumerate(self.job.requests):
+            if remote and self.job.controls.missing(request):
+                with self.tracer.span("coordinator", "wait for controls", request=j):
+                    self.wait_for(lambda m: m.kind == "precomputed" and m.meta["j"] == j)
             with self.tracer.span("coordinator", "prepare", request=j):
                 prepared = prepare_request(request, self.job.limits, self.job.controls)
             self.pending.append(j)
@@ -211,6 +221,13 @@ class RankLoop:
             msg = self.wait_for(lambda m: m.kind == "trace")
             self.traces.append(msg.meta)
         self.running = False
+
+    # -- preprocess (only when placed off the coordinator) ------------------------------------------
+    def on_precompute(self, msg: Message) -> None:
+        j = msg.meta["j"]
+        with self.tracer.span("preprocess", "controls", request=j):
+            self.job.controls.precompute(self.job.requests[j])
+        self.transport.send(self.placement.coordinator, "precomputed", {"j": j})
 
     # -- text ------------------------------------------------------------------------------------
     def on_text(self, msg: Message) -> None:
