@@ -51,7 +51,7 @@ def test_tiny_checkpoint_is_deterministic(tmp_path):
     a = write_checkpoint(preset("tiny"), tmp_path / "a")
     b = write_checkpoint(preset("tiny"), tmp_path / "b")
     files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
-    assert len(files) == 3 + 5  # text encoder, transformer, vae and five controlnets
+    assert len(files) == 3 + 5 + 5  # text encoder, transformer, vae, five controlnets, five preprocessor models
     for rel in files:
         assert hashlib.sha256((a / rel).read_bytes()).digest() == hashlib.sha256((b / rel).read_bytes()).digest(), rel
 
