@@ -12,43 +12,21 @@ What this test adjusts in the reference, and why (nothing else is touched):
    the same tensor for every chunk (``FixedNoise``) so both start from identical noise.
 3. diffusers requires a safety checker; it gets a pass-through one (guardrails are a
    separate stage in this project and are not under test here).
+
+The reference side is ``transfer.upstream`` (also the A/B adapter, ``python -m transfer.upstream``).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers.configuration_utils import ConfigMixin
-from diffusers.models.modeling_utils import ModelMixin
 
 from tests.conftest import example_frames
 from transfer.checkpoint import inspect_checkpoint, load_dit, load_text_encoder, load_vae
 from transfer.pipeline import GenerationSettings, ModelLimits, PreparedRequest, TransferPipeline
 from transfer.specs import ControlSpec, Request
-
-
-class PassThroughSafetyChecker(ModelMixin, ConfigMixin):
-    """Accepts every prompt and returns every video unchanged."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("_device_tracker", torch.zeros(1), persistent=False)
-
-    def check_text_safety(self, prompt: str) -> bool:
-        return True
-
-    def check_video_safety(self, frames: np.ndarray) -> np.ndarray:
-        return frames
-
-    @property
-    def device(self) -> torch.device:
-        return self._device_tracker.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._device_tracker.dtype
+from transfer.upstream import deterministic_latents, reference_pipeline
 
 
 class FixedNoise:
@@ -62,30 +40,10 @@ class FixedNoise:
         return self.noise.clone()
 
 
-def reference_pipeline(ckpt, modality: str):
-    from diffusers import (
-        AutoencoderKLWan, Cosmos2_5_TransferPipeline, CosmosControlNetModel, CosmosTransformer3DModel,
-        UniPCMultistepScheduler,
-    )
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    return Cosmos2_5_TransferPipeline(
-        text_encoder=T5EncoderModel.from_pretrained(ckpt / "text_encoder"),
-        tokenizer=AutoTokenizer.from_pretrained(ckpt / "tokenizer"),
-        transformer=CosmosTransformer3DModel.from_pretrained(ckpt / "transformer"),
-        vae=AutoencoderKLWan.from_pretrained(ckpt / "vae"),
-        scheduler=UniPCMultistepScheduler.from_pretrained(ckpt / "scheduler"),
-        controlnet=CosmosControlNetModel.from_pretrained(ckpt / "controlnet" / modality),
-        safety_checker=PassThroughSafetyChecker(),
-    ).to("cpu")
-
-
 @pytest.fixture
-def deterministic_reference_vae(monkeypatch):
-    import diffusers.pipelines.cosmos.pipeline_cosmos2_5_transfer as ref
-
-    original = ref.retrieve_latents
-    monkeypatch.setattr(ref, "retrieve_latents", lambda out, generator=None, sample_mode="sample": original(out, None, "argmax"))
+def deterministic_reference_vae():
+    with deterministic_latents():
+        yield
 
 
 @pytest.mark.parametrize(
