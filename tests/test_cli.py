@@ -135,6 +135,10 @@ def _bad_cases(d: Path) -> dict:
         "bad_chunk": (dict(), ["--num_frames_per_chunk", "10"], "--num_frames_per_chunk must be 1 + 4k"),
         "bad_name": (dict(), ["--video_save_name", "../escape"], "is not a plain file name"),
         "missing_checkpoint": (dict(), ["--checkpoint_dir", str(d / "no_ckpt")], "checkpoint directory not found"),
+        "too_many_frames": (dict(), ["--max_frames", "5"], "has 13 frames, more than --max_frames 5"),
+        "too_large": (dict(), ["--max_resolution", "100"], "is 160x96, larger than --max_resolution 100"),
+        "json_bomb_nesting": ("[" * 100_000, [], "JSON nested too deeply"),
+        "json_bomb_size": ('{"prompt": "' + "a" * (1 << 20) + '"}', [], "more than the 1048576 a spec may have"),
     }
 
 
@@ -149,7 +153,7 @@ def bad_inputs(short_inputs, tmp_path_factory):
 @pytest.mark.parametrize("case", [
     "missing_video", "corrupt_mp4", "not_a_video", "unknown_control", "negative_weight", "bad_resolution",
     "short_control", "malformed_json", "no_input_control", "missing_preprocessor_weights", "missing_prompt", "bad_chunk",
-    "bad_name", "missing_checkpoint",
+    "bad_name", "missing_checkpoint", "too_many_frames", "too_large", "json_bomb_nesting", "json_bomb_size",
 ])
 def test_bad_spec_input_fails_cleanly(tiny_ckpt, bad_inputs, tmp_path, capsys, case):
     d, cases = bad_inputs
@@ -171,6 +175,7 @@ def test_bad_spec_input_fails_cleanly(tiny_ckpt, bad_inputs, tmp_path, capsys, c
     (['{"prompt": "ok", "input_video_path": "example_input.mp4", "edge": {"input_control": "example_edge.mp4"}}',
       '{"prompt": "broken", '], "batch.jsonl:2: invalid JSON"),
     (['["not", "an", "object"]'], "batch.jsonl:1: each line must be a JSON object"),
+    (['{"a": ' * 50_000], "batch.jsonl:1: JSON nested too deeply"),
     ([], "has no requests"),
 ])
 def test_bad_batch_input_fails_before_writing(tiny_ckpt, bad_inputs, tmp_path, capsys, lines, message):

@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--save_raw", action="store_true",
                     help="also write NAME.npz with uint8 'frames' (T,H,W,3) and float32 'latents' (chunks,16,T,h,w)")
     io.add_argument("--fps", type=float, default=24, help="output frame rate (default: 24)")
+    io.add_argument("--max_frames", type=int, default=10_000,
+                    help="refuse input or control videos longer than this, before decoding them (default: 10000)")
+    io.add_argument("--max_resolution", type=int, default=4096,
+                    help="refuse videos wider or taller than this many pixels, before decoding them (default: 4096)")
 
     model = p.add_argument_group("model")
     model.add_argument("--checkpoint_dir", help="diffusers-layout checkpoint directory "

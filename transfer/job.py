@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -122,7 +122,9 @@ def plan_job(args) -> Job:
         raise TransferError(f"--fps must be positive, got {args.fps}")
     requests = requests_from_args(args)
     info = inspect_checkpoint(resolve_checkpoint(args))
-    limits = ModelLimits.from_info(info)
+    if args.max_frames < 1 or args.max_resolution < 16:
+        raise TransferError("--max_frames must be at least 1 and --max_resolution at least 16")
+    limits = replace(ModelLimits.from_info(info), max_frames=args.max_frames, max_side=args.max_resolution)
     settings = settings_from_args(args)
     limits.check_settings(settings)
     check_guard_args(args)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from transfer.checkpoint import CheckpointInfo
 from transfer.errors import TransferError
 from transfer.specs import Request
-from transfer.video_io import read_video
+from transfer.video_io import MAX_FRAMES, MAX_SIDE, read_video
 
 
 #: How chunk k + 1 gets chunk k's overlap frames (docs/long_video.md).
@@ -65,6 +65,9 @@ class ModelLimits:
     spatial_factor: int
     patch_size: tuple[int, int, int]
     max_rope_positions: int
+    max_frames: int = MAX_FRAMES
+    """Input limits (``--max_frames`` / ``--max_resolution``): checked from metadata before decoding."""
+    max_side: int = MAX_SIDE
 
     @classmethod
     def from_info(cls, info: CheckpointInfo) -> "ModelLimits":
@@ -157,7 +160,7 @@ def prepare_request(request: Request, limits: ModelLimits, make_control=None) ->
     where = request.source or request.name
     reference, fps = None, 0.0
     if request.input_video_path is not None:
-        reference, fps = read_video(request.input_video_path, "input video")
+        reference, fps = read_video(request.input_video_path, "input video", limits.max_frames, limits.max_side)
     controls_u8 = {}
     for modality, control in request.controls.items():
         if control.input_control is None:
@@ -165,7 +168,8 @@ def prepare_request(request: Request, limits: ModelLimits, make_control=None) ->
                 raise TransferError(f"{where}: control {modality!r} has no input_control and no preprocessor is set up")
             controls_u8[modality] = make_control(modality, request, reference, fps)
         else:
-            controls_u8[modality], _ = read_video(control.input_control, f"control video for {modality!r}")
+            controls_u8[modality], _ = read_video(control.input_control, f"control video for {modality!r}",
+                                                  limits.max_frames, limits.max_side)
     if reference is None:
         reference = next(iter(controls_u8.values()))
     num_frames, height, width = reference.shape[:3]

@@ -163,13 +163,35 @@ def parse_request(obj: dict, *, where: str, name: str, defaults: dict, base_dir:
     )
 
 
+#: Largest spec file / batch line accepted: real specs are a few hundred bytes.
+MAX_JSON_BYTES = 1 << 20
+
+
+def parse_json(text: str, where: str):
+    """``json.loads`` with one-line errors for oversized or too deeply nested input (a JSON bomb)."""
+    if len(text) > MAX_JSON_BYTES:
+        raise TransferError(f"{where}: {len(text)} characters, more than the {MAX_JSON_BYTES} a spec may have")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise TransferError(f"{where}: JSON nested too deeply") from None
+    except ValueError as e:
+        raise TransferError(f"{where}: invalid JSON: {e}") from None
+
+
 def _load_json(path: Path, what: str):
     if not path.is_file():
         raise TransferError(f"{what} not found: {path}")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise TransferError(f"{what} {path} is {path.stat().st_size} bytes, more than the {MAX_JSON_BYTES} a spec may have")
     try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, ValueError) as e:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
         raise TransferError(f"{what} {path} is not valid JSON: {e}") from None
+    try:
+        return parse_json(text, f"{what} {path}")
+    except TransferError as e:
+        raise TransferError(str(e).replace(": invalid JSON:", " is not valid JSON:")) from None
 
 
 def load_spec(path: str | Path, *, name: str, defaults: dict) -> Request:
@@ -196,10 +218,7 @@ def load_batch(path: str | Path, *, defaults: dict, base_spec: str | Path | None
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise TransferError(f"{where}: invalid JSON: {e}") from None
+        obj = parse_json(line, where)
         if not isinstance(obj, dict):
             raise TransferError(f"{where}: each line must be a JSON object")
         request = parse_request({**base, **obj}, where=where, name=f"video_{len(requests)}", defaults=defaults,
