@@ -115,6 +115,12 @@ class Gate:
         if self._errors:
             raise self._errors[0]
 
+    def abort(self) -> None:
+        """Stop: drop the releases not yet started, wait for the one being written (atomic either way)."""
+        if self.mode == "async":
+            self._text_pool.shutdown(wait=False, cancel_futures=True)
+            self._release_pool.shutdown(wait=True, cancel_futures=True)
+
     def close(self) -> str:
         """Wait for every release; raise a background error; return (and log) the summary."""
         if self.mode == "async":

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from loguru import logger
 
-    from transfer.errors import TransferError
+    from transfer.errors import Terminated, TransferError, raise_on_stop_signals
 
     logger.remove()
     logger.add(sys.stderr, level=os.environ.get("TRANSFER_LOG_LEVEL", "INFO"),
@@ -133,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from transfer.runner import run
 
-        run(args)
+        with raise_on_stop_signals():
+            run(args)
     except TransferError as e:
         print(f"transfer.py: error: {e}", file=sys.stderr)
         return 2
+    except Terminated as stop:
+        print(f"transfer.py: stopped by {stop}: outputs already written are complete, nothing half-written is left",
+              file=sys.stderr)
+        return stop.exit_code
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 from loguru import logger
 
 from transfer.checkpoint import load_dit, load_text_encoder, load_vae
+from transfer.errors import Terminated
 from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.pipeline import TransferPipeline, prepare_request
 
@@ -25,6 +26,16 @@ def run(args, guards=None) -> list[Path]:
     if len(prepared) > 1:
         prepared = [None] * len(prepared)  # batch: keep memory flat, decode again when its turn comes
     gate = make_gate(args, guards=guards)
+    try:
+        generate_all(job, prepared, gate)
+    except Terminated:
+        gate.abort()  # the output being written finishes under its final name; nothing else starts
+        raise
+    gate.close()
+    return gate.written
+
+
+def generate_all(job, prepared, gate) -> None:
     gate.start(job.requests)  # async: every text check starts now, beside model loading and generation
     pipeline = None
     for j, (request, ready) in enumerate(zip(job.requests, prepared)):
@@ -37,8 +48,6 @@ def run(args, guards=None) -> list[Path]:
         result = pipeline.generate(ready)
         gate.check()
         gate.release(j, request, result)  # async: checked and written while the next request generates
-    gate.close()
-    return gate.written
 
 
 def load_pipeline(job) -> TransferPipeline:

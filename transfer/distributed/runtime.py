@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 import sys
 import time
 import traceback
@@ -37,7 +36,7 @@ from transfer.checkpoint import load_dit, load_text_encoder, load_vae
 from transfer.distributed.placement import Placement, from_file, preset
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
 from transfer.distributed.transport import Message, PeerFailure, Transport, direction_groups
-from transfer.errors import TransferError
+from transfer.errors import Terminated, TransferError, raise_on_stop_signals
 from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.pipeline import (
     GenerationResult, SeededNoise, encode_controls, join_chunks, latent_condition, latent_shape, plan_chunks, prepare_request,
@@ -381,14 +380,6 @@ class RankLoop:
         self.running = False
 
 
-class Terminated(BaseException):
-    """SIGTERM (torchrun stopping the job after another rank died): unwinds so temp files are removed."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
 def placement_from_args(args, world_size: int) -> Placement:
     return from_file(args.placement, world_size) if args.placement else preset(world_size)
 
@@ -410,7 +401,7 @@ def make_transport(rank: int, world: int, cuda: bool) -> Transport:
 
 def run_distributed(args) -> None:
     """Entry for WORLD_SIZE > 1 (under torchrun). Never returns: exits the process with its status."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    raise_on_stop_signals()  # torchrun sends SIGTERM when another rank died or it was itself stopped
     cuda = torch.cuda.is_available()
     if cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -445,8 +436,10 @@ def run_distributed(args) -> None:
     try:
         loop = RankLoop(rank, placement, job, args, transport, tracer)
         loop.run()
-    except Terminated:
-        _exit(143)
+    except Terminated as stop:
+        if loop is not None and loop.gate is not None:
+            loop.gate.abort()  # no new releases; the one being written finishes under its final name
+        _exit(stop.exit_code)
     except PeerFailure as e:
         if rank == placement.coordinator:
             print(f"transfer.py: error: {e}", file=sys.stderr)

@@ -1,0 +1,77 @@
+"""SIGTERM / SIGINT: stop within a bounded time, non-zero on every rank, no half-written or temp file left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import example_frames
+from tests.test_distributed import _rank_pids, launch
+from transfer.video_io import read_video, write_mp4
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("signals")
+    write_mp4(d / "in.mp4", example_frames("example_input.mp4", 9), 24)
+    write_mp4(d / "edge.mp4", example_frames("example_edge.mp4", 9), 24)
+    edge = {"control_weight": 1.0, "input_control": "edge.mp4"}
+    lines = [{"name": f"r{j}", "prompt": f"a ball, take {j}", "seed": j, "input_video_path": "in.mp4", "edge": edge}
+             for j in range(4)]
+    (d / "batch.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return d
+
+
+def wait_for_file(path: Path, proc, timeout: float = 300) -> None:
+    start = time.monotonic()
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() - start < timeout
+        time.sleep(0.2)
+
+
+def check_folder(folder: Path) -> list[str]:
+    """Only complete outputs; no temp file."""
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+    written = sorted(p.stem for p in folder.glob("*.mp4"))
+    for name in written:
+        assert read_video(folder / f"{name}.mp4")[0].shape == (9, 96, 160, 3)
+        assert (folder / f"{name}.txt").exists()
+    return written
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_single_process_stops_cleanly(tiny_ckpt, batch, tmp_path, sig, code):
+    proc = launch(1, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),
+                  "--num_steps", "12", "--num_frames_per_chunk", "9", "--guardrail", "async", popen=True)
+    wait_for_file(tmp_path / "r0.mp4", proc)
+    os.kill(proc.pid, sig)
+    start = time.monotonic()
+    out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == code, out[-3000:]
+    assert f"stopped by {sig.name}" in out
+    written = check_folder(tmp_path)
+    assert "r0" in written and written != ["r0", "r1", "r2", "r3"]
+
+
+def test_sigterm_to_torchrun_stops_every_rank(tiny_ckpt, batch, tmp_path):
+    proc = launch(4, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),
+                  "--num_steps", "12", "--num_frames_per_chunk", "9", "--guardrail", "async", popen=True)
+    wait_for_file(tmp_path / "r0.mp4", proc)
+    pids = _rank_pids(proc.pid)
+    assert set(pids) == {0, 1, 2, 3}
+    os.kill(proc.pid, signal.SIGTERM)
+    start = time.monotonic()
+    proc.communicate(timeout=90)
+    assert time.monotonic() - start < 60
+    assert proc.returncode != 0
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids.values())
+    written = check_folder(tmp_path)
+    assert "r0" in written and written != ["r0", "r1", "r2", "r3"]
