@@ -194,17 +194,19 @@ def test_killed_stage_ends_every_rank_without_output(tiny_ckpt, batch, tmp_path)
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids.values())
 
 
-def test_bad_input_found_by_the_coordinator_stops_every_rank(tiny_ckpt, batch, tmp_path):
+def test_bad_request_found_by_the_coordinator_is_recorded_and_the_rest_runs(tiny_ckpt, batch, tmp_path):
     (batch / "broken.mp4").write_bytes(b"\x00" * 1000)
     bad = batch / "bad_batch.jsonl"
     line = json.loads((batch / "batch.jsonl").read_text().splitlines()[1])
     bad.write_text(json.dumps(line) + "\n" + json.dumps({**line, "name": "broken", "input_video_path": "broken.mp4"}) + "\n")
     start = time.monotonic()
     proc = launch(4, "--batch_input_path", str(bad), "--video_save_folder", str(tmp_path), *FAST)
-    assert proc.returncode != 0
-    assert time.monotonic() - start < 120
+    assert proc.returncode != 0  # some request failed
+    assert time.monotonic() - start < 180
     assert "cannot read input video" in proc.stderr and "broken.mp4" in proc.stderr
-    assert not list(tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failures.jsonl", "three.mp4", "three.txt"]
+    (record,) = [json.loads(x) for x in (tmp_path / "failures.jsonl").read_text().splitlines()]
+    assert record["line"] == 2 and record["name"] == "broken"
 
 
 def test_placement_presets_and_validation():

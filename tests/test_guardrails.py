@@ -266,7 +266,7 @@ def test_four_processes_async_equal_and_only_coordinator_loads_guards(tiny_ckpt,
 def run_in_process(args: list[str], guards: GuardSet):
     from transfer.runner import run
 
-    return run(build_parser().parse_args(args), guards=guards)
+    return run(build_parser().parse_args(args), guards=guards).written
 
 
 class RaisesOn:

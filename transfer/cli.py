@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         from transfer.runner import run
 
         with raise_on_stop_signals():
-            run(args)
+            return run(args).status
     except TransferError as e:
         print(f"transfer.py: error: {e}", file=sys.stderr)
         return 2

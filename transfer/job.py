@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from loguru import logger
 
 from guardrails import check_guard_args
 from transfer.checkpoint import inspect_checkpoint, require_modalities
@@ -29,11 +30,12 @@ def settings_from_args(args) -> GenerationSettings:
     )
 
 
-def requests_from_args(args) -> list[Request]:
+def requests_from_args(args, failures: list | None = None) -> list[Request]:
+    """The run's requests; for a batch with a ``failures`` list, bad lines land there instead of raising."""
     defaults = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "input_video_path") if getattr(args, k)}
     defaults["seed"] = args.seed
     if args.batch_input_path:
-        return load_batch(args.batch_input_path, defaults=defaults, base_spec=args.controlnet_specs)
+        return load_batch(args.batch_input_path, defaults=defaults, base_spec=args.controlnet_specs, failures=failures)
     if not args.controlnet_specs:
         raise TransferError("give --controlnet_specs SPEC.json or --batch_input_path BATCH.jsonl")
     return [load_spec(args.controlnet_specs, name=check_name(args.video_save_name, "--video_save_name"), defaults=defaults)]
@@ -112,6 +114,44 @@ class Job:
     requests: list[Request]
     controls: object = None
     """``preprocessors.ControlMaker`` for controls without ``input_control``."""
+    failures: "Failures | None" = None
+    """Batch requests refused (a bad line, a bad video): recorded, the rest runs."""
+
+
+class Failures:
+    """``{folder}/failures.jsonl``: one record per batch request that could not run (line, source, name, error),
+    rewritten atomically at each new record; a run without failures removes an older file."""
+
+    def __init__(self, folder: Path, records: list[dict] | None = None):
+        self.path = Path(folder) / "failures.jsonl"
+        self.records = list(records or [])
+
+    def add(self, request, error: Exception, write: bool = True) -> None:
+        """Record ``request``; ``write`` False while planning (every rank plans, only one writes)."""
+        line = request.source.rsplit(":", 1)[-1]
+        self.records.append({"line": int(line) if line.isdigit() else None, "source": request.source,
+                             "name": request.name, "error": str(error)})
+        if write:
+            logger.warning(f"{request.source or request.name}: skipped: {error}")
+            self.write()
+
+    def write(self) -> None:
+        if self.records:
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def finish(self) -> int:
+        """Write the final state; the exit status: 0, or ``FAILED_REQUESTS_EXIT`` when any request failed."""
+        self.write()
+        if self.records:
+            lines = "".join(f"\n  {r['source']}: {r['error']}" for r in self.records)
+            logger.warning(f"{len(self.records)} request(s) failed (recorded in {self.path}):{lines}")
+        return FAILED_REQUESTS_EXIT if self.records else 0
+
+
+#: Exit status of a batch in which some requests failed (the others were written).
+FAILED_REQUESTS_EXIT = 3
 
 
 def plan_job(args) -> Job:
@@ -120,7 +160,8 @@ def plan_job(args) -> Job:
         raise TransferError(f"--num_gpus {args.num_gpus} does not match the {world} process(es) started (WORLD_SIZE)")
     if args.fps <= 0:
         raise TransferError(f"--fps must be positive, got {args.fps}")
-    requests = requests_from_args(args)
+    bad_lines: list[dict] = []
+    requests = requests_from_args(args, bad_lines)
     info = inspect_checkpoint(resolve_checkpoint(args))
     if args.max_frames < 1 or args.max_resolution < 16:
         raise TransferError("--max_frames must be at least 1 and --max_resolution at least 16")
@@ -128,9 +169,19 @@ def plan_job(args) -> Job:
     settings = settings_from_args(args)
     limits.check_settings(settings)
     check_guard_args(args)
+    failures = Failures(args.video_save_folder, bad_lines)
+    usable = []
     for request in requests:
-        require_modalities(info, request.controls, request.source)
-    return Job(info, limits, settings, requests, control_maker(args, info, requests))
+        try:
+            require_modalities(info, request.controls, request.source)
+            usable.append(request)
+        except TransferError as e:
+            if not args.batch_input_path:
+                raise
+            failures.add(request, e, write=False)
+    if not usable:
+        raise TransferError(f"no request can run: {failures.records[0]['error']}")
+    return Job(info, limits, settings, usable, control_maker(args, info, usable), failures)
 
 
 def control_maker(args, info, requests):

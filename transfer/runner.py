@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
 
 from transfer.checkpoint import load_dit, load_text_encoder, load_vae
-from transfer.errors import Terminated
+from transfer.errors import Terminated, TransferError
 from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.pipeline import TransferPipeline, prepare_request
 
 
-def run(args, guards=None) -> list[Path]:
+@dataclass
+class Outcome:
+    written: list[Path]
+    status: int
+    """Exit status: 0, or 3 when some batch requests failed (``failures.jsonl``)."""
+
+
+def run(args, guards=None) -> Outcome:
     """Generate every request of ``args``; ``guards`` (a ``guardrails.GuardSet``) replaces the guards the options
     would build -- the injection point for custom guards (single process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -21,21 +29,31 @@ def run(args, guards=None) -> list[Path]:
 
         run_distributed(args)  # exits the process
     job = plan_job(args)
-    # Decode and check every input before loading models or writing anything.
-    prepared = [prepare_request(r, job.limits, job.controls) for r in job.requests]
+    job.failures.write()  # bad batch lines found while planning (or no file: an older one goes)
+    # Decode and check every input before loading models; a batch request that fails is recorded and skipped.
+    prepared, usable = [], []
+    for request in job.requests:
+        try:
+            prepared.append(prepare_request(request, job.limits, job.controls))
+            usable.append(request)
+        except TransferError as e:
+            if not args.batch_input_path:
+                raise
+            job.failures.add(request, e)
+    job.requests = usable
     if len(prepared) > 1:
         prepared = [None] * len(prepared)  # batch: keep memory flat, decode again when its turn comes
     gate = make_gate(args, guards=guards)
     try:
-        generate_all(job, prepared, gate)
+        generate_all(job, prepared, gate, batch=bool(args.batch_input_path))
     except Terminated:
         gate.abort()  # the output being written finishes under its final name; nothing else starts
         raise
     gate.close()
-    return gate.written
+    return Outcome(gate.written, job.failures.finish())
 
 
-def generate_all(job, prepared, gate) -> None:
+def generate_all(job, prepared, gate, batch: bool) -> None:
     gate.start(job.requests)  # async: every text check starts now, beside model loading and generation
     pipeline = None
     for j, (request, ready) in enumerate(zip(job.requests, prepared)):
@@ -44,8 +62,14 @@ def generate_all(job, prepared, gate) -> None:
             gate.release(j, request, None)  # its record
             continue
         pipeline = pipeline or load_pipeline(job)
-        ready = ready or prepare_request(request, job.limits, job.controls)
-        result = pipeline.generate(ready)
+        try:
+            ready = ready or prepare_request(request, job.limits, job.controls)
+            result = pipeline.generate(ready)
+        except Exception as e:  # a batch goes on without this request; a single request fails the run
+            if not batch:
+                raise
+            job.failures.add(request, e if isinstance(e, TransferError) else f"{type(e).__name__}: {e}")
+            continue
         gate.check()
         gate.release(j, request, result)  # async: checked and written while the next request generates
 

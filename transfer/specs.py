@@ -153,7 +153,7 @@ def parse_request(obj: dict, *, where: str, name: str, defaults: dict, base_dir:
         raise TransferError(f"{where}: control {missing[0]!r} has no input_control and there is no input_video_path "
                             "to compute it from")
     return Request(
-        name=check_name(obj.get("name", name)),
+        name=check_name(obj.get("name", name), f"{where}: output name"),
         prompt=prompt,
         negative_prompt=negative,
         input_video_path=video,
@@ -201,8 +201,11 @@ def load_spec(path: str | Path, *, name: str, defaults: dict) -> Request:
                          base_dir=path.parent)
 
 
-def load_batch(path: str | Path, *, defaults: dict, base_spec: str | Path | None = None) -> list[Request]:
-    """Requests from a JSONL file; each line is a spec (merged over ``base_spec`` when given)."""
+def load_batch(path: str | Path, *, defaults: dict, base_spec: str | Path | None = None,
+               failures: list | None = None) -> list[Request]:
+    """Requests from a JSONL file; each line is a spec (merged over ``base_spec`` when given). With a
+    ``failures`` list, a bad line is appended there (``{"line", "source", "error"}``) and the others go on;
+    without, the first bad line raises."""
     path = Path(path)
     if not path.is_file():
         raise TransferError(f"batch input not found: {path}")
@@ -218,15 +221,22 @@ def load_batch(path: str | Path, *, defaults: dict, base_spec: str | Path | None
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        obj = parse_json(line, where)
-        if not isinstance(obj, dict):
-            raise TransferError(f"{where}: each line must be a JSON object")
-        request = parse_request({**base, **obj}, where=where, name=f"video_{len(requests)}", defaults=defaults,
-                                base_dir=path.parent)
-        if request.name in names:
-            raise TransferError(f"{where}: output name {request.name!r} is used by an earlier line")
+        try:
+            obj = parse_json(line, where)
+            if not isinstance(obj, dict):
+                raise TransferError(f"{where}: each line must be a JSON object")
+            request = parse_request({**base, **obj}, where=where, name=f"video_{lineno - 1}", defaults=defaults,
+                                    base_dir=path.parent)
+            if request.name in names:
+                raise TransferError(f"{where}: output name {request.name!r} is used by an earlier line")
+        except TransferError as e:
+            if failures is None:
+                raise
+            failures.append({"line": lineno, "source": where, "error": str(e)})
+            continue
         names.add(request.name)
         requests.append(request)
     if not requests:
-        raise TransferError(f"batch input {path} has no requests")
+        first = f": {failures[0]['error']}" if failures else ""
+        raise TransferError(f"batch input {path} has no valid requests{first}")
     return requests

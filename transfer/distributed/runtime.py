@@ -138,12 +138,15 @@ class RankLoop:
             for j, request in enumerate(self.job.requests):
                 if self.job.controls.missing(request):
                     self.transport.send(self.placement.preprocess_rank, "precompute", {"j": j})
+        self.job.failures.write()  # bad batch lines found while planning
         for j, request in enumerate(self.job.requests):
             if remote and self.job.controls.missing(request):
                 with self.tracer.span("coordinator", "wait for controls", request=j):
                     self.wait_for(lambda m: m.kind == "precomputed" and m.meta["j"] == j)
             with self.tracer.span("coordinator", "prepare", request=j):
-                prepared = prepare_request(request, self.job.limits, self.job.controls)
+                prepared = self.prepare(j)
+            if prepared is None:
+                continue
             self.pending.append(j)
             self.release_requests({j: prepared})
         self.after_release()
@@ -165,8 +168,21 @@ class RankLoop:
             prepared = (ready or {}).get(j)
             if prepared is None:
                 with self.tracer.span("coordinator", "prepare", request=j):  # checked at start, dropped to keep memory flat
-                    prepared = prepare_request(request, self.job.limits, self.job.controls)
+                    prepared = self.prepare(j)
+                if prepared is None:
+                    continue
             self.hand_out(j, prepared)
+
+    def prepare(self, j: int):
+        """Request ``j``'s checked inputs; None (and a failure record) when a batch request cannot run."""
+        request = self.job.requests[j]
+        try:
+            return prepare_request(request, self.job.limits, self.job.controls)
+        except TransferError as e:
+            if not self.args.batch_input_path:
+                raise
+            self.job.failures.add(request, e)
+            return None
 
     def after_release(self) -> None:
         """A request left the window: hand out more, or stop everyone when all is written."""
@@ -468,4 +484,4 @@ def run_distributed(args) -> None:
             logger.info(f"trace written to {args.trace}")
         print(stage_table(spans, wall, sent), file=sys.stderr)
     transport.flush(60)
-    _exit(0)
+    _exit(loop.job.failures.finish() if rank == placement.coordinator else 0)
