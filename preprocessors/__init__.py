@@ -83,6 +83,8 @@ class ControlMaker:
     compute: bool = True
     """False: another rank computes; only read its files (``precompute`` there first)."""
     built: dict = field(default_factory=dict)
+    digests: dict = field(default_factory=dict)
+    """Input video digests by (path, size, mtime): each file is read for hashing once per process."""
 
     @staticmethod
     def missing(request) -> list[str]:
@@ -118,7 +120,11 @@ class ControlMaker:
         """The control for ``modality`` computed from ``frames`` (the decoded input video)."""
         from transfer.video_io import read_video, write_mp4
 
-        path = self.path_for(modality, request, file_digest(request.input_video_path))
+        stat = request.input_video_path.stat()
+        key = (str(request.input_video_path), stat.st_size, stat.st_mtime_ns)
+        if key not in self.digests:
+            self.digests[key] = file_digest(request.input_video_path)
+        path = self.path_for(modality, request, self.digests[key])
         if path.is_file():  # written atomically: present means complete
             logger.info(f"{request.name}: reusing computed {modality} control {path.name}")
         elif not self.compute:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -12,9 +11,9 @@ BATCH = 8
 
 def device() -> torch.device:
     """The process's own GPU when there is one (the coordinator's, in stage-process runs), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    from transfer.job import default_device
+
+    return default_device()
 
 
 def load(auto_class, path: Path, dev: torch.device):

@@ -17,7 +17,7 @@ from loguru import logger
 from guardrails import check_guard_args
 from transfer.checkpoint import inspect_checkpoint, require_modalities
 from transfer.errors import TransferError
-from transfer.pipeline import GenerationResult, GenerationSettings, ModelLimits
+from transfer.pipeline import GenerationResult, GenerationSettings, ModelLimits, prepare_request
 from transfer.specs import Request, check_name, load_batch, load_spec
 from transfer.video_io import write_mp4, write_npz, write_text
 
@@ -116,6 +116,18 @@ class Job:
     """``preprocessors.ControlMaker`` for controls without ``input_control``."""
     failures: "Failures | None" = None
     """Batch requests refused (a bad line, a bad video): recorded, the rest runs."""
+    batch: bool = False
+    """A batch records a failing request and goes on; a single request's failure fails the run."""
+
+    def prepare(self, request):
+        """``request``'s checked inputs, or None (and a failure record) when a batch request cannot run."""
+        try:
+            return prepare_request(request, self.limits, self.controls)
+        except TransferError as e:
+            if not self.batch:
+                raise
+            self.failures.add(request, e)
+            return None
 
 
 class Failures:
@@ -181,7 +193,7 @@ def plan_job(args) -> Job:
             failures.add(request, e, write=False)
     if not usable:
         raise TransferError(f"no request can run: {failures.records[0]['error']}")
-    return Job(info, limits, settings, usable, control_maker(args, info, usable), failures)
+    return Job(info, limits, settings, usable, control_maker(args, info, usable), failures, bool(args.batch_input_path))
 
 
 def control_maker(args, info, requests):

@@ -11,7 +11,7 @@ from loguru import logger
 from transfer.checkpoint import load_dit, load_text_encoder, load_vae
 from transfer.errors import Terminated, TransferError
 from transfer.job import default_device, dtype_for, make_gate, plan_job
-from transfer.pipeline import TransferPipeline, prepare_request
+from transfer.pipeline import TransferPipeline
 
 
 @dataclass
@@ -31,21 +31,14 @@ def run(args, guards=None) -> Outcome:
     job = plan_job(args)
     job.failures.write()  # bad batch lines found while planning (or no file: an older one goes)
     # Decode and check every input before loading models; a batch request that fails is recorded and skipped.
-    prepared, usable = [], []
-    for request in job.requests:
-        try:
-            prepared.append(prepare_request(request, job.limits, job.controls))
-            usable.append(request)
-        except TransferError as e:
-            if not args.batch_input_path:
-                raise
-            job.failures.add(request, e)
-    job.requests = usable
+    checked = [(request, job.prepare(request)) for request in job.requests]
+    job.requests = [request for request, ready in checked if ready is not None]
+    prepared = [ready for _, ready in checked if ready is not None]
     if len(prepared) > 1:
         prepared = [None] * len(prepared)  # batch: keep memory flat, decode again when its turn comes
     gate = make_gate(args, guards=guards)
     try:
-        generate_all(job, prepared, gate, batch=bool(args.batch_input_path))
+        generate_all(job, prepared, gate)
     except Terminated:
         gate.abort()  # the output being written finishes under its final name; nothing else starts
         raise
@@ -53,7 +46,7 @@ def run(args, guards=None) -> Outcome:
     return Outcome(gate.written, job.failures.finish())
 
 
-def generate_all(job, prepared, gate, batch: bool) -> None:
+def generate_all(job, prepared, gate) -> None:
     gate.start(job.requests)  # async: every text check starts now, beside model loading and generation
     pipeline = None
     for j, (request, ready) in enumerate(zip(job.requests, prepared)):
@@ -62,11 +55,13 @@ def generate_all(job, prepared, gate, batch: bool) -> None:
             gate.release(j, request, None)  # its record
             continue
         pipeline = pipeline or load_pipeline(job)
+        ready = ready or job.prepare(request)
+        if ready is None:
+            continue
         try:
-            ready = ready or prepare_request(request, job.limits, job.controls)
             result = pipeline.generate(ready)
         except Exception as e:  # a batch goes on without this request; a single request fails the run
-            if not batch:
+            if not job.batch:
                 raise
             job.failures.add(request, e if isinstance(e, TransferError) else f"{type(e).__name__}: {e}")
             continue

@@ -167,8 +167,9 @@ def parse_request(obj: dict, *, where: str, name: str, defaults: dict, base_dir:
 MAX_JSON_BYTES = 1 << 20
 
 
-def parse_json(text: str, where: str):
-    """``json.loads`` with one-line errors for oversized or too deeply nested input (a JSON bomb)."""
+def parse_json(text: str, where: str, invalid: str | None = None):
+    """``json.loads`` with one-line errors for oversized or too deeply nested input (a JSON bomb); ``invalid``
+    words the syntax error (default ``{where}: invalid JSON``)."""
     if len(text) > MAX_JSON_BYTES:
         raise TransferError(f"{where}: {len(text)} characters, more than the {MAX_JSON_BYTES} a spec may have")
     try:
@@ -176,7 +177,7 @@ def parse_json(text: str, where: str):
     except RecursionError:
         raise TransferError(f"{where}: JSON nested too deeply") from None
     except ValueError as e:
-        raise TransferError(f"{where}: invalid JSON: {e}") from None
+        raise TransferError(f"{invalid or where + ': invalid JSON'}: {e}") from None
 
 
 def _load_json(path: Path, what: str):
@@ -188,10 +189,7 @@ def _load_json(path: Path, what: str):
         text = path.read_text()
     except UnicodeDecodeError as e:
         raise TransferError(f"{what} {path} is not valid JSON: {e}") from None
-    try:
-        return parse_json(text, f"{what} {path}")
-    except TransferError as e:
-        raise TransferError(str(e).replace(": invalid JSON:", " is not valid JSON:")) from None
+    return parse_json(text, f"{what} {path}", invalid=f"{what} {path} is not valid JSON")
 
 
 def load_spec(path: str | Path, *, name: str, defaults: dict) -> Request:
