@@ -31,8 +31,10 @@ class raise_on_stop_signals:
     def __init__(self):
         self.previous = {sig: signal.signal(sig, self.handler) for sig in self.SIGNALS}
 
-    @staticmethod
-    def handler(signum, frame):
+    @classmethod
+    def handler(cls, signum, frame):
+        for sig in cls.SIGNALS:  # stopping: a second signal (torchrun repeats SIGTERM) must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
         raise Terminated(signum)
 
     def __enter__(self):

@@ -39,7 +39,7 @@ from transfer.distributed.transport import Message, PeerFailure, Transport, dire
 from transfer.errors import Terminated, TransferError, raise_on_stop_signals
 from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.pipeline import (
-    GenerationResult, SeededNoise, encode_controls, join_chunks, latent_condition, latent_shape, plan_chunks, prepare_request,
+    GenerationResult, SeededNoise, encode_controls, join_chunks, latent_condition, latent_shape, plan_chunks,
     roundtrip_condition, to_model_video, to_uint8_frames,
 )
 
@@ -144,7 +144,7 @@ class RankLoop:
                 with self.tracer.span("coordinator", "wait for controls", request=j):
                     self.wait_for(lambda m: m.kind == "precomputed" and m.meta["j"] == j)
             with self.tracer.span("coordinator", "prepare", request=j):
-                prepared = self.prepare(j)
+                prepared = self.job.prepare(request)
             if prepared is None:
                 continue
             self.pending.append(j)
@@ -168,21 +168,10 @@ class RankLoop:
             prepared = (ready or {}).get(j)
             if prepared is None:
                 with self.tracer.span("coordinator", "prepare", request=j):  # checked at start, dropped to keep memory flat
-                    prepared = self.prepare(j)
+                    prepared = self.job.prepare(request)
                 if prepared is None:
                     continue
             self.hand_out(j, prepared)
-
-    def prepare(self, j: int):
-        """Request ``j``'s checked inputs; None (and a failure record) when a batch request cannot run."""
-        request = self.job.requests[j]
-        try:
-            return prepare_request(request, self.job.limits, self.job.controls)
-        except TransferError as e:
-            if not self.args.batch_input_path:
-                raise
-            self.job.failures.add(request, e)
-            return None
 
     def after_release(self) -> None:
         """A request left the window: hand out more, or stop everyone when all is written."""
@@ -448,28 +437,30 @@ def run_distributed(args) -> None:
         logger.info(f"placement: {placement.describe()}")
     transport = make_transport(rank, world, cuda)
     tracer = Tracer(rank, t0)
-    loop = None
+    loop, code = None, None
     try:
         loop = RankLoop(rank, placement, job, args, transport, tracer)
         loop.run()
     except Terminated as stop:
-        if loop is not None and loop.gate is not None:
-            loop.gate.abort()  # no new releases; the one being written finishes under its final name
-        _exit(stop.exit_code)
-    except PeerFailure as e:
+        code = stop.exit_code
+    except PeerFailure as e:  # e.g. the other ranks got SIGTERM first and are gone
         if rank == placement.coordinator:
             print(f"transfer.py: error: {e}", file=sys.stderr)
-        _exit(1)
+        code = 1
     except TransferError as e:
         transport.abort_all(str(e))
         print(f"transfer.py: error: {e}", file=sys.stderr)
-        _exit(2)
+        code = 2
     except Exception as e:  # a stage crashed: tell everyone, show the original error
         where = f"rank {rank} ({'+'.join(placement.stages_of(rank))})"
         traceback.print_exc()
         transport.abort_all(f"{where} failed: {type(e).__name__}: {e}")
         print(f"transfer.py: error: {where} failed: {type(e).__name__}: {e}", file=sys.stderr)
-        _exit(1)
+        code = 1
+    if code is not None:
+        if loop is not None and loop.gate is not None:
+            loop.gate.abort()  # however the run ends: no new releases, the one being written finishes under its name
+        _exit(code)
     if rank == placement.coordinator:
         wall = time.time() - t0
         spans = tracer.spans + [s for t in loop.traces for s in t["spans"]]
