@@ -51,10 +51,10 @@ class Gate:
             return self._pending
 
     def start(self, requests) -> None:
-        """async: start every request's text check now, in the background, so each verdict is usually in
-        before the request's turn comes. on / off: nothing (``admit`` checks each request when its turn comes)."""
+        """async: start the text check of every ``(j, request)`` now, in the background, so each verdict is usually
+        in before the request's turn comes. on / off: nothing (``admit`` checks each request when its turn comes)."""
         if self.mode == "async":
-            for j, request in enumerate(requests):
+            for j, request in requests:
                 self._text[j] = self._text_pool.submit(self.guards.check_text, self._prompts(request))
 
     def admit(self, j: int, request) -> None:

@@ -64,14 +64,6 @@ def check_models(modality: str, model_dir: str | Path | None) -> list[Path]:
     return paths
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class ControlMaker:
     """Computes missing controls for the requests of a run (one per process that prepares requests)."""
@@ -83,8 +75,6 @@ class ControlMaker:
     compute: bool = True
     """False: another rank computes; only read its files (``precompute`` there first)."""
     built: dict = field(default_factory=dict)
-    digests: dict = field(default_factory=dict)
-    """Input video digests by (path, size, mtime): each file is read for hashing once per process."""
 
     @staticmethod
     def missing(request) -> list[str]:
@@ -118,13 +108,9 @@ class ControlMaker:
 
     def __call__(self, modality: str, request, frames: np.ndarray, fps: float) -> np.ndarray:
         """The control for ``modality`` computed from ``frames`` (the decoded input video)."""
-        from transfer.video_io import read_video, write_mp4
+        from transfer.video_io import file_digest, read_video, write_mp4
 
-        stat = request.input_video_path.stat()
-        key = (str(request.input_video_path), stat.st_size, stat.st_mtime_ns)
-        if key not in self.digests:
-            self.digests[key] = file_digest(request.input_video_path)
-        path = self.path_for(modality, request, self.digests[key])
+        path = self.path_for(modality, request, file_digest(request.input_video_path))
         if path.is_file():  # written atomically: present means complete
             logger.info(f"{request.name}: reusing computed {modality} control {path.name}")
         elif not self.compute:

@@ -74,7 +74,7 @@ def test_hostile_batch_lines_are_refused_one_by_one(tiny_ckpt, tmp_path):
     good_lines = {1, 27}
     assert sorted(r["line"] for r in records) == [n for n in range(1, len(lines) + 1) if n not in good_lines]
     assert all(r["error"] and r["source"].endswith(f":{r['line']}") for r in records)
-    assert sorted(p.name for p in out.iterdir()) == ["failures.jsonl", "good1.mp4", "good1.txt", "good2.mp4", "good2.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["failures.jsonl", "good1.mp4", "good1.txt", "good2.mp4", "good2.txt", "manifest.json"]
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if not p.is_relative_to(out))
     assert after == [p for p in before if not (tmp_path / p).is_relative_to(out)]  # nothing written elsewhere
     assert not Path("/abs").exists() and not (d.parent / "escape.mp4").exists()

@@ -44,7 +44,7 @@ def test_readme_main_command_writes_matching_mp4(tiny_ckpt, tmp_path):
     assert frames.shape == source.shape == (121, 96, 160, 3)
     assert fps == 24
     assert (out / "output.txt").read_text().startswith("A yellow ball")
-    assert sorted(p.name for p in out.iterdir()) == ["output.mp4", "output.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "output.mp4", "output.txt"]
 
 
 def test_same_seed_same_raw_arrays_and_other_seed_differs(tiny_ckpt, short_inputs, tmp_path):
@@ -85,7 +85,7 @@ def test_batch_writes_one_stable_name_per_line(tiny_ckpt, short_inputs, tmp_path
             "edge": {"control_weight": 1.0, "input_control": "example_edge.mp4"}}
     batch.write_text("\n".join(json.dumps(x) for x in [line, {**line, "name": "second", "seed": 3}]) + "\n")
     assert main(["--batch_input_path", str(batch), "--video_save_folder", str(tmp_path), *FAST]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["second.mp4", "second.txt", "video_0.mp4", "video_0.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "second.mp4", "second.txt", "video_0.mp4", "video_0.txt"]
 
 
 def test_torchrun_single_process(tiny_ckpt, short_inputs, tmp_path):
@@ -194,7 +194,7 @@ def test_bad_batch_line_is_recorded_and_the_rest_runs(tiny_ckpt, bad_inputs, tmp
                                 json.dumps({**good, "input_video_path": "notes.mp4"})]) + "\n")
     out = tmp_path / "out"
     assert main(["--batch_input_path", str(batch), "--video_save_folder", str(out), *FAST]) == 3
-    assert sorted(p.name for p in out.iterdir()) == ["failures.jsonl", "video_0.mp4", "video_0.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["failures.jsonl", "manifest.json", "video_0.mp4", "video_0.txt"]
     records = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     assert [r["line"] for r in records] == [2, 3]
     assert "invalid JSON" in records[0]["error"] and "cannot read input video" in records[1]["error"]

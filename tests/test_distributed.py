@@ -112,7 +112,7 @@ def test_single_spec_run_equals_single_process(tiny_ckpt, batch, tmp_path):
     ref, got = np.load(outs[1] / "output.npz"), np.load(outs[4] / "output.npz")
     assert ref["latents"].shape[0] == 3
     assert np.array_equal(ref["frames"], got["frames"]) and np.array_equal(ref["latents"], got["latents"])
-    assert sorted(p.name for p in outs[4].iterdir()) == ["output.mp4", "output.npz", "output.txt"]
+    assert sorted(p.name for p in outs[4].iterdir()) == ["manifest.json", "output.mp4", "output.npz", "output.txt"]
 
 
 def test_batch_is_handed_out_in_a_bounded_window(tiny_ckpt, batch, tmp_path):
@@ -204,7 +204,7 @@ def test_bad_request_found_by_the_coordinator_is_recorded_and_the_rest_runs(tiny
     assert proc.returncode != 0  # some request failed
     assert time.monotonic() - start < 180
     assert "cannot read input video" in proc.stderr and "broken.mp4" in proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["failures.jsonl", "three.mp4", "three.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failures.jsonl", "manifest.json", "three.mp4", "three.txt"]
     (record,) = [json.loads(x) for x in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert record["line"] == 2 and record["name"] == "broken"
 

@@ -296,7 +296,7 @@ def test_raising_guard_blocks_only_its_request(tiny_ckpt, mixed, tmp_path, mode,
     written = run_in_process(["--batch_input_path", str(batch), "--video_save_folder", str(out), "--guardrail", mode, *FAST],
                              GuardSet([RaisesOn("lamp")], []))
     assert written == [out / "plain.mp4"]
-    assert sorted(p.name for p in out.iterdir()) == ["other.blocked.json", "plain.mp4", "plain.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "other.blocked.json", "plain.mp4", "plain.txt"]
     record = json.loads((out / "other.blocked.json").read_text())
     assert record["guard"] == "flaky" and "ConnectionError: guard backend unreachable" in record["reason"]
 
@@ -309,7 +309,7 @@ def test_all_blocked_batch_exits_zero_with_summary(tiny_ckpt, mixed, tmp_path):
     proc = run_cli("--batch_input_path", str(batch), "--video_save_folder", str(tmp_path), *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "0 written, 2 blocked" in proc.stderr and "every request was blocked" in proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["neg.blocked.json", "nude.blocked.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "neg.blocked.json", "nude.blocked.json"]
     assert time.time() - t0 < 60  # on: blocked prompts are never generated (no model is even loaded)
 
 
@@ -321,11 +321,13 @@ def test_stale_outputs_follow_the_latest_verdict(tiny_ckpt, mixed, tmp_path):
     assert run_cli("--batch_input_path", str(batch), "--video_save_folder", str(tmp_path), *FAST).returncode == 0
     assert (tmp_path / "same.mp4").exists()
     batch.write_text(json.dumps({**lines[1], "name": "same"}) + "\n")
-    assert run_cli("--batch_input_path", str(batch), "--video_save_folder", str(tmp_path), *FAST).returncode == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.blocked.json"]
+    refused = run_cli("--batch_input_path", str(batch), "--video_save_folder", str(tmp_path), *FAST)
+    assert refused.returncode == 3 and "made with other settings (prompt:" in refused.stderr  # manifest.json
+    assert run_cli("--batch_input_path", str(batch), "--video_save_folder", str(tmp_path), "--overwrite", *FAST).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "same.blocked.json"]
     batch.write_text(json.dumps({**lines[0], "name": "same"}) + "\n")
-    assert run_cli("--batch_input_path", str(batch), "--video_save_folder", str(tmp_path), *FAST).returncode == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.mp4", "same.txt"]
+    assert run_cli("--batch_input_path", str(batch), "--video_save_folder", str(tmp_path), "--overwrite", *FAST).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "same.mp4", "same.txt"]
 
 
 def test_bad_guard_options_fail_fast(tiny_ckpt, tmp_path):

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output file stem for a single spec: NAME.mp4 and NAME.txt (default: output)")
     io.add_argument("--save_raw", action="store_true",
                     help="also write NAME.npz with uint8 'frames' (T,H,W,3) and float32 'latents' (chunks,16,T,h,w)")
+    io.add_argument("--overwrite", action="store_true",
+                    help="replace outputs an earlier run made with other settings (without it such a request is "
+                    "refused); complete outputs with the same settings are skipped either way (docs/batch.md)")
     io.add_argument("--fps", type=float, default=24, help="output frame rate (default: 24)")
     io.add_argument("--max_frames", type=int, default=10_000,
                     help="refuse input or control videos longer than this, before decoding them (default: 10000)")

@@ -17,6 +17,7 @@ from loguru import logger
 from guardrails import check_guard_args
 from transfer.checkpoint import inspect_checkpoint, require_modalities
 from transfer.errors import TransferError
+from transfer.manifest import Manifest, run_settings
 from transfer.pipeline import GenerationResult, GenerationSettings, ModelLimits, prepare_request
 from transfer.specs import Request, check_name, load_batch, load_spec
 from transfer.video_io import write_mp4, write_npz, write_text
@@ -64,18 +65,20 @@ OUTPUT_SUFFIXES = (".mp4", ".txt", ".npz")
 BLOCKED_SUFFIX = ".blocked.json"
 
 
-def write_outputs(folder: Path, request: Request, result: GenerationResult, fps: float, save_raw: bool) -> Path:
-    """Write ``{name}.txt``, optionally ``{name}.npz``, then ``{name}.mp4``; each atomically. A record of an
-    earlier run's block of this name goes: one name, one state."""
+def write_outputs(folder: Path, request: Request, result: GenerationResult, fps: float, save_raw: bool) -> list[Path]:
+    """Write ``{name}.txt``, optionally ``{name}.npz``, then ``{name}.mp4``; each atomically; return them, the mp4
+    last. A record of an earlier run's block of this name goes: one name, one state."""
     frames = result.frames
-    write_text(folder / f"{request.name}.txt", request.prompt + "\n")
+    paths = [folder / f"{request.name}.txt"]
+    write_text(paths[-1], request.prompt + "\n")
     if save_raw:  # no latents when a video guard altered the frames: they would give back what it hid
         raw = {"frames": frames} if result.latents is None else {"frames": frames, "latents": result.latents.numpy().astype("float32")}
-        write_npz(folder / f"{request.name}.npz", **raw)
-    path = folder / f"{request.name}.mp4"
-    write_mp4(path, frames, fps)
+        paths.append(folder / f"{request.name}.npz")
+        write_npz(paths[-1], **raw)
+    paths.append(folder / f"{request.name}.mp4")
+    write_mp4(paths[-1], frames, fps)
     (folder / f"{request.name}{BLOCKED_SUFFIX}").unlink(missing_ok=True)
-    return path
+    return paths
 
 
 def write_blocked(folder: Path, request: Request, blocked) -> Path:
@@ -89,19 +92,30 @@ def write_blocked(folder: Path, request: Request, blocked) -> Path:
     return path
 
 
-def make_gate(args, notify=None, guards=None):
+def make_gate(args, job: "Job", notify=None, guards=None):
     """The output gate for this run's ``--guardrail`` mode, with ``guards`` or the ones the options ask for
-    (built here: call on the rank that runs them)."""
+    (built here: call on the rank that writes). Each finished request is entered in the job's manifest."""
     from guardrails import build_guards, guard_mode
     from guardrails.gate import Gate
 
     folder = Path(args.video_save_folder)
     mode = guard_mode(args)
+    custom = guards is not None
     if guards is None:
         guards = build_guards(args, device=str(default_device()))
-    return Gate(guards, mode,
-                write=lambda request, result: write_outputs(folder, request, result, args.fps, args.save_raw),
-                write_blocked=lambda request, blocked: write_blocked(folder, request, blocked), notify=notify)
+    job.manifest.shared = run_settings(args, job, guards.names() if custom and guards is not None else None)
+
+    def write(request, result):
+        paths = write_outputs(folder, request, result, args.fps, args.save_raw)
+        job.manifest.record(request, job.controls, "written", paths)
+        return paths[-1]
+
+    def block(request, blocked):
+        path = write_blocked(folder, request, blocked)
+        job.manifest.record(request, job.controls, "blocked", [path])
+        return path
+
+    return Gate(guards, mode, write=write, write_blocked=block, notify=notify)
 
 
 @dataclass
@@ -118,6 +132,26 @@ class Job:
     """Batch requests refused (a bad line, a bad video): recorded, the rest runs."""
     batch: bool = False
     """A batch records a failing request and goes on; a single request's failure fails the run."""
+    manifest: Manifest | None = None
+    """The output folder's record of finished requests (resume)."""
+
+    def to_do(self) -> list[int]:
+        """Indices of the requests still to generate: complete ones (manifest) are skipped; one complete with other
+        settings fails the run, or in a batch is recorded (``--overwrite`` replaces it). Call on the writer, after
+        ``make_gate``: it holds the output folder from here on."""
+        self.manifest.hold_folder()
+        todo = []
+        for j, request in enumerate(self.requests):
+            try:
+                if self.manifest.needs_run(request, self.controls):
+                    todo.append(j)
+            except TransferError as e:
+                if not self.batch:
+                    raise
+                self.failures.add(request, e)
+        if self.manifest.summary():
+            logger.info(self.manifest.summary())
+        return todo
 
     def prepare(self, request):
         """``request``'s checked inputs, or None (and a failure record) when a batch request cannot run."""
@@ -193,7 +227,8 @@ def plan_job(args) -> Job:
             failures.add(request, e, write=False)
     if not usable:
         raise TransferError(f"no request can run: {failures.records[0]['error']}")
-    return Job(info, limits, settings, usable, control_maker(args, info, usable), failures, bool(args.batch_input_path))
+    return Job(info, limits, settings, usable, control_maker(args, info, usable), failures, bool(args.batch_input_path),
+               Manifest(args.video_save_folder, args.overwrite))
 
 
 def control_maker(args, info, requests):

@@ -30,13 +30,21 @@ def run(args, guards=None) -> Outcome:
         run_distributed(args)  # exits the process
     job = plan_job(args)
     job.failures.write()  # bad batch lines found while planning (or no file: an older one goes)
+    gate = make_gate(args, job, guards=guards)
+    try:
+        return run_job(job, gate)
+    finally:
+        job.manifest.release_folder()
+
+
+def run_job(job, gate) -> Outcome:
+    job.requests = [job.requests[j] for j in job.to_do()]  # complete ones (manifest.json) are skipped
     # Decode and check every input before loading models; a batch request that fails is recorded and skipped.
     checked = [(request, job.prepare(request)) for request in job.requests]
     job.requests = [request for request, ready in checked if ready is not None]
     prepared = [ready for _, ready in checked if ready is not None]
     if len(prepared) > 1:
         prepared = [None] * len(prepared)  # batch: keep memory flat, decode again when its turn comes
-    gate = make_gate(args, guards=guards)
     try:
         generate_all(job, prepared, gate)
     except Terminated:
@@ -47,7 +55,7 @@ def run(args, guards=None) -> Outcome:
 
 
 def generate_all(job, prepared, gate) -> None:
-    gate.start(job.requests)  # async: every text check starts now, beside model loading and generation
+    gate.start(enumerate(job.requests))  # async: every text check starts now, beside model loading and generation
     pipeline = None
     for j, (request, ready) in enumerate(zip(job.requests, prepared)):
         gate.admit(j, request)  # on: the text check, before generating

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -45,6 +46,26 @@ def read_video(path: str | Path, what: str = "video", max_frames: int = MAX_FRAM
     if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] != 3:
         raise TransferError(f"cannot read {what} {path}: decoded shape {frames.shape} is not RGB video frames")
     return frames, fps
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: str | Path, cached: bool = True) -> str:
+    """SHA-256 of a file's bytes; ``cached``: once per process for a given (path, size, mtime) -- inputs are hashed
+    for control file names and for the resume manifest, outputs (``cached=False``) are read again each time."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if cached and key in _DIGESTS:
+        return _DIGESTS[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if cached:
+        _DIGESTS[key] = h.hexdigest()
+    return h.hexdigest()
 
 
 @contextmanager

@@ -84,7 +84,7 @@ class RankLoop:
         self.dit = load_dit(info, modalities, device, dtype) if "dit" in self.stages else None
         self.dit_dtype = dtype
         # guards: built on the coordinator only; an asynchronous release wakes this loop with a "released" message
-        self.gate = make_gate(args, notify=lambda: transport.send(rank, "released")) if "coordinator" in self.stages else None
+        self.gate = make_gate(args, job, notify=lambda: transport.send(rank, "released")) if "coordinator" in self.stages else None
         # stage state
         self.vae_controls: dict[int, dict] = {}
         self.vae_work: deque[tuple[int, int]] = deque()
@@ -131,15 +131,17 @@ class RankLoop:
         the first ``window`` to the stages as soon as each is ready; the rest follow as requests finish."""
         self.window = len(self.placement.dit_groups) + LOOKAHEAD
         self.pending = deque()
-        self.gate.start(self.job.requests)  # async: every text check starts now, in the background
+        self.job.failures.write()  # bad batch lines found while planning
+        todo = self.job.to_do()  # complete ones (manifest.json) are skipped
+        requests = [(j, self.job.requests[j]) for j in todo]
+        self.gate.start(requests)  # async: every text check starts now, in the background
         remote = self.placement.preprocess_rank != self.rank
         if remote:  # another rank computes missing controls, in request order; we read its files
             self.job.controls = replace(self.job.controls, rank=self.placement.preprocess_rank, compute=False, built={})
-            for j, request in enumerate(self.job.requests):
+            for j, request in requests:
                 if self.job.controls.missing(request):
                     self.transport.send(self.placement.preprocess_rank, "precompute", {"j": j})
-        self.job.failures.write()  # bad batch lines found while planning
-        for j, request in enumerate(self.job.requests):
+        for j, request in requests:
             if remote and self.job.controls.missing(request):
                 with self.tracer.span("coordinator", "wait for controls", request=j):
                     self.wait_for(lambda m: m.kind == "precomputed" and m.meta["j"] == j)

@@ -1,0 +1,225 @@
+"""Resume: ``{folder}/manifest.json`` records each finished request -- the settings it was made with and the
+size and SHA-256 of every file it wrote -- so rerunning a command skips what is complete and redoes the rest.
+
+::
+
+    {"version": 1,
+     "requests": {"video_0": {"state": "written",            # or "blocked" (NAME.blocked.json)
+                              "settings_digest": "3f2a...",
+                              "settings": {"prompt": ..., "seed": 1, "input_video": "<sha256>", "controls": {...},
+                                           "generation": {...}, "checkpoint": "<sha256>", "fps": 24, ...},
+                              "files": {"video_0.txt": {"bytes": 31, "sha256": "..."}, "video_0.mp4": {...}},
+                              "finished": "2026-11-22T10:41:07Z"}}}
+
+A request's outputs are written atomically, then its entry (the manifest itself is rewritten atomically), so an
+entry never names an unfinished file. On a rerun a request is
+
+- **complete** (skipped): its entry has this run's settings and every file it lists has the recorded size and checksum;
+- **to do**: no entry, or a listed file is missing or differs (a kill between the outputs and the entry, a file
+  edited or truncated since): generated again, each file replaced atomically;
+- **refused**: complete, but made with other settings -- a batch records it in ``failures.jsonl``, a single spec
+  fails -- unless ``--overwrite``, which regenerates it under the new settings.
+
+Settings are what decides the output bytes: the prompts, seed, the *contents* of the input and control videos
+(SHA-256, so moving a file does not count as a change), control weights and preprocessor settings, the generation
+flags, the checkpoint (its config files and weight file sizes), ``--fps``, ``--save_raw`` and the guard settings.
+Not the placement or ``--num_gpus``: stage processes give the single-process result bit for bit.
+
+The writer holds an exclusive ``flock`` on the output folder for the run, so a second run into the same folder
+fails at once instead of racing on the manifest; under that lock, temp files a killed run left (``.NAME.*.tmp.EXT``)
+are removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from loguru import logger
+
+from transfer.errors import TransferError
+from transfer.video_io import file_digest, write_text
+
+MANIFEST_NAME = "manifest.json"
+VERSION = 1
+#: Names ``video_io.atomic_path`` gives its temp files (``tempfile.mkstemp``: 8 random characters).
+TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+
+
+def digest_of(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def folder_digest(root: Path | None) -> str | None:
+    """Identity of a model folder: the contents of its small files (configs, tokenizers) and the names and sizes
+    of its big ones (weights are not read: a checkpoint is gigabytes)."""
+    if root is None:
+        return None
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(root)}\0{size}\0".encode())
+        if size <= 1 << 20:
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def run_settings(args, job, guard_names: list[str] | None = None) -> dict:
+    """The settings every request of this run shares."""
+    from guardrails import guard_mode
+
+    mode = guard_mode(args)
+    guards = {"checked": False}
+    if mode != "off":  # on and async run the same checks on the same frames
+        from guardrails.blocklist import DATA
+
+        lists = [DATA / "blocklist.txt", DATA / "allowlist.txt", *(args.blocklist or []), *(args.allowlist or [])]
+        guards = {"checked": True, "lists": [file_digest(p) for p in lists],
+                  "guard_model": folder_digest(args.guard_model) if args.guard_model else None,
+                  "cosmos": folder_digest(args.cosmos_guardrail_dir) if args.cosmos_guardrail_dir else None,
+                  "faces": None if args.face_pixelation == "off" else [args.face_min_size, args.face_confidence]}
+        if guard_names is not None:  # guards handed to runner.run by a program
+            guards["names"] = guard_names
+    return {"generation": asdict(job.settings), "checkpoint": folder_digest(job.info.root), "fps": float(args.fps),
+            "save_raw": bool(args.save_raw), "guardrails": guards}
+
+
+def request_settings(request, controls, shared: dict) -> dict:
+    """What decides ``request``'s outputs; ``controls`` is the run's ``preprocessors.ControlMaker``."""
+    spec = {}
+    for modality, control in sorted(request.controls.items()):
+        if control.input_control is None:
+            spec[modality] = {"weight": float(control.weight), "computed": controls.preprocessor(modality).key(request)}
+        else:
+            spec[modality] = {"weight": float(control.weight), "input_control": file_digest(control.input_control)}
+    video = None if request.input_video_path is None else file_digest(request.input_video_path)
+    return {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
+            "input_video": video, "controls": spec, **shared}
+
+
+def differences(old, new, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each leaf that differs (nested keys dotted)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    if old == new:
+        return []
+
+    def short(v):
+        text = json.dumps(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return [f"{prefix.rstrip('.')}: {short(old)} -> {short(new)}"]
+
+
+class Manifest:
+    """The output folder's record of finished requests (read on every rank, written by the one that writes)."""
+
+    def __init__(self, folder: str | Path, overwrite: bool = False):
+        self.folder = Path(folder)
+        self.path = self.folder / MANIFEST_NAME
+        self.overwrite = overwrite
+        self.entries = self._read()
+        self.shared: dict | None = None
+        """``run_settings`` of this run (set by the writer before checking requests)."""
+        self.settings: dict[str, dict] = {}
+        self.skipped: list[str] = []
+        self._lock = threading.Lock()
+        self._folder_fd: int | None = None
+
+    def _read(self) -> dict:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TransferError(f"cannot read {self.path}: {type(e).__name__}: {e}; move it away to start the folder over") from None
+        entries = data.get("requests") if isinstance(data, dict) else None
+        if not isinstance(entries, dict) or data.get("version") != VERSION or not all(
+                isinstance(e, dict) and isinstance(e.get("files"), dict) for e in entries.values()):
+            raise TransferError(f"{self.path} is not a version {VERSION} transfer.py manifest; move it away to start the folder over")
+        return entries
+
+    def hold_folder(self) -> None:
+        """Take the folder for this run (a second run into it fails now) and remove temp files a killed run left."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TransferError(f"another run is writing to {self.folder}: wait for it, or give another --video_save_folder") from None
+        except OSError as e:  # a file system without flock (some network mounts): go on unguarded
+            logger.warning(f"cannot lock {self.folder} ({e}); do not start two runs into it")
+        self._folder_fd = fd  # held until the process exits (released by the kernel even on SIGKILL)
+        for path in self.folder.iterdir():
+            if TEMP_FILE.match(path.name) and path.is_file():
+                logger.warning(f"removing {path.name}, left by an interrupted run")
+                path.unlink(missing_ok=True)
+
+    def release_folder(self) -> None:
+        """Let another run into the folder (a process's exit does this too)."""
+        if self._folder_fd is not None:
+            os.close(self._folder_fd)
+            self._folder_fd = None
+
+    def settings_of(self, request, controls) -> dict:
+        if request.name not in self.settings:
+            self.settings[request.name] = request_settings(request, controls, self.shared)
+        return self.settings[request.name]
+
+    def problem(self, entry: dict) -> str | None:
+        """Why ``entry``'s files are not all there as recorded; None when they are."""
+        for name, want in entry["files"].items():
+            path = self.folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != want.get("bytes") or file_digest(path, cached=False) != want.get("sha256"):
+                return f"{name} differs from the one recorded in {MANIFEST_NAME} (incomplete or changed)"
+        return None
+
+    def needs_run(self, request, controls) -> bool:
+        """False when ``request`` is complete from an earlier run (skip it); ``TransferError`` when complete with
+        other settings and not ``--overwrite``."""
+        entry = self.entries.get(request.name)
+        if entry is None:
+            return True
+        try:
+            settings = self.settings_of(request, controls)
+        except OSError:
+            return True  # an input is unreadable: preparing the request reports it
+        problem = self.problem(entry)
+        if problem is not None:
+            logger.info(f"{request.name}: redoing: {problem}")
+            return True
+        if entry.get("settings_digest") == digest_of(settings):
+            logger.info(f"{request.name}: complete from an earlier run ({MANIFEST_NAME}), skipped")
+            self.skipped.append(request.name)
+            return False
+        changed = "; ".join(differences(entry.get("settings", {}), settings)[:4]) or "settings differ"
+        if self.overwrite:
+            logger.info(f"{request.name}: replacing outputs made with other settings ({changed}) (--overwrite)")
+            return True
+        raise TransferError(f"{request.name}: {self.folder} holds its outputs made with other settings ({changed}); "
+                            "pass --overwrite to replace them, or give another --video_save_folder")
+
+    def record(self, request, controls, state: str, paths: list[Path]) -> None:
+        """Enter ``request`` as finished (``written`` or ``blocked``) with its files; rewrites the manifest."""
+        settings = self.settings_of(request, controls)
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p, cached=False)} for p in paths}
+        entry = {"state": state, "settings_digest": digest_of(settings), "settings": settings, "files": files,
+                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with self._lock:
+            self.entries[request.name] = entry
+            write_text(self.path, json.dumps({"version": VERSION, "requests": self.entries}, indent=1) + "\n")
+
+    def summary(self) -> str | None:
+        if self.skipped:
+            return f"{len(self.skipped)} request(s) complete from an earlier run, skipped: {', '.join(self.skipped)}"
+        return None
