@@ -59,12 +59,16 @@ def batch(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def single_process(tiny_ckpt, batch, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("single")
-    proc = launch(1, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(out), "--save_raw", *FAST)
+def reference_run(batch_file: Path, out: Path, *args: str) -> Path:
+    """An uninterrupted single-process run of ``batch_file`` into ``out`` (OMP_NUM_THREADS=1, as torchrun)."""
+    proc = launch(1, "--batch_input_path", str(batch_file), "--video_save_folder", str(out), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_ckpt, batch, tmp_path_factory) -> Path:
+    return reference_run(batch / "batch.jsonl", tmp_path_factory.mktemp("single"), "--save_raw", *FAST)
 
 
 @pytest.mark.parametrize("nproc", [4, 2, 3, 6])

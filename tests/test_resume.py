@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import example_frames
-from tests.test_distributed import _rank_pids, launch
+from tests.test_distributed import _rank_pids, launch, reference_run
 from transfer.cli import main
 from transfer.manifest import Manifest
 from transfer.video_io import write_mp4
@@ -174,10 +174,7 @@ def killable(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_ckpt, killable, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("uninterrupted")
-    proc = launch(1, "--batch_input_path", str(killable / "batch.jsonl"), "--video_save_folder", str(out), *SLOW)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return reference_run(killable / "batch.jsonl", tmp_path_factory.mktemp("uninterrupted"), *SLOW)
 
 
 def outputs(folder: Path) -> dict[str, bytes]:

@@ -63,8 +63,25 @@ class RemoteNegative:
                                  {"latents": in_latents, "timestep": in_timestep})
 
     def result(self, step: int) -> torch.Tensor:
-        msg = self.loop.wait_for(lambda m: m.kind == "velocity" and (m.meta["j"], m.meta["k"], m.meta["i"]) == (self.j, self.k, step))
+        msg = self.loop.wait_for(lambda m: (m.kind == "velocity" and (m.meta["j"], m.meta["k"], m.meta["i"]) == (self.j, self.k, step))
+                                 or (m.kind == "drop" and m.meta["j"] == self.j))
+        if msg.kind == "drop":  # the partner (or another stage) failed on this request: stop waiting for it
+            raise RequestDropped(self.j)
         return msg.tensors["velocity"]
+
+
+class RequestDropped(Exception):
+    """The coordinator dropped request ``j`` (a stage failed on it) while this rank was waiting on it."""
+
+    def __init__(self, j: int):
+        super().__init__(f"request {j} dropped")
+        self.j = j
+
+
+#: Messages that are one request's work on a stage: in a batch, an error while handling one fails that request
+#: (recorded in failures.jsonl, the others go on); the coordinator's own work (decoded, released) is not in it.
+REQUEST_WORK = {"precompute", "text", "controls", "decode", "job", "embeds", "control_latents", "cond", "cfg_setup",
+                "cfg_step"}
 
 
 class RankLoop:
@@ -93,6 +110,8 @@ class RankLoop:
         self.cfg_context: dict[tuple[int, int], dict] = {}
         self.results: dict[int, dict] = {}
         self.traces: list[dict] = []
+        self.dropped: set[int] = set()
+        """Requests a stage failed on: their state is gone and late messages about them are ignored."""
 
     # -- message plumbing ---------------------------------------------------------------------
     def next_message(self, timeout: float) -> Message | None:
@@ -120,10 +139,71 @@ class RankLoop:
         while self.running:
             msg = self.next_message(0.0 if self.vae_work else 0.5)
             if msg is not None:
-                getattr(self, f"on_{msg.kind}")(msg)
+                j = msg.meta.get("j")
+                if j in self.dropped:
+                    continue
+                handler = getattr(self, f"on_{msg.kind}")
+                if msg.kind in REQUEST_WORK:
+                    self.for_request(j, msg.kind, handler, msg)
+                else:
+                    handler(msg)
                 self.run_ready_dit_chunks()
             elif self.vae_work:
-                self.encode_next_controls()
+                j, k = self.vae_work.popleft()
+                self.for_request(j, "encode_controls", self.encode_controls, j, k)
+
+    # -- a request that fails on a stage --------------------------------------------------------------
+    def for_request(self, j: int, what: str, work, *args) -> None:
+        """Run one request's ``work``; in a batch, an error fails request ``j`` only: this rank forgets it and the
+        coordinator records it (``failures.jsonl``) and tells every rank to drop it. A single request's error
+        fails the run."""
+        try:
+            work(*args)
+        except RequestDropped:
+            self.forget(j)
+        except PeerFailure:
+            raise
+        except Exception as e:
+            if not self.job.batch:
+                raise
+            stage = "+".join(s for s in self.stages if s != "coordinator") or "coordinator"
+            error = e if isinstance(e, TransferError) else f"rank {self.rank} ({stage}) failed on it ({what}): {type(e).__name__}: {e}"
+            if not isinstance(e, TransferError):
+                logger.opt(exception=e).warning(f"request {j}: {error}")
+            if self.gate is not None:
+                self.fail_request(j, error)
+                self.after_release()
+            else:
+                self.forget(j)
+                self.transport.send(self.placement.coordinator, "failed", {"j": j, "error": str(error)})
+
+    def forget(self, j: int) -> None:
+        """Drop every piece of state this rank holds for request ``j``."""
+        self.dropped.add(j)
+        self.results.pop(j, None)
+        self.vae_controls.pop(j, None)
+        self.vae_work = deque(w for w in self.vae_work if w[0] != j)
+        self.dit_jobs.pop(j, None)
+        for key in [key for key in self.dit_inputs if key[1] == j]:
+            del self.dit_inputs[key]
+        for key in [key for key in self.cfg_context if key[0] == j]:
+            del self.cfg_context[key]
+        self.deferred = deque(m for m in self.deferred if m.meta.get("j") != j)
+
+    def fail_request(self, j: int, error) -> None:
+        """Coordinator: record request ``j`` as failed and have every rank drop it."""
+        self.forget(j)
+        self.job.failures.add(self.job.requests[j], error)
+        for r in range(self.placement.world_size):
+            if r != self.rank:
+                self.transport.send(r, "drop", {"j": j})
+
+    def on_failed(self, msg: Message) -> None:
+        self.fail_request(msg.meta["j"], msg.meta["error"])
+        self.after_release()
+
+    def on_drop(self, msg: Message) -> None:
+        self.forget(msg.meta["j"])
 
     # -- coordinator ----------------------------------------------------------------------------
     def start_requests(self) -> None:
@@ -144,7 +224,10 @@ class RankLoop:
         for j, request in requests:
             if remote and self.job.controls.missing(request):
                 with self.tracer.span("coordinator", "wait for controls", request=j):
-                    self.wait_for(lambda m: m.kind == "precomputed" and m.meta["j"] == j)
+                    done = self.wait_for(lambda m: m.kind in ("precomputed", "failed") and m.meta["j"] == j)
+                if done.kind == "failed":  # e.g. its input video cannot be read
+                    self.fail_request(j, done.meta["error"])
+                    continue
             with self.tracer.span("coordinator", "prepare", request=j):
                 prepared = self.job.prepare(request)
             if prepared is None:
@@ -251,8 +334,7 @@ class RankLoop:
                                 "left": len(msg.meta["chunks"])}
         self.vae_work.extend((j, k) for k in range(len(msg.meta["chunks"])))
 
-    def encode_next_controls(self) -> None:
-        j, k = self.vae_work.popleft()
+    def encode_controls(self, j: int, k: int) -> None:
         state = self.vae_controls[j]
         start, end = state["chunks"][k]
         with self.tracer.span("vae", "encode_controls", request=j, chunk=k):
@@ -303,7 +385,7 @@ class RankLoop:
             for j in sorted(self.dit_jobs):
                 job = self.dit_jobs[j]
                 if self._ready(j, job["next"]):
-                    self.denoise_chunk(j, job)
+                    self.for_request(j, "denoise", self.denoise_chunk, j, job)
                     progressed = True
                     break
 

@@ -1,0 +1,39 @@
+"""Test-only fault injection for stage processes, loaded at interpreter start (``PYTHONPATH=tests/faults``).
+
+``TRANSFER_TEST_FAULT=RANK:STAGE``: in the process of that rank, one stage method raises -- as a CUDA out-of-memory
+error would on a GPU -- for the test's "poison" request only (128 pixels high; the others are 96), so a test can see
+one request fail inside a stage process and the rest of the batch go on. Nothing in the product reads this variable.
+"""
+
+import os
+
+_fault = os.environ.get("TRANSFER_TEST_FAULT", "")
+if _fault and os.environ.get("RANK") == _fault.split(":")[0]:
+    from transfer import stages, text_encoding
+
+    POISON_HEIGHT = 128
+    stage = _fault.split(":")[1]
+
+    def _oom():
+        raise RuntimeError("CUDA out of memory (injected by tests/faults)")
+
+    def _wrap(cls, name, is_poison):
+        original = getattr(cls, name)
+
+        def method(self, *args, **kwargs):
+            if is_poison(*args):
+                _oom()
+            return original(self, *args, **kwargs)
+
+        setattr(cls, name, method)
+
+    if stage == "text":
+        _wrap(text_encoding.TextEncoder, "encode", lambda prompt: "poison" in prompt)
+    elif stage == "vae":  # encoding the control video of one chunk
+        _wrap(stages.VideoVAE, "encode", lambda video, *a: video.shape[-2] == POISON_HEIGHT)
+    elif stage == "dit":
+        _wrap(stages.DiT, "denoise", lambda *a: a[9][0] == POISON_HEIGHT)  # pixel size (height, width)
+    elif stage == "partner":  # the negative branch of a CFG pair, set up per chunk on the partner rank
+        _wrap(stages.DiT, "chunk_masks", lambda shape, n, pixel: pixel[0] == POISON_HEIGHT)
+    else:
+        raise ValueError(f"TRANSFER_TEST_FAULT: unknown stage {stage!r}")
