@@ -68,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "Stages are placed by the preset for that many ranks (docs/parallelism.md)")
     run.add_argument("--placement", help="JSON file overriding the stage placement: "
                      '{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}')
+    run.add_argument("--compile", choices=("none", "torch", "tensorrt"), default="none",
+                     help="compile the DiT, ControlNets and VAE of the stages a process holds: torch = torch.compile "
+                     "(CPU or CUDA); tensorrt = torch-tensorrt engines, cached on disk (pip install '.[tensorrt]', "
+                     "CUDA only) (default: none) (docs/performance.md)")
+    run.add_argument("--offload", choices=("none", "stages"), default="none",
+                     help="stages: where one process holds several stages, only the one at work keeps its weights on the "
+                     "device (the others wait in CPU memory; on a CPU run, in a temp file); a memory report ends the run "
+                     "(default: none)")
+    for flag in ("diffusion_transformer", "text_encoder_model", "tokenizer", "guardrail_models", "prompt_upsampler"):
+        run.add_argument(f"--offload_{flag}", action="store_true", help="upstream's flag: same as --offload stages")
     run.add_argument("--trace", help="write a Chrome/Perfetto trace of every stage's busy intervals (multi-process runs)")
 
     pre = p.add_argument_group("computed controls (docs/preprocessors.md): a control without input_control is "

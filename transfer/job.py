@@ -15,6 +15,7 @@ import torch
 from loguru import logger
 
 from guardrails import check_guard_args
+from transfer.acceleration import check_acceleration, offload_mode
 from transfer.checkpoint import inspect_checkpoint, require_modalities
 from transfer.errors import TransferError
 from transfer.manifest import Manifest, run_settings
@@ -134,12 +135,18 @@ class Job:
     """A batch records a failing request and goes on; a single request's failure fails the run."""
     manifest: Manifest | None = None
     """The output folder's record of finished requests (resume)."""
+    compile: str = "none"
+    """``--compile``: none, torch or tensorrt (``transfer.acceleration``)."""
+    offload: str = "none"
+    """``--offload`` (or an upstream ``--offload_*`` flag): none or stages."""
+    residency: object = None
+    """``transfer.acceleration.Residency`` of the loaded stages (None until models load)."""
 
     def to_do(self) -> list[int]:
         """Indices of the requests still to generate: complete ones (manifest) are skipped; one complete with other
         settings fails the run, or in a batch is recorded (``--overwrite`` replaces it). Call on the writer, after
-        ``make_gate``: it holds the output folder from here on."""
-        self.manifest.hold_folder()
+        ``make_gate``; then ``manifest.hold_folder()`` once a request is ready to generate (a single spec whose input
+        is bad leaves no folder behind)."""
         todo = []
         for j, request in enumerate(self.requests):
             try:
@@ -227,8 +234,9 @@ def plan_job(args) -> Job:
             failures.add(request, e, write=False)
     if not usable:
         raise TransferError(f"no request can run: {failures.records[0]['error']}")
+    check_acceleration(args)
     return Job(info, limits, settings, usable, control_maker(args, info, usable), failures, bool(args.batch_input_path),
-               Manifest(args.video_save_folder, args.overwrite))
+               Manifest(args.video_save_folder, args.overwrite), args.compile, offload_mode(args))
 
 
 def control_maker(args, info, requests):

@@ -148,6 +148,8 @@ class Manifest:
 
     def hold_folder(self) -> None:
         """Take the folder for this run (a second run into it fails now) and remove temp files a killed run left."""
+        if self._folder_fd is not None:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder, os.O_RDONLY)
         try:

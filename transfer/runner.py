@@ -8,7 +8,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from transfer.checkpoint import load_dit, load_text_encoder, load_vae
+from transfer.acceleration import describe, load_stages
 from transfer.errors import Terminated, TransferError
 from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.pipeline import TransferPipeline
@@ -19,6 +19,8 @@ class Outcome:
     written: list[Path]
     status: int
     """Exit status: 0, or 3 when some batch requests failed (``failures.jsonl``)."""
+    memory: dict | None = None
+    """``transfer.acceleration.Residency.report()``: weight bytes per stage, peak resident bytes, moves."""
 
 
 def run(args, guards=None) -> Outcome:
@@ -35,6 +37,8 @@ def run(args, guards=None) -> Outcome:
         return run_job(job, gate)
     finally:
         job.manifest.release_folder()
+        if job.residency is not None:
+            job.residency.close()  # offloaded weights' temp files
 
 
 def run_job(job, gate) -> Outcome:
@@ -45,13 +49,18 @@ def run_job(job, gate) -> Outcome:
     prepared = [ready for _, ready in checked if ready is not None]
     if len(prepared) > 1:
         prepared = [None] * len(prepared)  # batch: keep memory flat, decode again when its turn comes
+    job.manifest.hold_folder()  # a second run into the folder fails from here on; a killed run's temp files go
     try:
         generate_all(job, prepared, gate)
     except Terminated:
         gate.abort()  # the output being written finishes under its final name; nothing else starts
         raise
     gate.close()
-    return Outcome(gate.written, job.failures.finish())
+    memory = None
+    if job.residency is not None:  # models were loaded
+        memory = job.residency.report()
+        logger.info(describe(memory))
+    return Outcome(gate.written, job.failures.finish(), memory)
 
 
 def generate_all(job, prepared, gate) -> None:
@@ -82,7 +91,5 @@ def load_pipeline(job) -> TransferPipeline:
     dtype = dtype_for(device)
     modalities = sorted({m for r in job.requests for m in r.controls})
     logger.info(f"checkpoint {job.info.root} on {device} ({dtype}), controls: {', '.join(modalities)}")
-    return TransferPipeline(
-        load_text_encoder(job.info, device, dtype), load_vae(job.info, device, dtype),
-        load_dit(job.info, modalities, device, dtype), job.limits, job.settings,
-    )
+    stages, job.residency = load_stages(job.info, ["text", "vae", "dit"], modalities, device, dtype, job.compile, job.offload)
+    return TransferPipeline(stages["text"], stages["vae"], stages["dit"], job.limits, job.settings)

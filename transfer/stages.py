@@ -13,11 +13,13 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from transfer.acceleration import OnDevice
+
 #: Timestep given to conditioning latent frames (Transfer2.5 default).
 CONDITIONAL_FRAME_TIMESTEP = 0.1
 
 
-class VideoVAE:
+class VideoVAE(OnDevice):
     """AutoencoderKLWan with deterministic (``mode()``) normalised latents.
 
     Videos are ``[B, 3, T, H, W]`` in [-1, 1]; latents ``[B, 16, 1 + (T - 1) // 4, H / 8, W / 8]``.
@@ -41,6 +43,7 @@ class VideoVAE:
     def encode(self, video: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Normalised latents of ``video`` ``[B, 3, T, H, W]``, one sample at a time, in ``dtype``."""
         self.encode_calls += 1
+        self.resident()
         video = video.to(device=self.device, dtype=self.vae.dtype)
         latents = torch.cat([self.vae.encode(v[None]).latent_dist.mode() for v in video]).to(dtype)
         mean, std = self.mean.to(self.device, dtype), self.std.to(self.device, dtype)
@@ -50,12 +53,13 @@ class VideoVAE:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels ``[B, 3, T, H, W]`` in [-1, 1] from normalised latents (returned on the CPU)."""
         self.decode_calls += 1
+        self.resident()
         mean, std = self.mean.to(self.device, self.dtype), self.std.to(self.device, self.dtype)
         latents = latents.to(self.device) * std + mean
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].cpu()
 
 
-class DiT:
+class DiT(OnDevice):
     """Transformer + per-modality ControlNets + scheduler: denoises one chunk's latents."""
 
     def __init__(self, transformer, controlnets: Mapping[str, torch.nn.Module], scheduler, device: torch.device):
@@ -87,6 +91,7 @@ class DiT:
         padding_mask: torch.Tensor,
     ) -> torch.Tensor:
         """One guidance branch: every active ControlNet's weighted residuals, summed, then the DiT."""
+        self.resident()
         blocks = None
         for modality, latents in control_latents.items():
             residuals = self.controlnets[modality](
@@ -143,6 +148,7 @@ class DiT:
         ``remote_negative`` (CFG parallelism) computes the negative branch elsewhere: it has
         ``submit(step, in_latents, in_timestep)`` and ``result(step) -> velocity``.
         """
+        self.resident()
         dtype, device = self.dtype, self.device
         latents = noise.to(device=device, dtype=torch.float32)
         if cond_latents is None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from transfer.acceleration import OnDevice
+
 MAX_SEQUENCE_LENGTH = 512
 SYSTEM_PROMPT = "You are a helpful assistant who will provide prompts to an image generator."
 TEXT_ENCODER_TYPES = ("t5", "qwen2_5_vl")
@@ -36,7 +38,7 @@ def embedding_dim(config) -> int:
     return text.num_hidden_layers * text.hidden_size
 
 
-class TextEncoder:
+class TextEncoder(OnDevice):
     """Wraps a loaded text encoder and its tokenizer; ``encode`` one prompt at a time.
 
     Prompts are encoded singly (never batched with padding) so an embedding does not
@@ -52,6 +54,7 @@ class TextEncoder:
     @torch.no_grad()
     def encode(self, prompt: str) -> torch.Tensor:
         """Return the prompt embedding, ``[1, 512, D]`` in ``self.dtype``."""
+        self.resident()
         if self.kind == "t5":
             return self._encode_t5(prompt)
         return self._encode_reason(prompt)

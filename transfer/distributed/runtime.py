@@ -32,7 +32,7 @@ import torch.distributed as dist
 import guardrails
 from loguru import logger
 
-from transfer.checkpoint import load_dit, load_text_encoder, load_vae
+from transfer.acceleration import describe, load_stages
 from transfer.distributed.placement import Placement, from_file, preset
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
 from transfer.distributed.transport import Message, PeerFailure, Transport, direction_groups
@@ -94,11 +94,10 @@ class RankLoop:
         self.settings = job.settings
         device = default_device()
         dtype = dtype_for(device)
-        info = job.info
-        self.text_encoder = load_text_encoder(info, device, dtype) if "text" in self.stages else None
-        self.vae = load_vae(info, device, dtype) if "vae" in self.stages else None
         modalities = sorted({m for r in job.requests for m in r.controls})
-        self.dit = load_dit(info, modalities, device, dtype) if "dit" in self.stages else None
+        held = [s for s in ("text", "vae", "dit") if s in self.stages]
+        loaded, self.residency = load_stages(job.info, held, modalities, device, dtype, job.compile, job.offload)
+        self.text_encoder, self.vae, self.dit = (loaded.get(s) for s in ("text", "vae", "dit"))
         self.dit_dtype = dtype
         # guards: built on the coordinator only; an asynchronous release wakes this loop with a "released" message
         self.gate = make_gate(args, job, notify=lambda: transport.send(rank, "released")) if "coordinator" in self.stages else None
@@ -232,6 +231,7 @@ class RankLoop:
                 prepared = self.job.prepare(request)
             if prepared is None:
                 continue
+            self.job.manifest.hold_folder()  # from the first request ready on, this run owns the folder
             self.pending.append(j)
             self.release_requests({j: prepared})
         self.after_release()
@@ -464,8 +464,10 @@ class RankLoop:
     def on_stop(self, msg: Message) -> None:
         self.transport.flush(60)
         self.transport.send(msg.src, "trace", {"rank": self.rank, "spans": self.tracer.spans, "guards": list(guardrails.BUILT),
-                                               "bytes_sent": self.transport.bytes_sent, "params": self.held_parameters()})
+                                               "bytes_sent": self.transport.bytes_sent, "params": self.held_parameters(),
+                                               "memory": self.residency.report()})
         self.transport.flush(60)
+        self.residency.close()
         self.running = False
 
 
@@ -544,6 +546,8 @@ def run_distributed(args) -> None:
     if code is not None:
         if loop is not None and loop.gate is not None:
             loop.gate.abort()  # however the run ends: no new releases, the one being written finishes under its name
+        if loop is not None:
+            loop.residency.close()  # offloaded weights' temp files
         _exit(code)
     if rank == placement.coordinator:
         wall = time.time() - t0
@@ -551,12 +555,18 @@ def run_distributed(args) -> None:
         sent = {rank: transport.bytes_sent, **{t["rank"]: t["bytes_sent"] for t in loop.traces}}
         params = {rank: loop.held_parameters(), **{t["rank"]: t["params"] for t in loop.traces}}
         guards = {rank: list(guardrails.BUILT), **{t["rank"]: t["guards"] for t in loop.traces}}
+        memory = {rank: loop.residency.report(), **{t["rank"]: t["memory"] for t in loop.traces}}
         if args.trace:
             write_chrome_trace(args.trace, spans, {"placement": placement.describe(), "wall_s": wall,
                                                    "bytes_sent_by_rank": {str(r): b for r, b in sorted(sent.items())},
                                                    "parameters_by_rank": {str(r): p for r, p in sorted(params.items())},
-                                                   "guards_by_rank": {str(r): g for r, g in sorted(guards.items())}})
+                                                   "guards_by_rank": {str(r): g for r, g in sorted(guards.items())},
+                                                   "memory_by_rank": {str(r): m for r, m in sorted(memory.items())}})
             logger.info(f"trace written to {args.trace}")
         print(stage_table(spans, wall, sent), file=sys.stderr)
+        for r, report in sorted(memory.items()):
+            if report["stage_bytes"]:
+                print(f"rank {r}: {describe(report)}", file=sys.stderr)
+        loop.residency.close()
     transport.flush(60)
     _exit(loop.job.failures.finish() if rank == placement.coordinator else 0)
