@@ -217,7 +217,7 @@ def outputs(folder: Path) -> dict[str, bytes | dict]:
         if p.name.endswith(".npz"):
             with np.load(p) as z:
                 out[p.name] = {k: z[k].tobytes() for k in z.files}
-        elif p.name.endswith(".json") and p.name != "trace.json":
+        elif p.name.endswith(".json") and p.name not in ("trace.json", "manifest.json"):  # manifest: timestamps
             out[p.name] = json.loads(p.read_text())
         elif p.suffix in (".txt", ".mp4"):
             out[p.name] = p.read_bytes()

@@ -97,7 +97,8 @@ def compile_stage(name: str, stage, mode: str, cache_dir: Path | None = None) ->
                 "immutable_weights": False, "cache_built_engines": True, "reuse_cached_engines": True,
                 "engine_cache_dir": str(engines)})
         done.append(label)
-    logger.info(f"{name}: compiled {', '.join(done)} ({mode})")
+    if done:
+        logger.info(f"{name}: compiled {', '.join(done)} ({mode})")
     return done
 
 

@@ -104,7 +104,7 @@ def make_gate(args, job: "Job", notify=None, guards=None):
     custom = guards is not None
     if guards is None:
         guards = build_guards(args, device=str(default_device()))
-    job.manifest.shared = run_settings(args, job, guards.names() if custom and guards is not None else None)
+    job.manifest.shared = run_settings(args, job, guards.names if custom and guards is not None else None)
 
     def write(request, result):
         paths = write_outputs(folder, request, result, args.fps, args.save_raw)

@@ -1,0 +1,111 @@
+"""--compile torch matches eager; --compile tensorrt fails clearly where it cannot run; --offload stages gives the
+same output with fewer weight bytes resident on the device, in one process and in a stage process holding two stages."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import example_frames, run_cli
+from tests.test_distributed import launch
+from transfer.acceleration import check_acceleration, offload_mode
+from transfer.cli import build_parser
+from transfer.errors import TransferError
+from transfer.runner import run
+from transfer.video_io import write_mp4
+
+FAST = ["--num_steps", "2", "--num_frames_per_chunk", "9", "--save_raw"]
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("accel")
+    write_mp4(d / "in.mp4", example_frames("example_input.mp4", 9), 24)
+    write_mp4(d / "edge.mp4", example_frames("example_edge.mp4", 9), 24)
+    path = d / "spec.json"
+    path.write_text(json.dumps({"prompt": "a ball", "input_video_path": str(d / "in.mp4"),
+                                "edge": {"control_weight": 1.0, "input_control": str(d / "edge.mp4")}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_ckpt, spec, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eager")
+    proc = launch(1, "--controlnet_specs", str(spec), "--video_save_folder", str(out), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_compile_torch_matches_eager(tiny_ckpt, spec, eager, tmp_path):
+    proc = launch(1, "--controlnet_specs", str(spec), "--video_save_folder", str(tmp_path), "--compile", "torch", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dit: compiled transformer, controlnet.edge (torch)" in proc.stderr
+    assert "vae: compiled vae.encoder, vae.decoder (torch)" in proc.stderr
+    ref, got = np.load(eager / "output.npz"), np.load(tmp_path / "output.npz")
+    assert np.abs(ref["latents"] - got["latents"]).max() <= 1e-4  # fp32; inductor reorders float sums
+    assert np.abs(ref["frames"].astype(int) - got["frames"].astype(int)).max() <= 1  # uint8 truncation may tip
+
+
+def test_tensorrt_where_it_cannot_run_is_one_clear_error(tiny_ckpt, spec, tmp_path, monkeypatch):
+    import importlib.util
+
+    installed = importlib.util.find_spec("torch_tensorrt") is not None
+    if not installed:  # this machine: the package is not there
+        proc = run_cli("--controlnet_specs", str(spec), "--video_save_folder", str(tmp_path / "out"), "--compile", "tensorrt")
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1] == (
+            "transfer.py: error: --compile tensorrt needs the torch-tensorrt package, which is not installed: "
+            "pip install '.[tensorrt]' (CUDA only), or use --compile torch")
+        assert not (tmp_path / "out").exists()
+    # installed but no GPU; and offload beside engines that hold their own weights
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "torch_tensorrt" else real(name, *a))
+    with pytest.raises(TransferError, match="--compile tensorrt needs a CUDA GPU and none is visible"):
+        check_acceleration(Namespace(compile="tensorrt", offload="none"), cuda=False)
+    with pytest.raises(TransferError, match="--offload stages cannot move weights built into TensorRT engines"):
+        check_acceleration(Namespace(compile="tensorrt", offload="stages"), cuda=True)
+    check_acceleration(Namespace(compile="tensorrt", offload="none"), cuda=True)
+
+
+def test_upstream_offload_flags_map_onto_offload_stages():
+    for flag in ("diffusion_transformer", "text_encoder_model", "tokenizer", "guardrail_models", "prompt_upsampler"):
+        assert offload_mode(build_parser().parse_args([f"--offload_{flag}"])) == "stages"
+    assert offload_mode(build_parser().parse_args([])) == "none"
+
+
+def test_offload_stages_same_output_and_fewer_resident_bytes(tiny_ckpt, spec, tmp_path):
+    spill_dirs = set(Path(tempfile.gettempdir()).glob("transfer-offload-*"))
+    outcomes = {}
+    for mode in ("none", "stages"):
+        args = build_parser().parse_args(["--controlnet_specs", str(spec), "--video_save_folder", str(tmp_path / mode),
+                                          "--offload", mode, *FAST])
+        outcomes[mode] = run(args)
+    assert (tmp_path / "none" / "output.npz").read_bytes() == (tmp_path / "stages" / "output.npz").read_bytes()
+    assert (tmp_path / "none" / "output.mp4").read_bytes() == (tmp_path / "stages" / "output.mp4").read_bytes()
+    plain, offloaded = outcomes["none"].memory, outcomes["stages"].memory
+    assert plain["stage_bytes"] == offloaded["stage_bytes"] and set(plain["stage_bytes"]) == {"text", "vae", "dit"}
+    assert plain["peak_resident_bytes"] == plain["all_stages_bytes"] and plain["moves"] == 0
+    # with offload only the stage at work is resident: the peak is the biggest stage, not the sum
+    assert offloaded["peak_resident_bytes"] == max(offloaded["stage_bytes"].values()) < plain["peak_resident_bytes"]
+    assert offloaded["moves"] >= 3  # text, then vae and dit in turn
+    assert set(Path(tempfile.gettempdir()).glob("transfer-offload-*")) == spill_dirs  # spill files removed
+
+
+def test_offload_in_a_stage_process_holding_two_stages(tiny_ckpt, spec, eager, tmp_path):
+    """Two ranks: rank 0 holds the coordinator, the text encoder and the VAE; with --offload stages they take turns."""
+    trace = tmp_path / "trace.json"
+    proc = launch(2, "--controlnet_specs", str(spec), "--video_save_folder", str(tmp_path / "out"), "--offload", "stages",
+                  "--trace", str(trace), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "output.npz").read_bytes() == (eager / "output.npz").read_bytes()
+    memory = json.loads(trace.read_text())["otherData"]["memory_by_rank"]
+    rank0, rank1 = memory["0"], memory["1"]
+    assert set(rank0["stage_bytes"]) == {"text", "vae"} and rank0["offload"]
+    assert rank0["peak_resident_bytes"] == max(rank0["stage_bytes"].values()) < rank0["all_stages_bytes"]
+    assert set(rank1["stage_bytes"]) == {"dit"} and not rank1["offload"]  # one stage: nothing to take turns with
+    assert "rank 0: weights on cpu (--offload stages)" in proc.stderr
