@@ -2,7 +2,7 @@
 ``--offload stages``.
 
     python benchmarks/acceleration.py                                   # tiny random-weight models, CPU
-    python benchmarks/acceleration.py --preset transfer2.5-2b --height 704 --width 1280 --frames 93 --steps 4 \\
+    python benchmarks/acceleration.py --preset transfer2.5-2b --height 720 --width 1280 --frames 93 --steps 4 \\
         --modes none,torch,tensorrt                                     # Transfer2.5-2B size, random weights, GPU
 
 One chunk = the VAE encodes a control video, the DiT (transformer + one ControlNet, guidance 3: two branches a step)
