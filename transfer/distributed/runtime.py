@@ -64,8 +64,10 @@ class RemoteNegative:
 
     def result(self, step: int) -> torch.Tensor:
         msg = self.loop.wait_for(lambda m: (m.kind == "velocity" and (m.meta["j"], m.meta["k"], m.meta["i"]) == (self.j, self.k, step))
-                                 or (m.kind == "drop" and m.meta["j"] == self.j))
-        if msg.kind == "drop":  # the partner (or another stage) failed on this request: stop waiting for it
+                                 or (m.kind in ("drop", "failed") and m.meta["j"] == self.j))
+        if msg.kind == "failed":  # this leader is also the coordinator (a --placement file): record it here
+            self.loop.fail_request(self.j, msg.meta["error"])
+        if msg.kind != "velocity":  # the partner (or another stage) failed on this request: stop waiting for it
             raise RequestDropped(self.j)
         return msg.tensors["velocity"]
 
@@ -160,6 +162,8 @@ class RankLoop:
             work(*args)
         except RequestDropped:
             self.forget(j)
+            if self.gate is not None:
+                self.after_release()
         except PeerFailure:
             raise
         except Exception as e:
