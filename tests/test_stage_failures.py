@@ -34,6 +34,8 @@ def batch(tmp_path_factory) -> Path:
              {"name": "last", "prompt": "a lamp", "seed": 4, **ok}]
     (d / "batch.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (d / "good.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines if x["name"] != "poison"))
+    # the coordinator is also the CFG leader: it must hear of its partner's failure while waiting for a velocity
+    (d / "leader_is_coordinator.json").write_text(json.dumps({"coordinator": 0, "text": 2, "vae": 2, "dit_groups": [[0, 1]]}))
     return d
 
 
@@ -42,16 +44,19 @@ def reference(tiny_ckpt, batch, tmp_path_factory) -> Path:
     return reference_run(batch / "good.jsonl", tmp_path_factory.mktemp("reference"), "--save_raw", *FAST)
 
 
-@pytest.mark.parametrize("nproc, fault, where", [
-    (4, "3:dit", "rank 3 (dit) failed on it (denoise)"),
-    (4, "2:vae", "rank 2 (vae) failed on it (encode_controls)"),
-    (4, "1:text", "rank 1 (text) failed on it (text)"),
-    (6, "4:partner", "rank 4 (dit) failed on it (cfg_setup)"),
+@pytest.mark.parametrize("nproc, fault, where, placement", [
+    (4, "3:dit", "rank 3 (dit) failed on it (denoise)", None),
+    (4, "2:vae", "rank 2 (vae) failed on it (encode_controls)", None),
+    (4, "1:text", "rank 1 (text) failed on it (text)", None),
+    (6, "4:partner", "rank 4 (dit) failed on it (cfg_setup)", None),
+    (3, "1:partner", "rank 1 (dit) failed on it (cfg_setup)", "leader_is_coordinator.json"),
 ])
-def test_a_request_failing_in_a_stage_is_recorded_and_the_rest_runs(tiny_ckpt, batch, reference, tmp_path, nproc, fault, where):
+def test_a_request_failing_in_a_stage_is_recorded_and_the_rest_runs(tiny_ckpt, batch, reference, tmp_path, nproc, fault, where,
+                                                                   placement):
     env = {"TRANSFER_TEST_FAULT": fault, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT)])}
+    extra = ["--placement", str(batch / placement)] if placement else []
     proc = launch(nproc, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path), "--save_raw",
-                  *FAST, env=env)
+                  *FAST, *extra, env=env)
     # the coordinator exits 3 (some requests failed, the others were written); torchrun itself exits 1
     assert proc.returncode == 1 and "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]
     (record,) = [json.loads(x) for x in (tmp_path / "failures.jsonl").read_text().splitlines()]
