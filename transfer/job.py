@@ -104,7 +104,7 @@ def make_gate(args, job: "Job", notify=None, guards=None):
     custom = guards is not None
     if guards is None:
         guards = build_guards(args, device=str(default_device()))
-    job.manifest.shared = run_settings(args, job, guards.names if custom and guards is not None else None)
+    job.manifest.shared = run_settings(args, job, guards.names if custom else None)
 
     def write(request, result):
         paths = write_outputs(folder, request, result, args.fps, args.save_raw)
@@ -156,8 +156,9 @@ class Job:
                 if not self.batch:
                     raise
                 self.failures.add(request, e)
-        if self.manifest.summary():
-            logger.info(self.manifest.summary())
+        summary = self.manifest.summary()
+        if summary:
+            logger.info(summary)
         return todo
 
     def prepare(self, request):
