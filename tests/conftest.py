@@ -44,6 +44,26 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess
     )
 
 
+def short_edge_inputs(folder: Path, num_frames: int) -> Path:
+    """``folder/in.mp4`` and ``folder/edge.mp4``: the first ``num_frames`` of the example input and its edge control."""
+    from transfer.video_io import write_mp4
+
+    write_mp4(folder / "in.mp4", example_frames("example_input.mp4", num_frames), 24)
+    write_mp4(folder / "edge.mp4", example_frames("example_edge.mp4", num_frames), 24)
+    return folder
+
+
+def short_edge_spec(folder: Path, num_frames: int, prompt: str) -> Path:
+    """``folder/spec.json``: ``prompt`` over ``short_edge_inputs`` (absolute paths, edge weight 1)."""
+    import json
+
+    short_edge_inputs(folder, num_frames)
+    path = folder / "spec.json"
+    path.write_text(json.dumps({"prompt": prompt, "input_video_path": str(folder / "in.mp4"),
+                                "edge": {"control_weight": 1.0, "input_control": str(folder / "edge.mp4")}}))
+    return path
+
+
 def example_frames(name: str, num_frames: int | None = None) -> np.ndarray:
     from transfer.video_io import read_video
 

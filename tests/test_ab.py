@@ -13,7 +13,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, example_frames
+from tests.conftest import ROOT, example_frames, short_edge_spec
 from transfer.video_io import write_mp4
 
 FAST = ["--num_steps", "3", "--num_frames_per_chunk", "13", "--guardrail", "off"]
@@ -30,13 +30,7 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("ab_inputs")
-    write_mp4(d / "in.mp4", example_frames("example_input.mp4", 9), 24)
-    write_mp4(d / "edge.mp4", example_frames("example_edge.mp4", 9), 24)
-    path = d / "spec.json"
-    path.write_text(json.dumps({"prompt": "a ball and a box", "input_video_path": str(d / "in.mp4"),
-                                "edge": {"control_weight": 1.0, "input_control": str(d / "edge.mp4")}}))
-    return path
+    return short_edge_spec(tmp_path_factory.mktemp("ab_inputs"), 9, "a ball and a box")
 
 
 @pytest.fixture(scope="module")

@@ -11,26 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import example_frames, run_cli
+from tests.conftest import run_cli, short_edge_spec
 from tests.test_distributed import launch
 from transfer.acceleration import check_acceleration, offload_mode
 from transfer.cli import build_parser
 from transfer.errors import TransferError
 from transfer.runner import run
-from transfer.video_io import write_mp4
 
 FAST = ["--num_steps", "2", "--num_frames_per_chunk", "9", "--save_raw"]
 
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("accel")
-    write_mp4(d / "in.mp4", example_frames("example_input.mp4", 9), 24)
-    write_mp4(d / "edge.mp4", example_frames("example_edge.mp4", 9), 24)
-    path = d / "spec.json"
-    path.write_text(json.dumps({"prompt": "a ball", "input_video_path": str(d / "in.mp4"),
-                                "edge": {"control_weight": 1.0, "input_control": str(d / "edge.mp4")}}))
-    return path
+    return short_edge_spec(tmp_path_factory.mktemp("accel"), 9, "a ball")
 
 
 @pytest.fixture(scope="module")

@@ -12,21 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import example_frames
+from tests.conftest import short_edge_inputs
 from tests.test_distributed import _rank_pids, launch, reference_run
 from transfer.cli import main
 from transfer.manifest import Manifest
-from transfer.video_io import write_mp4
 
 FAST = ["--num_steps", "2", "--num_frames_per_chunk", "5", "--save_raw"]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("resume")
-    write_mp4(d / "in.mp4", example_frames("example_input.mp4", 5), 24)
-    write_mp4(d / "edge.mp4", example_frames("example_edge.mp4", 5), 24)
-    return d
+    return short_edge_inputs(tmp_path_factory.mktemp("resume"), 5)
 
 
 def write_batch(folder: Path, lines: list[dict]) -> Path:
@@ -165,9 +161,7 @@ SLOW = ["--num_steps", "12", "--num_frames_per_chunk", "9", "--save_raw", "--gua
 
 @pytest.fixture(scope="module")
 def killable(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("killable")
-    write_mp4(d / "in.mp4", example_frames("example_input.mp4", 9), 24)
-    write_mp4(d / "edge.mp4", example_frames("example_edge.mp4", 9), 24)
+    d = short_edge_inputs(tmp_path_factory.mktemp("killable"), 9)
     write_batch(d, [{"name": f"r{j}", "prompt": f"a ball, take {j}", "seed": j} for j in range(4)])
     return d
 
