@@ -18,11 +18,12 @@ with ``key(request)`` (what, beyond the input video, its output depends on) and
 A preprocessor is built once per process and reused for the whole batch; model-backed ones load
 their weights on first use.
 
-``ControlMaker`` writes each computed control as
-``{folder}/{modality}_input_control_{key}_r{RANK}.mp4`` (atomically; ``key`` hashes the input
-video's bytes, the modality and its parameters; ``RANK`` is the global rank of the writer) and
-uses the decoded file, so a later run with the same input and parameters reuses it and gets the
-very same frames. Only the rank that prepares requests (the coordinator) computes controls.
+``ControlMaker`` writes each computed control twice, atomically: ``{folder}/{modality}_input_control_{key}_r{RANK}.mp4``
+to look at (H.264, lossy) and ``{...}_r{RANK}.lossless.mp4``, the cache (RGB H.264 at qp 0: decodes to the very
+frames computed). ``key`` hashes the input video's bytes, the modality and its parameters; ``RANK`` is the global
+rank of the writer. Generation uses the frames the preprocessor returned, never a lossy copy; a later run with the
+same input and parameters (or the coordinator, when another rank computes) reads the lossless file and gets them bit
+for bit. Only the rank that prepares requests (the coordinator), or the placement's preprocess rank, computes.
 """
 
 from __future__ import annotations
@@ -101,25 +102,32 @@ class ControlMaker:
         return self.built[modality]
 
     def path_for(self, modality: str, request, input_digest: str) -> Path:
+        """The viewable mp4 of ``modality``'s control for ``request``; ``cache_path`` of it is the lossless copy."""
         key = json.dumps({"input": input_digest, "modality": modality, **self.preprocessor(modality).key(request)},
                          sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return self.folder / f"{modality}_input_control_{digest}_r{self.rank}.mp4"
 
+    @staticmethod
+    def cache_path(path: Path) -> Path:
+        return path.with_suffix(".lossless.mp4")
+
     def __call__(self, modality: str, request, frames: np.ndarray, fps: float) -> np.ndarray:
-        """The control for ``modality`` computed from ``frames`` (the decoded input video)."""
-        from transfer.video_io import file_digest, read_video, write_mp4
+        """The control for ``modality`` computed from ``frames`` (the decoded input video), or read back bit for
+        bit from the lossless file of an earlier computation."""
+        from transfer.video_io import file_digest, read_video, write_lossless_mp4, write_mp4
 
         path = self.path_for(modality, request, file_digest(request.input_video_path))
-        if path.is_file():  # written atomically: present means complete
-            logger.info(f"{request.name}: reusing computed {modality} control {path.name}")
-        elif not self.compute:
-            raise TransferError(f"{request.name}: computed {modality} control {path} is missing (rank {self.rank} computes it)")
-        else:
-            logger.info(f"{request.name}: computing the {modality} control")
-            out = self.preprocessor(modality)(frames, request)
-            if out.shape != frames.shape or out.dtype != np.uint8:
-                raise TransferError(f"{modality} preprocessor returned {out.dtype} {out.shape}, expected uint8 {frames.shape}")
-            write_mp4(path, out, fps or 24.0)
-        control, _ = read_video(path, f"computed {modality} control")
-        return control
+        cache = self.cache_path(path)
+        if cache.is_file():  # written atomically, after the viewable mp4: present means both are complete
+            logger.info(f"{request.name}: reusing computed {modality} control {cache.name}")
+            return read_video(cache, f"computed {modality} control")[0]
+        if not self.compute:
+            raise TransferError(f"{request.name}: computed {modality} control {cache} is missing (rank {self.rank} computes it)")
+        logger.info(f"{request.name}: computing the {modality} control")
+        out = self.preprocessor(modality)(frames, request)
+        if out.shape != frames.shape or out.dtype != np.uint8:
+            raise TransferError(f"{modality} preprocessor returned {out.dtype} {out.shape}, expected uint8 {frames.shape}")
+        write_mp4(path, out, fps or 24.0)
+        write_lossless_mp4(cache, out, fps or 24.0)
+        return out

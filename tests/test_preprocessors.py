@@ -4,6 +4,7 @@ one load per process, cached rank-suffixed files, 4 stage processes."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,8 +84,24 @@ def test_model_preprocessors_run_on_local_weights(model_dir, frames, tmp_path, m
     maker = ControlMaker(tmp_path / "out", {"model_dir": str(model_dir)})
     control = maker(modality, request_for(tmp_path / "in.mp4", [modality]), video, 24)
     assert control.shape == video.shape and control.dtype == np.uint8
-    (written,) = (tmp_path / "out").iterdir()
-    assert written.name.startswith(f"{modality}_input_control_") and written.name.endswith("_r0.mp4")
+    viewable, cache = sorted((tmp_path / "out").iterdir(), key=lambda p: len(p.name))
+    assert viewable.name.startswith(f"{modality}_input_control_") and viewable.name.endswith("_r0.mp4")
+    assert cache.name == viewable.name.replace(".mp4", ".lossless.mp4")
+    assert np.array_equal(read_video(cache)[0], control)  # the cache gives back what generation used
+
+
+def test_generation_uses_the_computed_frames_and_the_cache_gives_them_back(frames, tmp_path):
+    """The edge control a run uses is Canny's output itself, not its decoded mp4 (lossy: thin lines blur), and a
+    later run reusing the cache gets the same frames bit for bit."""
+    write_mp4(tmp_path / "in.mp4", frames, 24)
+    video, _ = read_video(tmp_path / "in.mp4")
+    request = request_for(tmp_path / "in.mp4", ["edge"])
+    computed = ControlMaker(tmp_path / "out", {})("edge", request, video, 24)
+    assert np.array_equal(computed, edge_module.Preprocessor(edge_module.Config())(video))
+    viewable = next((tmp_path / "out").glob("edge_input_control_*_r0.mp4"))
+    assert not np.array_equal(read_video(viewable)[0], computed)  # what would have been used before
+    reused = ControlMaker(tmp_path / "out", {})("edge", request, video, 24)
+    assert np.array_equal(reused, computed)
 
 
 def test_model_loads_once_per_process_and_file_is_reused(model_dir, frames, tmp_path, monkeypatch):
@@ -102,7 +119,7 @@ def test_model_loads_once_per_process_and_file_is_reused(model_dir, frames, tmp_
         outs[name] = maker("depth", request_for(tmp_path / f"{name}.mp4", ["depth"], name), video, 24)
     assert len(loads) == 1  # two requests, one load
     files = sorted((tmp_path / "out").iterdir())
-    assert len(files) == 2  # different inputs, different files
+    assert len(files) == 4  # different inputs, different files (a viewable mp4 and a lossless one each)
     mtimes = [f.stat().st_mtime_ns for f in files]
     video, _ = read_video(tmp_path / "a.mp4")
     again = ControlMaker(tmp_path / "out", {"model_dir": str(model_dir)})("depth", request_for(tmp_path / "a.mp4", ["depth"]),
@@ -161,12 +178,27 @@ def test_every_control_missing_runs_end_to_end(all_missing_single):
     for name, n in (("a", 9), ("b", 9)):
         frames, _ = read_video(all_missing_single / f"{name}.mp4")
         assert frames.shape == (n, 96, 160, 3)
-    controls = sorted(p.name for p in all_missing_single.glob("*_input_control_*.mp4"))
-    assert len(controls) == 10 and all(c.endswith("_r0.mp4") for c in controls)
+    controls = sorted(p.name for p in all_missing_single.glob("*_input_control_*_r0.mp4"))
+    assert len(controls) == 10
     for m in REGISTRY:
         assert len([c for c in controls if c.startswith(f"{m}_input_control_")]) == 2
-        for path in all_missing_single.glob(f"{m}_input_control_*.mp4"):
+        for path in all_missing_single.glob(f"{m}_input_control_*_r0.mp4"):
             assert read_video(path)[0].shape == (9, 96, 160, 3)
+            assert read_video(path.with_suffix(".lossless.mp4"))[0].shape == (9, 96, 160, 3)
+
+
+def test_a_run_reusing_cached_controls_equals_the_run_that_computed_them(all_missing, all_missing_single, tmp_path):
+    for path in all_missing_single.glob("*_input_control_*"):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    proc = launch(1, "--batch_input_path", str(all_missing / "batch.jsonl"), "--video_save_folder", str(tmp_path),
+                  "--save_raw", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert len(set(re.findall(r"reusing computed \w+ control (\S+)", log))) == 10 and "computing the" not in log
+    assert {n: (tmp_path / n).stat().st_mtime_ns for n in before} == before  # nothing recomputed
+    for name in ("a.mp4", "b.mp4", "a.npz", "b.npz", "a.txt", "b.txt", "manifest.json"):
+        assert (tmp_path / name).read_bytes() == (all_missing_single / name).read_bytes(), name
 
 
 def test_four_processes_compute_controls_on_the_coordinator_only(tiny_ckpt, all_missing, all_missing_single, tmp_path):
@@ -180,9 +212,9 @@ def test_four_processes_compute_controls_on_the_coordinator_only(tiny_ckpt, all_
         assert np.array_equal(ref["frames"], got["frames"]) and np.array_equal(ref["latents"], got["latents"])
     controls = sorted(p.name for p in tmp_path.glob("*_input_control_*"))
     assert controls == sorted(p.name for p in all_missing_single.glob("*_input_control_*"))  # same keys, one file each
-    assert all(c.endswith("_r0.mp4") for c in controls)
-    for c in controls:
-        assert np.array_equal(read_video(tmp_path / c)[0], read_video(all_missing_single / c)[0])
+    assert len(controls) == 20 and all(c.endswith(("_r0.mp4", "_r0.lossless.mp4")) for c in controls)
+    for c in [*controls, "a.mp4", "b.mp4", "a.npz", "b.npz", "a.txt"]:  # byte for byte
+        assert (tmp_path / c).read_bytes() == (all_missing_single / c).read_bytes(), c
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -199,6 +231,8 @@ def test_placement_moves_preprocessors_to_another_rank(tiny_ckpt, all_missing, a
         ref, got = np.load(all_missing_single / f"{name}.npz"), np.load(out / f"{name}.npz")
         assert np.array_equal(ref["frames"], got["frames"]) and np.array_equal(ref["latents"], got["latents"])
     controls = sorted(p.name for p in out.glob("*_input_control_*"))
-    assert controls == sorted(p.name.replace("_r0.mp4", "_r1.mp4") for p in all_missing_single.glob("*_input_control_*"))
+    assert controls == sorted(p.name.replace("_r0.", "_r1.") for p in all_missing_single.glob("*_input_control_*"))
+    for c in [*controls, "a.mp4", "b.mp4"]:  # byte for byte (only the writer's rank in the control names differs)
+        assert (out / c).read_bytes() == (all_missing_single / c.replace("_r1.", "_r0.")).read_bytes(), c
     events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X" and e["cat"] == "preprocess"]
     assert {e["pid"] for e in events} == {1} and len(events) == 2

@@ -8,8 +8,10 @@ size and SHA-256 of every file it wrote -- so rerunning a command skips what is 
                               "settings_digest": "3f2a...",
                               "settings": {"prompt": ..., "seed": 1, "input_video": "<sha256>", "controls": {...},
                                            "generation": {...}, "checkpoint": "<sha256>", "fps": 24, ...},
-                              "files": {"video_0.txt": {"bytes": 31, "sha256": "..."}, "video_0.mp4": {...}},
-                              "finished": "2026-11-22T10:41:07Z"}}}
+                              "files": {"video_0.txt": {"bytes": 31, "sha256": "..."}, "video_0.mp4": {...}}}}}
+
+The manifest itself is a function of the requests and their outputs (keys sorted, no time stamps): an interrupted
+and resumed run leaves the same bytes as an uninterrupted one.
 
 A request's outputs are written atomically, then its entry (the manifest itself is rewritten atomically), so an
 entry never names an unfinished file. On a rerun a request is
@@ -27,7 +29,8 @@ Not the placement or ``--num_gpus``: stage processes give the single-process res
 
 The writer holds an exclusive ``flock`` on the output folder for the run, so a second run into the same folder
 fails at once instead of racing on the manifest; under that lock, temp files a killed run left (``.NAME.*.tmp.EXT``)
-are removed.
+are removed -- only those whose writer's lock can be taken (``video_io.remove_stale_temp_files``), so a file that
+another rank of this run, or any live process, is writing is never touched.
 """
 
 from __future__ import annotations
@@ -36,21 +39,17 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import threading
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 from loguru import logger
 
 from transfer.errors import TransferError
-from transfer.video_io import file_digest, write_text
+from transfer.video_io import file_digest, remove_stale_temp_files, write_text
 
 MANIFEST_NAME = "manifest.json"
 VERSION = 1
-#: Names ``video_io.atomic_path`` gives its temp files (``tempfile.mkstemp``: 8 random characters).
-TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
 
 
 def digest_of(value) -> str:
@@ -160,10 +159,8 @@ class Manifest:
         except OSError as e:  # a file system without flock (some network mounts): go on unguarded
             logger.warning(f"cannot lock {self.folder} ({e}); do not start two runs into it")
         self._folder_fd = fd  # held until the process exits (released by the kernel even on SIGKILL)
-        for path in self.folder.iterdir():
-            if TEMP_FILE.match(path.name) and path.is_file():
-                logger.warning(f"removing {path.name}, left by an interrupted run")
-                path.unlink(missing_ok=True)
+        for name in remove_stale_temp_files(self.folder):
+            logger.warning(f"removed {name}, left by an interrupted run")
 
     def release_folder(self) -> None:
         """Let another run into the folder (a process's exit does this too)."""
@@ -215,11 +212,10 @@ class Manifest:
         """Enter ``request`` as finished (``written`` or ``blocked``) with its files; rewrites the manifest."""
         settings = self.settings_of(request, controls)
         files = {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p, cached=False)} for p in paths}
-        entry = {"state": state, "settings_digest": digest_of(settings), "settings": settings, "files": files,
-                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        entry = {"state": state, "settings_digest": digest_of(settings), "settings": settings, "files": files}
         with self._lock:
             self.entries[request.name] = entry
-            write_text(self.path, json.dumps({"version": VERSION, "requests": self.entries}, indent=1) + "\n")
+            write_text(self.path, json.dumps({"version": VERSION, "requests": self.entries}, indent=1, sort_keys=True) + "\n")
 
     def summary(self) -> str | None:
         if self.skipped:
