@@ -34,6 +34,7 @@ for _ in range(int(sys.argv[2])):
     a = torch.tanh(a @ a)
 frames = np.load(sys.argv[3])
 write_mp4(out + "/v.mp4", frames, 24)
+write_mp4(out + "/v720.mp4", np.load(sys.argv[4]), 24)  # big enough for x264 to use its slice threads
 write_lossless_mp4(out + "/v.lossless.mp4", frames, 24)
 write_npz(out + "/v.npz", frames=frames, latents=np.linspace(0, 1, 1000, dtype=np.float32))
 write_text(out + "/v.txt", "a prompt\\n")
@@ -73,18 +74,20 @@ def digests(folder: Path) -> dict[str, str]:
 def test_eight_processes_write_identical_files_under_load(tmp_path, busy_cores):
     frames = frames_for_test()
     np.save(tmp_path / "frames.npy", frames)
+    np.save(tmp_path / "frames720.npy", frames_for_test(8, 720, 1280))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     outs, procs = [], []
     for i in range(8):  # all eight at once, each after a different amount of torch work
         outs.append(tmp_path / f"p{i}")
         outs[-1].mkdir()
-        procs.append(subprocess.Popen([sys.executable, "-c", WRITER, str(outs[-1]), str(5 + 7 * i), str(tmp_path / "frames.npy")],
+        procs.append(subprocess.Popen([sys.executable, "-c", WRITER, str(outs[-1]), str(5 + 7 * i), str(tmp_path / "frames.npy"),
+                                       str(tmp_path / "frames720.npy")],
                                       env=env, stderr=subprocess.PIPE, text=True))
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
     first = digests(outs[0])
-    assert sorted(first) == ["v.lossless.mp4", "v.mp4", "v.npz", "v.txt"]
+    assert sorted(first) == ["v.lossless.mp4", "v.mp4", "v.npz", "v.txt", "v720.mp4"]
     for out in outs[1:]:
         assert digests(out) == first, out.name
     # and in this process too, where the test's own imports and allocations came first
@@ -97,14 +100,14 @@ def test_eight_processes_write_identical_files_under_load(tmp_path, busy_cores):
 
 
 def test_pinned_settings_reach_the_encoder(tmp_path):
-    """x264 writes the settings it encoded with into the stream: a fixed thread count (its default follows the CPU
-    count), macroblock-tree off, the pinned rate factor."""
-    write_mp4(tmp_path / "a.mp4", frames_for_test(12), 24)
+    """x264 writes the settings it encoded with into the stream: a fixed count of slice threads (its default: frame
+    threads, as many as the CPU count gives), macroblock-tree off, the pinned rate factor."""
+    write_mp4(tmp_path / "a.mp4", frames_for_test(4, 720, 1280), 24)
     data = (tmp_path / "a.mp4").read_bytes()
     start = data.index(b"x264 - core")
     used = dict(o.split("=", 1) for o in data[start:data.index(b"\0", start)].decode().split() if "=" in o)
-    assert used["threads"] == str(video_io.ENCODER_THREADS) and used["lookahead_threads"] == "1"
-    assert used["mbtree"] == "0" and used["crf"] == "23.0" and used["sliced_threads"] == "0"
+    assert used["threads"] == str(video_io.ENCODER_THREADS)
+    assert used["mbtree"] == "0" and used["crf"] == "23.0" and used["sliced_threads"] == "1"
     assert b"Lavf" not in data  # bitexact container: no muxer version string
 
 
