@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from transfer.errors import TransferError
+from transfer.video_io import atomic_path, read_video, write_text
 
 CONTROL_MARK = "_input_control_"
 
@@ -46,8 +47,6 @@ def collect(run: Path) -> dict[str, Path]:
 
 
 def load_frames(video: Path, lossless: bool) -> np.ndarray:
-    from transfer.video_io import read_video
-
     if lossless:
         with np.load(video.with_suffix(".npz")) as z:
             return z["frames"]
@@ -115,7 +114,8 @@ def save_side_by_side(out: Path, a: np.ndarray, b: np.ndarray, frames: list[int]
         gap = np.full((a.shape[1], 4, 3), 255, np.uint8)
         rows.append(np.concatenate([a[t], gap, b[t], gap, diff], axis=1))
         rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))
-    iio.imwrite(out, np.concatenate(rows[:-1], axis=0))
+    with atomic_path(out) as tmp:
+        iio.imwrite(tmp, np.concatenate(rows[:-1], axis=0))
 
 
 def plot(out: Path, series: dict[str, list[float]], xlabel: str, ylabel: str, marks: list[int] = (), title: str = "") -> None:
@@ -136,7 +136,8 @@ def plot(out: Path, series: dict[str, list[float]], xlabel: str, ylabel: str, ma
     if len(series) > 1:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -234,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     except TransferError as e:
         print(f"python -m transfer.ab: error: {e}", file=sys.stderr)
         return 2
-    (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (args.out / "report.html").write_text(render_html(report))
+    write_text(args.out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    write_text(args.out / "report.html", render_html(report))
     for n, v in report["videos"].items():
         line = v.get("error") or f"PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}, max |A-B| {v['max_abs_diff']}"
         print(f"{n}: {line}")
