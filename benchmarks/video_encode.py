@@ -6,7 +6,7 @@
 Rows:
 
 - ``imageio default (before)``: what ``write_mp4`` did before: imageio's PyAV writer, libx264 with its defaults
-  (threads from the CPU count, macroblock-tree rate control on). Its bytes were not a function of the frames.
+  (one slice thread per CPU core, macroblock-tree rate control on). Its bytes were not a function of the frames.
 - ``write_mp4 (after)``: ``transfer.video_io.write_mp4``: libx264, ``ENCODER_THREADS`` slice threads, ``mbtree=0``,
   ``bitexact`` container.
 - ``write_mp4, N threads``: the same settings at other slice-thread counts (any constant is reproducible; each

@@ -100,8 +100,8 @@ def test_eight_processes_write_identical_files_under_load(tmp_path, busy_cores):
 
 
 def test_pinned_settings_reach_the_encoder(tmp_path):
-    """x264 writes the settings it encoded with into the stream: a fixed count of slice threads (its default: frame
-    threads, as many as the CPU count gives), macroblock-tree off, the pinned rate factor."""
+    """x264 writes the settings it encoded with into the stream: a fixed count of slice threads (the default: one
+    per CPU core), macroblock-tree off, the pinned rate factor."""
     write_mp4(tmp_path / "a.mp4", frames_for_test(4, 720, 1280), 24)
     data = (tmp_path / "a.mp4").read_bytes()
     start = data.index(b"x264 - core")

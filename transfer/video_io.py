@@ -3,7 +3,7 @@
 Every file written here is a function of its contents, never of the machine, its load or thread timing:
 
 - **mp4 (viewable)**: H.264 (libx264) with every setting that decides the bytes pinned (``MP4_OPTIONS``): a fixed
-  count of slice threads (``ENCODER_THREADS``; x264's default is frame threads, as many as the CPU count gives:
+  count of slice threads (``ENCODER_THREADS``; the default through PyAV is one per CPU core:
   each count its own bytes), frame timestamps set from the
   frame index, the container written ``bitexact`` (no muxer version string), and x264's macroblock-tree rate
   control off (``mbtree=0``): with it on, the same frames encoded twice in one single-threaded process gave
@@ -159,7 +159,7 @@ def remove_stale_temp_files(folder: str | Path) -> list[str]:
 
 #: Encoder threads of every mp4, as x264 *slices*: each frame is cut into this many slices, encoded independently
 #: and joined before the next frame, so no decision depends on thread timing. A constant, so the bytes do not follow
-#: the machine's CPU count (x264's default does). x264 uses fewer on small frames (1 below about 200 rows).
+#: the machine's CPU count (PyAV's default, 0 = auto, does). x264 uses fewer on small frames (1 below about 200 rows).
 ENCODER_THREADS = 2
 #: libx264 settings of the viewable mp4 (``mbtree=0``: see the module docstring).
 MP4_OPTIONS = {"preset": "medium", "crf": "23", "x264-params": "mbtree=0"}
