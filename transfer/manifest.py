@@ -160,7 +160,7 @@ class Manifest:
             logger.warning(f"cannot lock {self.folder} ({e}); do not start two runs into it")
         self._folder_fd = fd  # held until the process exits (released by the kernel even on SIGKILL)
         for name in remove_stale_temp_files(self.folder):
-            logger.warning(f"removed {name}, left by an interrupted run")
+            logger.warning(f"removing {name}, left by an interrupted run")
 
     def release_folder(self) -> None:
         """Let another run into the folder (a process's exit does this too)."""
