@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs.models import preset  # noqa: E402
-from transfer.acceleration import Residency, compile_stage  # noqa: E402
+from transfer.acceleration import compile_stage  # noqa: E402
+from transfer.residency import Residency  # noqa: E402
 from transfer.pipeline import ModelLimits  # noqa: E402
 from transfer.stages import DiT, VideoVAE  # noqa: E402
 

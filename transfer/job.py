@@ -140,7 +140,7 @@ class Job:
     offload: str = "none"
     """``--offload`` (or an upstream ``--offload_*`` flag): none or stages."""
     residency: object = None
-    """``transfer.acceleration.Residency`` of the loaded stages (None until models load)."""
+    """``transfer.residency.Residency`` of the loaded stages (None until models load)."""
 
     def to_do(self) -> list[int]:
         """Indices of the requests still to generate: complete ones (manifest) are skipped; one complete with other

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from loguru import logger
 
-from transfer.acceleration import describe, load_stages
 from transfer.errors import Terminated, TransferError
 from transfer.job import default_device, dtype_for, make_gate, plan_job
+from transfer.loading import load_stages
 from transfer.pipeline import TransferPipeline
+from transfer.residency import describe
 
 
 @dataclass
@@ -20,7 +21,7 @@ class Outcome:
     status: int
     """Exit status: 0, or 3 when some batch requests failed (``failures.jsonl``)."""
     memory: dict | None = None
-    """``transfer.acceleration.Residency.report()``: weight bytes per stage, peak resident bytes, moves."""
+    """``transfer.residency.Residency.report()``: weight bytes per stage, peak resident bytes, moves."""
 
 
 def run(args, guards=None) -> Outcome:
