@@ -8,6 +8,9 @@ import sys
 
 from configs.models import PRESETS
 
+#: ``--dtype`` (``transfer.job.dtype_for``).
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+
 DESCRIPTION = """Cosmos-Transfer control-to-video generation (pipeline-parallel fork).
 
 Turns control videos (vis, edge, depth, seg, keypoint) plus a prompt into a new video.
@@ -78,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: none)")
     for flag in ("diffusion_transformer", "text_encoder_model", "tokenizer", "guardrail_models", "prompt_upsampler"):
         run.add_argument(f"--offload_{flag}", action="store_true", help="upstream's flag: same as --offload stages")
+    run.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                     help="weights and activations: auto = bf16 on CUDA, fp32 on CPU (default: auto); bf16 runs on CPU too")
     run.add_argument("--trace", help="write a Chrome/Perfetto trace of every stage's busy intervals (multi-process runs)")
 
     pre = p.add_argument_group("computed controls (docs/preprocessors.md): a control without input_control is "

@@ -49,9 +49,15 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def dtype_for(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA, fp32 on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+#: ``--dtype`` choices and what they mean.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dtype_for(device: torch.device, choice: str = "auto") -> torch.dtype:
+    """``--dtype``: ``auto`` is bf16 on CUDA, fp32 on CPU."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[choice]
 
 
 def resolve_checkpoint(args) -> Path:
@@ -104,7 +110,8 @@ def make_gate(args, job: "Job", notify=None, guards=None):
     custom = guards is not None
     if guards is None:
         guards = build_guards(args, device=str(default_device()))
-    job.manifest.shared = run_settings(args, job, guards.names if custom else None)
+    dtype = str(dtype_for(default_device(), job.dtype)).removeprefix("torch.")
+    job.manifest.shared = run_settings(args, job, guards.names if custom else None, dtype)
 
     def write(request, result):
         paths = write_outputs(folder, request, result, args.fps, args.save_raw)
@@ -141,6 +148,8 @@ class Job:
     """``--offload`` (or an upstream ``--offload_*`` flag): none or stages."""
     residency: object = None
     """``transfer.residency.Residency`` of the loaded stages (None until models load)."""
+    dtype: str = "auto"
+    """``--dtype``: auto, bf16, fp16 or fp32 (``dtype_for``)."""
 
     def to_do(self) -> list[int]:
         """Indices of the requests still to generate: complete ones (manifest) are skipped; one complete with other
@@ -237,7 +246,8 @@ def plan_job(args) -> Job:
         raise TransferError(f"no request can run: {failures.records[0]['error']}")
     check_acceleration(args)
     return Job(info, limits, settings, usable, control_maker(args, info, usable), failures, bool(args.batch_input_path),
-               Manifest(args.video_save_folder, args.overwrite), args.compile, offload_mode(args))
+               Manifest(args.video_save_folder, args.overwrite), args.compile, offload_mode(args),
+               dtype=getattr(args, "dtype", "auto"))
 
 
 def control_maker(args, info, requests):

@@ -89,7 +89,7 @@ def generate_all(job, prepared, gate) -> None:
 
 def load_pipeline(job) -> TransferPipeline:
     device = default_device()
-    dtype = dtype_for(device)
+    dtype = dtype_for(device, job.dtype)
     modalities = sorted({m for r in job.requests for m in r.controls})
     logger.info(f"checkpoint {job.info.root} on {device} ({dtype}), controls: {', '.join(modalities)}")
     stages, job.residency = load_stages(job.info, ["text", "vae", "dit"], modalities, device, dtype, job.compile, job.offload)

@@ -96,9 +96,11 @@ class RankLoop:
         self.running = True
         self.settings = job.settings
         device = default_device()
-        dtype = dtype_for(device)
+        dtype = dtype_for(device, job.dtype)
         modalities = sorted({m for r in job.requests for m in r.controls})
         held = [s for s in ("text", "vae", "dit") if s in self.stages]
+        if held:
+            logger.info(f"rank {rank}: {', '.join(held)} on {device} ({dtype})")
         loaded, self.residency = load_stages(job.info, held, modalities, device, dtype, job.compile, job.offload)
         self.text_encoder, self.vae, self.dit = (loaded.get(s) for s in ("text", "vae", "dit"))
         self.dit_dtype = dtype
