@@ -16,7 +16,7 @@ from loguru import logger
 
 from guardrails import check_guard_args
 from transfer.acceleration import check_acceleration, offload_mode
-from transfer.checkpoint import inspect_checkpoint, require_modalities
+from transfer.checkpoint import info_from_preset, inspect_checkpoint, require_modalities
 from transfer.errors import TransferError
 from transfer.manifest import Manifest, run_settings
 from transfer.pipeline import GenerationResult, GenerationSettings, ModelLimits, prepare_request
@@ -68,6 +68,19 @@ def resolve_checkpoint(args) -> Path:
     return ensure_tiny_checkpoint(args.checkpoint_preset)
 
 
+def checkpoint_info(args):
+    """The run's checkpoint configs: a directory's (``--checkpoint_dir``, or the embedded tiny one), or with
+    ``--random_weights`` the ``--checkpoint_preset``'s, whose models are then built with random weights."""
+    if not getattr(args, "random_weights", False):
+        return inspect_checkpoint(resolve_checkpoint(args))
+    if args.checkpoint_dir:
+        raise TransferError("--random_weights builds the --checkpoint_preset's models from their configs: "
+                            "drop --checkpoint_dir")
+    from configs.models import preset
+
+    return info_from_preset(preset(args.checkpoint_preset))
+
+
 OUTPUT_SUFFIXES = (".mp4", ".txt", ".npz")
 BLOCKED_SUFFIX = ".blocked.json"
 
@@ -110,6 +123,9 @@ def make_gate(args, job: "Job", notify=None, guards=None):
     custom = guards is not None
     if guards is None:
         guards = build_guards(args, device=str(default_device()))
+    if getattr(args, "random_weights", False):
+        logger.warning(f"--random_weights: every output of this run is made with random {args.checkpoint_preset} weights "
+                       "(recorded in manifest.json): time and memory are real, the pictures are not")
     dtype = str(dtype_for(default_device(), job.dtype)).removeprefix("torch.")
     job.manifest.shared = run_settings(args, job, guards.names if custom else None, dtype)
 
@@ -225,7 +241,7 @@ def plan_job(args) -> Job:
         raise TransferError(f"--fps must be positive, got {args.fps}")
     bad_lines: list[dict] = []
     requests = requests_from_args(args, bad_lines)
-    info = inspect_checkpoint(resolve_checkpoint(args))
+    info = checkpoint_info(args)
     if args.max_frames < 1 or args.max_resolution < 16:
         raise TransferError("--max_frames must be at least 1 and --max_resolution at least 16")
     limits = replace(ModelLimits.from_info(info), max_frames=args.max_frames, max_side=args.max_resolution)
@@ -255,7 +271,7 @@ def control_maker(args, info, requests):
     from preprocessors import ControlMaker, options_from_args
 
     options = options_from_args(args)
-    if options["model_dir"] is None and (Path(info.root) / "preprocessors").is_dir():
+    if options["model_dir"] is None and info.root is not None and (Path(info.root) / "preprocessors").is_dir():
         options["model_dir"] = str(Path(info.root) / "preprocessors")  # weights shipped beside the checkpoint
     maker = ControlMaker(Path(args.video_save_folder), options)
     maker.check(sorted({m for r in requests for m, c in r.controls.items() if c.input_control is None}))

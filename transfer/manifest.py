@@ -87,7 +87,8 @@ def run_settings(args, job, guard_names: list[str] | None = None, dtype: str | N
         if guard_names is not None:  # guards handed to runner.run by a program
             guards["names"] = guard_names
     return {"generation": asdict(job.settings), "checkpoint": folder_digest(job.info.root), "fps": float(args.fps),
-            "save_raw": bool(args.save_raw), "guardrails": guards, "dtype": dtype}
+            "save_raw": bool(args.save_raw), "guardrails": guards, "dtype": dtype,
+            "random_weights": args.checkpoint_preset if getattr(args, "random_weights", False) else None}
 
 
 def request_settings(request, controls, shared: dict) -> dict:

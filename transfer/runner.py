@@ -91,6 +91,7 @@ def load_pipeline(job) -> TransferPipeline:
     device = default_device()
     dtype = dtype_for(device, job.dtype)
     modalities = sorted({m for r in job.requests for m in r.controls})
-    logger.info(f"checkpoint {job.info.root} on {device} ({dtype}), controls: {', '.join(modalities)}")
+    where = job.info.root or "random weights (--random_weights)"
+    logger.info(f"checkpoint {where} on {device} ({dtype}), controls: {', '.join(modalities)}")
     stages, job.residency = load_stages(job.info, ["text", "vae", "dit"], modalities, device, dtype, job.compile, job.offload)
     return TransferPipeline(stages["text"], stages["vae"], stages["dit"], job.limits, job.settings)
