@@ -207,9 +207,10 @@ def transfer25_2b_small() -> CheckpointConfig:
     text_encoder = dict(
         text_config=dict(REASON1_7B["text_config"], hidden_size=hidden, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=2, num_key_value_heads=1, vocab_size=1024,
-                         rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [4, 6, 6]}),
+                         rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [4, 6, 6]},
+                         bos_token_id=None, eos_token_id=None),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden),
-        hidden_size=hidden,
+        hidden_size=hidden, bos_token_id=None, eos_token_id=None,  # the real ids lie beyond the small vocabulary
     )
     vae = dict(WAN21_VAE, base_dim=16, num_res_blocks=1)
     return CheckpointConfig("transfer2.5-2b-small", "qwen2_5_vl", text_encoder, transformer, controlnet, vae,
