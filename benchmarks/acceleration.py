@@ -27,33 +27,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs.models import preset  # noqa: E402
-from transfer.acceleration import Residency, compile_stage  # noqa: E402
+from transfer.acceleration import compile_stage  # noqa: E402
+from transfer.checkpoint import info_from_preset, load_dit, load_vae  # noqa: E402
 from transfer.pipeline import ModelLimits  # noqa: E402
+from transfer.residency import Residency  # noqa: E402
 from transfer.stages import DiT, VideoVAE  # noqa: E402
 
 
-def cast(model, dtype: torch.dtype):
-    """``model`` in ``dtype`` except its ``_keep_in_fp32_modules``, as ``from_pretrained(torch_dtype=...)`` loads it."""
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    for name, param in model.named_parameters():
-        param.data = param.data.to(torch.float32 if any(k in name for k in keep) else dtype)
-    return model.eval()
-
-
 def build(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """The VAE and DiT stages of preset ``name`` with random weights, and a random prompt embedding."""
-    from diffusers import AutoencoderKLWan, CosmosControlNetModel, CosmosTransformer3DModel, UniPCMultistepScheduler
-
-    cfg = preset(name)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        transformer = cast(CosmosTransformer3DModel(**cfg.transformer), dtype)
-        controlnet = cast(CosmosControlNetModel(**cfg.controlnet), dtype)
-        vae = cast(AutoencoderKLWan(**cfg.vae), dtype)
-    t = cfg.transformer
+    """The VAE and DiT stages of preset ``name`` with random weights (the product's ``--random_weights`` loaders:
+    the same seeds, the same weights each call), and a random prompt embedding."""
+    info = info_from_preset(preset(name))
+    t = info.transformer
     text_dim = t["crossattn_proj_in_channels"] if t["use_crossattn_projection"] else t["text_embed_dim"]
     embeds = torch.randn(1, 512, text_dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    return VideoVAE(vae, device), DiT(transformer, {"edge": controlnet}, UniPCMultistepScheduler(**cfg.scheduler), device), embeds
+    return load_vae(info, device, dtype), load_dit(info, ["edge"], device, dtype), embeds
 
 
 def chunk(vae: VideoVAE, dit: DiT, limits: ModelLimits, video, embeds, steps: int):
@@ -83,10 +71,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = preset(args.preset)
-    from transfer.checkpoint import info_from_preset
-
-    limits = ModelLimits.from_info(info_from_preset(cfg))
+    limits = ModelLimits.from_info(info_from_preset(preset(args.preset)))
     video = torch.rand(1, 3, args.frames, args.height, args.width, generator=torch.Generator().manual_seed(2)) * 2 - 1
     print(f"{args.preset} on {device} ({dtype}), chunk {args.frames}x{args.height}x{args.width}, {args.steps} steps, "
           f"guidance 3, one ControlNet\n")

@@ -192,8 +192,33 @@ def transfer25_2b_t5() -> CheckpointConfig:
                             dict(WAN21_VAE), embedded=False)
 
 
+def transfer25_2b_small() -> CheckpointConfig:
+    """Transfer2.5-2B's structure at reduced size, for CPU tests of ``--random_weights`` and ``real_size.py --small``:
+    the same classes and wiring (Qwen2.5-VL full-concat embeddings through the cross-attn projection, a ControlNet
+    block every ``n`` transformer blocks, 130-channel control input, Wan VAE with 8x spatial / 4x temporal
+    compression), fewer layers and narrower widths. Configs only."""
+    layers, hidden = 2, 64
+    transformer, controlnet = _transfer25_2b_dit(crossattn=True)
+    small = dict(num_attention_heads=2, attention_head_dim=32, adaln_lora_dim=16, img_context_dim_in=32,
+                 img_context_dim_out=64, crossattn_proj_in_channels=layers * hidden, text_embed_dim=64,
+                 encoder_hidden_states_channels=64)
+    transformer = dict(transformer, **small, num_layers=4, controlnet_block_every_n=2, img_context_num_tokens=4)
+    controlnet = dict(controlnet, **small, n_controlnet_blocks=2, model_channels=64)
+    text_encoder = dict(
+        text_config=dict(REASON1_7B["text_config"], hidden_size=hidden, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=1024,
+                         rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [4, 6, 6]},
+                         bos_token_id=None, eos_token_id=None),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden),
+        hidden_size=hidden, bos_token_id=None, eos_token_id=None,  # the real ids lie beyond the small vocabulary
+    )
+    vae = dict(WAN21_VAE, base_dim=16, num_res_blocks=1)
+    return CheckpointConfig("transfer2.5-2b-small", "qwen2_5_vl", text_encoder, transformer, controlnet, vae,
+                            embedded=False)
+
+
 PRESETS = {"tiny": tiny, "tiny-reason": tiny_reason, "transfer2.5-2b": transfer25_2b,
-           "transfer2.5-2b-t5-11b": transfer25_2b_t5}
+           "transfer2.5-2b-t5-11b": transfer25_2b_t5, "transfer2.5-2b-small": transfer25_2b_small}
 
 
 def preset(name: str) -> CheckpointConfig:

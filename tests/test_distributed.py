@@ -103,7 +103,8 @@ def test_direction_groups_transport_equals_single_process(tiny_ckpt, batch, sing
 
 
 def test_single_spec_run_equals_single_process(tiny_ckpt, batch, tmp_path):
-    """A plain --controlnet_specs run (no batch): two controls, three chunks, 4 ranks vs 1."""
+    """A plain --controlnet_specs run (no batch): two controls, three chunks, 4 ranks vs 1, in bf16 (``--dtype``; the
+    batch tests above run fp32): bit for bit, no NaN."""
     line = json.loads((batch / "batch.jsonl").read_text().splitlines()[2])
     spec = batch / "multi_spec.json"
     spec.write_text(json.dumps({k: v for k, v in line.items() if k not in ("name", "seed")}))
@@ -111,11 +112,13 @@ def test_single_spec_run_equals_single_process(tiny_ckpt, batch, tmp_path):
     for nproc in (1, 4):
         outs[nproc] = tmp_path / str(nproc)
         proc = launch(nproc, "--controlnet_specs", str(spec), "--video_save_folder", str(outs[nproc]), "--save_raw",
-                      "--seed", "13", *FAST)
+                      "--seed", "13", "--dtype", "bf16", *FAST)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert nproc > 1 or "(torch.bfloat16)" in proc.stderr
     ref, got = np.load(outs[1] / "output.npz"), np.load(outs[4] / "output.npz")
-    assert ref["latents"].shape[0] == 3
+    assert ref["latents"].shape[0] == 3 and not np.isnan(ref["latents"]).any() and ref["frames"].std() > 1
     assert np.array_equal(ref["frames"], got["frames"]) and np.array_equal(ref["latents"], got["latents"])
+    assert json.loads((outs[4] / "manifest.json").read_text())["requests"]["output"]["settings"]["dtype"] == "bfloat16"
     assert sorted(p.name for p in outs[4].iterdir()) == ["manifest.json", "output.mp4", "output.npz", "output.txt"]
 
 

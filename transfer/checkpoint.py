@@ -7,6 +7,13 @@ Layout (safetensors weights, configs beside them)::
 ``inspect_checkpoint`` reads configs only and checks that the parts fit together,
 so a missing or inconsistent component is reported (by name) before any weight
 loads. The ``load_*`` functions then build only the stage a process needs.
+
+``--random_weights`` (``info_from_preset``: a ``CheckpointInfo`` without a directory): the same
+``load_*`` functions build each model from its config with random weights, directly on the
+process's device and in the run dtype -- the modules are made on the meta device, then every
+parameter is allocated on the device and initialised there (seeded per component, so every
+placement builds the same weights) -- with no CPU copy of the weights. Time and memory do not
+depend on weight values: this is how real-size runs are measured without a download.
 """
 
 from __future__ import annotations
@@ -138,6 +145,46 @@ def inspect_checkpoint(root: str | Path) -> CheckpointInfo:
     return info
 
 
+#: Seeds of the random-weight components (``--random_weights``): one per model, whatever the placement.
+RANDOM_SEEDS = {"text_encoder": 0, "transformer": 1, "vae": 2, "controlnet": 10}
+
+
+def keeps_fp32(model, name: str) -> bool:
+    """Whether parameter ``name`` stays fp32 in a low-precision run (the class's ``_keep_in_fp32_modules``)."""
+    return any(k in name for k in (getattr(model, "_keep_in_fp32_modules", None) or []))
+
+
+def random_model(make, device: torch.device, dtype: torch.dtype, seed: int):
+    """``make()`` with random weights on ``device`` in ``dtype``: built on the meta device (buffers, which modules
+    compute at construction, are made for real: they are small), then each parameter allocated on ``device`` and
+    initialised there -- normal with std 1/sqrt(fan in) for matrices, ones for 1-D weights (norm scales), zeros for
+    biases. A tied parameter stays tied. Deterministic for a given ``seed`` and device type."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = make()
+    if hasattr(model, "tie_weights"):  # the meta context gives each registration its own tensor: tie them again
+        model.tie_weights()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    made: dict[int, torch.nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        for attr, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in made:
+                name = f"{module_name}.{attr}" if module_name else attr
+                value = torch.empty(param.shape, dtype=torch.float32 if keeps_fp32(model, name) else dtype, device=device)
+                if attr == "bias":
+                    value.zero_()
+                elif value.dim() == 1:
+                    value.fill_(1.0)
+                else:
+                    value.normal_(0.0, float(torch.tensor(param.shape[1:]).prod()) ** -0.5, generator=generator)
+                made[id(param)] = torch.nn.Parameter(value, requires_grad=False)
+            module._parameters[attr] = made[id(param)]
+    return model.to(device).eval()
+
+
 def info_from_preset(cfg) -> CheckpointInfo:
     """A ``CheckpointInfo`` from a ``configs.models.CheckpointConfig`` (configs only, nothing on disk)."""
     info = CheckpointInfo(
@@ -175,6 +222,12 @@ def load_text_encoder(info: CheckpointInfo, device: torch.device, dtype: torch.d
     from transfer.text_encoding import TextEncoder, text_encoder_class
 
     cls = text_encoder_class(info.text_encoder_type)
+    if info.root is None:  # --random_weights: a local character tokenizer, the preset's config
+        from transfer.tiny import build_tokenizer
+
+        tokenizer = build_tokenizer(chat=info.text_encoder_type != "t5")  # ids below any vocabulary's size
+        model = random_model(lambda: cls(info.text_config), device, dtype, RANDOM_SEEDS["text_encoder"])
+        return TextEncoder(model, tokenizer, device, dtype)
     tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, info.root / "tokenizer", local_files_only=True)
     model = _load("text_encoder", cls.from_pretrained, info.root / "text_encoder", dtype=dtype, local_files_only=True)
     return TextEncoder(model.to(device).eval(), tokenizer, device, dtype)
@@ -186,6 +239,8 @@ def load_vae(info: CheckpointInfo, device: torch.device, dtype: torch.dtype):
 
     from transfer.stages import VideoVAE
 
+    if info.root is None:  # --random_weights
+        return VideoVAE(random_model(lambda: AutoencoderKLWan(**info.vae), device, dtype, RANDOM_SEEDS["vae"]), device)
     vae = _load("vae", AutoencoderKLWan.from_pretrained, info.root / "vae", torch_dtype=dtype, local_files_only=True)
     return VideoVAE(vae.to(device).eval(), device)
 
@@ -197,6 +252,12 @@ def load_dit(info: CheckpointInfo, modalities, device: torch.device, dtype: torc
     from transfer.stages import DiT
 
     require_modalities(info, modalities)
+    if info.root is None:  # --random_weights; ControlNet seeds follow the checkpoint's modality order
+        transformer = random_model(lambda: CosmosTransformer3DModel(**info.transformer), device, dtype,
+                                   RANDOM_SEEDS["transformer"])
+        controlnets = {m: random_model(lambda m=m: CosmosControlNetModel(**info.controlnets[m]), device, dtype,
+                                       RANDOM_SEEDS["controlnet"] + info.modalities.index(m)) for m in modalities}
+        return DiT(transformer, controlnets, UniPCMultistepScheduler(**info.scheduler), device)
     transformer = _load(
         "transformer", CosmosTransformer3DModel.from_pretrained, info.root / "transformer",
         torch_dtype=dtype, local_files_only=True,

@@ -8,6 +8,9 @@ import sys
 
 from configs.models import PRESETS
 
+#: ``--dtype`` (``transfer.job.dtype_for``).
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+
 DESCRIPTION = """Cosmos-Transfer control-to-video generation (pipeline-parallel fork).
 
 Turns control videos (vis, edge, depth, seg, keypoint) plus a prompt into a new video.
@@ -45,9 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--checkpoint_dir", help="diffusers-layout checkpoint directory "
                        "(default: the embedded tiny random-weight checkpoint, built on first use)")
+    model.add_argument("--random_weights", action="store_true",
+                       help="build the --checkpoint_preset's models (e.g. transfer2.5-2b) from their configs with random "
+                       "weights, directly on each rank's device in the run dtype, and run the whole pipeline: real-size "
+                       "time and memory without a download; outputs are marked as made with random weights")
     model.add_argument("--checkpoint_preset", default="tiny", choices=sorted(PRESETS),
                        help="which embedded random-weight checkpoint to use without --checkpoint_dir (default: tiny); "
-                       "transfer2.5-2b and transfer2.5-2b-t5-11b are real-size configs without weights, for --plan")
+                       "transfer2.5-2b and transfer2.5-2b-t5-11b are real-size configs without weights, for --plan and "
+                       "--random_weights")
 
     gen = p.add_argument_group("generation")
     gen.add_argument("--num_steps", type=int, default=36, help="denoising steps per chunk (default: 36)")
@@ -78,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: none)")
     for flag in ("diffusion_transformer", "text_encoder_model", "tokenizer", "guardrail_models", "prompt_upsampler"):
         run.add_argument(f"--offload_{flag}", action="store_true", help="upstream's flag: same as --offload stages")
+    run.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                     help="weights and activations: auto = bf16 on CUDA, fp32 on CPU (default: auto); bf16 runs on CPU too")
     run.add_argument("--trace", help="write a Chrome/Perfetto trace of every stage's busy intervals (multi-process runs)")
 
     pre = p.add_argument_group("computed controls (docs/preprocessors.md): a control without input_control is "

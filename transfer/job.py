@@ -16,7 +16,7 @@ from loguru import logger
 
 from guardrails import check_guard_args
 from transfer.acceleration import check_acceleration, offload_mode
-from transfer.checkpoint import inspect_checkpoint, require_modalities
+from transfer.checkpoint import info_from_preset, inspect_checkpoint, require_modalities
 from transfer.errors import TransferError
 from transfer.manifest import Manifest, run_settings
 from transfer.pipeline import GenerationResult, GenerationSettings, ModelLimits, prepare_request
@@ -49,9 +49,15 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def dtype_for(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA, fp32 on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+#: ``--dtype`` choices and what they mean.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dtype_for(device: torch.device, choice: str = "auto") -> torch.dtype:
+    """``--dtype``: ``auto`` is bf16 on CUDA, fp32 on CPU."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[choice]
 
 
 def resolve_checkpoint(args) -> Path:
@@ -60,6 +66,19 @@ def resolve_checkpoint(args) -> Path:
     from transfer.tiny import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint(args.checkpoint_preset)
+
+
+def checkpoint_info(args):
+    """The run's checkpoint configs: a directory's (``--checkpoint_dir``, or the embedded tiny one), or with
+    ``--random_weights`` the ``--checkpoint_preset``'s, whose models are then built with random weights."""
+    if not getattr(args, "random_weights", False):
+        return inspect_checkpoint(resolve_checkpoint(args))
+    if args.checkpoint_dir:
+        raise TransferError("--random_weights builds the --checkpoint_preset's models from their configs: "
+                            "drop --checkpoint_dir")
+    from configs.models import preset
+
+    return info_from_preset(preset(args.checkpoint_preset))
 
 
 OUTPUT_SUFFIXES = (".mp4", ".txt", ".npz")
@@ -104,7 +123,11 @@ def make_gate(args, job: "Job", notify=None, guards=None):
     custom = guards is not None
     if guards is None:
         guards = build_guards(args, device=str(default_device()))
-    job.manifest.shared = run_settings(args, job, guards.names if custom else None)
+    if getattr(args, "random_weights", False):
+        logger.warning(f"--random_weights: every output of this run is made with random {args.checkpoint_preset} weights "
+                       "(recorded in manifest.json): time and memory are real, the pictures are not")
+    dtype = str(dtype_for(default_device(), job.dtype)).removeprefix("torch.")
+    job.manifest.shared = run_settings(args, job, guards.names if custom else None, dtype)
 
     def write(request, result):
         paths = write_outputs(folder, request, result, args.fps, args.save_raw)
@@ -140,7 +163,9 @@ class Job:
     offload: str = "none"
     """``--offload`` (or an upstream ``--offload_*`` flag): none or stages."""
     residency: object = None
-    """``transfer.acceleration.Residency`` of the loaded stages (None until models load)."""
+    """``transfer.residency.Residency`` of the loaded stages (None until models load)."""
+    dtype: str = "auto"
+    """``--dtype``: auto, bf16, fp16 or fp32 (``dtype_for``)."""
 
     def to_do(self) -> list[int]:
         """Indices of the requests still to generate: complete ones (manifest) are skipped; one complete with other
@@ -216,7 +241,7 @@ def plan_job(args) -> Job:
         raise TransferError(f"--fps must be positive, got {args.fps}")
     bad_lines: list[dict] = []
     requests = requests_from_args(args, bad_lines)
-    info = inspect_checkpoint(resolve_checkpoint(args))
+    info = checkpoint_info(args)
     if args.max_frames < 1 or args.max_resolution < 16:
         raise TransferError("--max_frames must be at least 1 and --max_resolution at least 16")
     limits = replace(ModelLimits.from_info(info), max_frames=args.max_frames, max_side=args.max_resolution)
@@ -237,7 +262,8 @@ def plan_job(args) -> Job:
         raise TransferError(f"no request can run: {failures.records[0]['error']}")
     check_acceleration(args)
     return Job(info, limits, settings, usable, control_maker(args, info, usable), failures, bool(args.batch_input_path),
-               Manifest(args.video_save_folder, args.overwrite), args.compile, offload_mode(args))
+               Manifest(args.video_save_folder, args.overwrite), args.compile, offload_mode(args),
+               dtype=getattr(args, "dtype", "auto"))
 
 
 def control_maker(args, info, requests):
@@ -245,7 +271,7 @@ def control_maker(args, info, requests):
     from preprocessors import ControlMaker, options_from_args
 
     options = options_from_args(args)
-    if options["model_dir"] is None and (Path(info.root) / "preprocessors").is_dir():
+    if options["model_dir"] is None and info.root is not None and (Path(info.root) / "preprocessors").is_dir():
         options["model_dir"] = str(Path(info.root) / "preprocessors")  # weights shipped beside the checkpoint
     maker = ControlMaker(Path(args.video_save_folder), options)
     maker.check(sorted({m for r in requests for m, c in r.controls.items() if c.input_control is None}))

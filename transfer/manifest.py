@@ -70,8 +70,8 @@ def folder_digest(root: Path | None) -> str | None:
     return h.hexdigest()
 
 
-def run_settings(args, job, guard_names: list[str] | None = None) -> dict:
-    """The settings every request of this run shares."""
+def run_settings(args, job, guard_names: list[str] | None = None, dtype: str | None = None) -> dict:
+    """The settings every request of this run shares; ``dtype``: the resolved ``--dtype`` (bf16, fp16, fp32)."""
     from guardrails import guard_mode
 
     mode = guard_mode(args)
@@ -87,7 +87,8 @@ def run_settings(args, job, guard_names: list[str] | None = None) -> dict:
         if guard_names is not None:  # guards handed to runner.run by a program
             guards["names"] = guard_names
     return {"generation": asdict(job.settings), "checkpoint": folder_digest(job.info.root), "fps": float(args.fps),
-            "save_raw": bool(args.save_raw), "guardrails": guards}
+            "save_raw": bool(args.save_raw), "guardrails": guards, "dtype": dtype,
+            "random_weights": args.checkpoint_preset if getattr(args, "random_weights", False) else None}
 
 
 def request_settings(request, controls, shared: dict) -> dict:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from loguru import logger
 
-from transfer.acceleration import describe, load_stages
 from transfer.errors import Terminated, TransferError
 from transfer.job import default_device, dtype_for, make_gate, plan_job
+from transfer.loading import load_stages
 from transfer.pipeline import TransferPipeline
+from transfer.residency import describe
 
 
 @dataclass
@@ -20,7 +21,7 @@ class Outcome:
     status: int
     """Exit status: 0, or 3 when some batch requests failed (``failures.jsonl``)."""
     memory: dict | None = None
-    """``transfer.acceleration.Residency.report()``: weight bytes per stage, peak resident bytes, moves."""
+    """``transfer.residency.Residency.report()``: weight bytes per stage, peak resident bytes, moves."""
 
 
 def run(args, guards=None) -> Outcome:
@@ -88,8 +89,9 @@ def generate_all(job, prepared, gate) -> None:
 
 def load_pipeline(job) -> TransferPipeline:
     device = default_device()
-    dtype = dtype_for(device)
+    dtype = dtype_for(device, job.dtype)
     modalities = sorted({m for r in job.requests for m in r.controls})
-    logger.info(f"checkpoint {job.info.root} on {device} ({dtype}), controls: {', '.join(modalities)}")
+    where = job.info.root or "random weights (--random_weights)"
+    logger.info(f"checkpoint {where} on {device} ({dtype}), controls: {', '.join(modalities)}")
     stages, job.residency = load_stages(job.info, ["text", "vae", "dit"], modalities, device, dtype, job.compile, job.offload)
     return TransferPipeline(stages["text"], stages["vae"], stages["dit"], job.limits, job.settings)

@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from transfer.acceleration import OnDevice
+from transfer.residency import OnDevice
 
 #: Timestep given to conditioning latent frames (Transfer2.5 default).
 CONDITIONAL_FRAME_TIMESTEP = 0.1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from transfer.acceleration import OnDevice
+from transfer.residency import OnDevice
 
 MAX_SEQUENCE_LENGTH = 512
 SYSTEM_PROMPT = "You are a helpful assistant who will provide prompts to an image generator."

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     import PIL.Image
 
     device = default_device()
-    dtype = dtype_for(device)
+    dtype = dtype_for(device, job.dtype)
     encoder = load_text_encoder(job.info, device, dtype)
     folder = Path(args.video_save_folder)
     s = job.settings

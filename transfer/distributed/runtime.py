@@ -32,16 +32,17 @@ import torch.distributed as dist
 import guardrails
 from loguru import logger
 
-from transfer.acceleration import describe, load_stages
 from transfer.distributed.placement import Placement, from_file, preset
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
 from transfer.distributed.transport import Message, PeerFailure, Transport, direction_groups
 from transfer.errors import Terminated, TransferError, raise_on_stop_signals
 from transfer.job import default_device, dtype_for, make_gate, plan_job
+from transfer.loading import load_stages
 from transfer.pipeline import (
     GenerationResult, SeededNoise, encode_controls, join_chunks, latent_condition, latent_shape, plan_chunks,
     roundtrip_condition, to_model_video, to_uint8_frames,
 )
+from transfer.residency import describe
 
 #: Gloo's timeout for one blocking operation. Stages legitimately wait minutes for the DiT;
 #: failures are detected by broken connections and abort messages, not by this.
@@ -95,9 +96,11 @@ class RankLoop:
         self.running = True
         self.settings = job.settings
         device = default_device()
-        dtype = dtype_for(device)
+        dtype = dtype_for(device, job.dtype)
         modalities = sorted({m for r in job.requests for m in r.controls})
         held = [s for s in ("text", "vae", "dit") if s in self.stages]
+        if held:
+            logger.info(f"rank {rank}: {', '.join(held)} on {device} ({dtype})")
         loaded, self.residency = load_stages(job.info, held, modalities, device, dtype, job.compile, job.offload)
         self.text_encoder, self.vae, self.dit = (loaded.get(s) for s in ("text", "vae", "dit"))
         self.dit_dtype = dtype

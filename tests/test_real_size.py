@@ -1,0 +1,30 @@
+"""``benchmarks/real_size.py --small``: the real-size kit's code path (random weights, every stage timed, the
+projection, placement runs under torchrun) at reduced size on CPU; every column printed."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_real_size_small_prints_every_column():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "real_size.py"), "--small"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for call in ("text encode", "VAE encode (one control)", "DiT step, CFG (2 branches)", "DiT step, no CFG",
+                 "VAE decode (one chunk)", "VAE re-encode (roundtrip)", "weights of every stage (resident)"):
+        row = re.search(rf"^\| {re.escape(call)} \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
+        assert row, call
+        if call != "weights of every stage (resident)":
+            assert float(row.group(1)) > 0, call  # a measured time
+    for name in ("1 GPU, all stages", "stage processes, 1 DiT GPU", "stage processes, CFG pair"):
+        assert re.search(rf"^\| {name} \| [\d.]+ \|$", out, re.M), name
+    assert "1 GPU 502.6 s" in out
+    for world in (1, 4):
+        assert re.search(rf"^{world} rank\(s\), transfer.py --random_weights, 2 chunks x 2 steps: wall [\d.]+ s$", out, re.M)
+    assert re.search(r"^\s+3\s+dit\s+[\d.]+\s+\d+%\s+[\d.]+$", out, re.M)  # the 4-rank run's stage table
+    assert "rank 3: weights on cpu" in out and "FAILED" not in out

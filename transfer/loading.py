@@ -1,0 +1,32 @@
+"""Loading the stages a process holds: checkpoint loaders, then ``--compile`` and ``--offload`` registration.
+
+The top of the loading chain: ``transfer.residency`` (device residency) <- the model wrappers (``transfer.stages``,
+``transfer.text_encoding``) <- ``transfer.checkpoint`` (loaders) <- here; ``transfer.acceleration`` (compile) beside.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from transfer.acceleration import compile_stage
+from transfer.checkpoint import load_dit, load_text_encoder, load_vae
+from transfer.residency import Residency
+from transfer.tiny import cache_root
+
+
+def load_stages(info, names: list[str], modalities, device: torch.device, dtype: torch.dtype, compile_mode: str = "none",
+                offload: str = "none") -> tuple[dict, Residency]:
+    """Load the stages ``names`` (of text, vae, dit) this process holds, compile them (``--compile``) and register
+    them for ``--offload``. Offloading on CUDA, weights are loaded into CPU memory and reach the GPU on first use."""
+    residency = Residency(device, offload == "stages" and len(names) > 1)
+    load_on = torch.device("cpu") if residency.offload else device
+    loaders = {"text": lambda: load_text_encoder(info, load_on, dtype), "vae": lambda: load_vae(info, load_on, dtype),
+               "dit": lambda: load_dit(info, modalities, load_on, dtype)}
+    cache = cache_root()
+    stages = {}
+    for name in names:
+        stage = stages[name] = loaders[name]()
+        stage.device = device  # computes there; its weights may wait in CPU memory until it is used
+        compile_stage(name, stage, compile_mode, cache)
+        residency.add(name, stage)
+    return stages, residency
