@@ -179,7 +179,7 @@ def random_model(make, device: torch.device, dtype: torch.dtype, seed: int):
                 elif value.dim() == 1:
                     value.fill_(1.0)
                 else:
-                    value.normal_(0.0, float(torch.tensor(param.shape[1:]).prod()) ** -0.5, generator=generator)
+                    value.normal_(0.0, math.prod(param.shape[1:]) ** -0.5, generator=generator)
                 made[id(param)] = torch.nn.Parameter(value, requires_grad=False)
             module._parameters[attr] = made[id(param)]
     return model.to(device).eval()

@@ -15,7 +15,6 @@ import torch
 from transfer.checkpoint import CheckpointInfo
 from transfer.distributed.placement import Placement
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GB = 1e9
 
 
@@ -103,7 +102,7 @@ def run_plan(args) -> str:
     from transfer.checkpoint import info_from_preset, inspect_checkpoint, require_modalities
     from transfer.distributed.runtime import placement_from_args
     from transfer.errors import TransferError
-    from transfer.job import requests_from_args, resolve_checkpoint
+    from transfer.job import DTYPES, requests_from_args, resolve_checkpoint
 
     if args.gpu_memory_gb <= 0:
         raise TransferError(f"--gpu_memory_gb must be positive, got {args.gpu_memory_gb}")

@@ -106,7 +106,7 @@ def _locked_temp_file(final: Path) -> tuple[int, Path]:
                 raise
             return fd, Path(tmp)  # a file system without flock: no cleanup can lock it either
         try:
-            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+            if os.path.samestat(os.stat(tmp), os.fstat(fd)):
                 return fd, Path(tmp)
         except FileNotFoundError:
             pass
