@@ -5,8 +5,8 @@
 #   QUICK=1 benchmarks/gpu_check.sh         # tests and --plan only
 # 1. CUDA-only tests (tests/test_cuda.py: bf16 vs fp32 numerics, CUDA vs CPU fp32, NCCL stage processes with >= 2
 #    GPUs); 2. benchmarks/real_size.py: Transfer2.5-2B with random weights, every stage's cost and peak memory at
-#    704x1280 x 93 frames, the projected full-video time next to upstream's, and the presets the GPUs allow under
-#    torchrun (NCCL); 3. --plan for the same placements, to set beside the measured peaks.
+#    704x1280 x 93 frames beside --plan's estimate of each call's peak, the projected full-video time next to
+#    upstream's, and the presets the GPUs allow under torchrun (NCCL); 3. --plan for the same placements.
 # On this workplace's lent machine first run benchmarks/gpu_wheels.sh here and carry .whl (the script installs it).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -6,9 +6,11 @@
 
 Part 1, one process, the product's stage classes (``transfer.checkpoint`` loaders with random weights, the run dtype):
 seconds per call of the text encoder (one prompt), the VAE encoding one chunk of one control, a DiT step with CFG
-(two branches) and without, the VAE decode of a chunk and its re-encode (roundtrip chunk conditioning), and the peak
-memory of each call above what was resident before it (``torch.cuda.max_memory_allocated`` on CUDA; sampled RSS on
-CPU). From these, the projected wall time of a full video (``--full_steps`` steps, ``--full_chunks`` chunks, two
+(two branches) and without, the VAE decode of a chunk and its re-encode (roundtrip chunk conditioning); the peak
+memory of each call above what was allocated before it (``transfer.memory.measured_peak``:
+``torch.cuda.max_memory_allocated`` on CUDA, the profiler's allocation events on CPU) beside ``--plan``'s estimate of
+it from shapes (``transfer.memory.estimate_calls``), and the same for the whole process (weights + its largest call).
+From the times, the projected wall time of a full video (``--full_steps`` steps, ``--full_chunks`` chunks, two
 controls) next to upstream's published 1/4/8-GPU times (../shared/ANCHORS.md).
 
 Part 2, for each ``--placements`` world size the visible devices allow: ``transfer.py`` under torchrun with
@@ -24,7 +26,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,93 +36,62 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs.models import preset  # noqa: E402
-from transfer.checkpoint import info_from_preset, load_dit, load_text_encoder, load_vae  # noqa: E402
+from transfer.checkpoint import info_from_preset  # noqa: E402
 from transfer.job import dtype_for  # noqa: E402
-from transfer.pipeline import ModelLimits  # noqa: E402
+from transfer.memory import CALLS, Request, call_inputs, estimate_calls, load_stage, measured_peak  # noqa: E402
+from transfer.residency import stage_modules, tensor_bytes  # noqa: E402
 
 #: Upstream's published times for one Transfer2.5-2B edge-control video, 720p, 93 frames per chunk (H100 NVL).
 UPSTREAM_SECONDS = {1: 502.6, 4: 154.5, 8: 92.5}
 CONTROLS = ("edge", "vis")
 
 
-class PeakMemory:
-    """Peak memory of a block above what was in use when it started: CUDA allocator stats, or sampled RSS on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            import psutil
-
-            process = psutil.Process()
-            self.base, self.peak, self._stop = process.memory_info().rss, 0, threading.Event()
-
-            def sample():
-                while not self._stop.is_set():
-                    self.peak = max(self.peak, process.memory_info().rss - self.base)
-                    self._stop.wait(0.002)
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            self._stop.set()
-            self._thread.join()
-
-
 def timed(device: torch.device, fn, repeats: int = 1):
-    """(mean seconds, peak bytes, last result) of ``fn()`` over ``repeats`` calls."""
-    result, seconds, peak = None, 0.0, 0
+    """(mean seconds, last result) of ``fn()`` over ``repeats`` calls."""
+    result, seconds = None, 0.0
     for _ in range(repeats):
-        with PeakMemory(device) as memory:
-            start = time.perf_counter()
-            result = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds += time.perf_counter() - start
-        peak = max(peak, memory.peak)
-    return seconds / repeats, peak, result
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - start
+    return seconds / repeats, result
 
 
 def stage_costs(args, device: torch.device, dtype: torch.dtype) -> dict:
-    """Seconds and peak bytes per call of each stage, one process."""
+    """``{call: (seconds, measured peak bytes, estimated peak bytes)}`` for each stage call, one process; the
+    memory of each call measured in a call of its own (``transfer.memory.measured_peak``), beside ``--plan``'s
+    estimate of it (``estimate_calls``)."""
     info = info_from_preset(preset(args.preset))
-    limits = ModelLimits.from_info(info)
-    costs = {}
-    load_start = time.perf_counter()
-    text = load_text_encoder(info, device, dtype)
-    vae = load_vae(info, device, dtype)
-    dit = load_dit(info, list(CONTROLS), device, dtype)
-    costs["load"] = (time.perf_counter() - load_start, 0)
-    prompt = "a robot arm picks up a red cube from a wooden table, sunlight, high detail " * 4
-    costs["text encode"] = timed(device, lambda: text.encode(prompt), args.repeats)[:2]
-    embeds = text.encode(prompt)
-    video = torch.rand(1, 3, args.frames, args.height, args.width, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    seconds, peak, control = timed(device, lambda: vae.encode(video, dtype), args.repeats)
-    costs["VAE encode (one control)"] = (seconds, peak)
-    f = limits.spatial_factor
-    shape = (1, 16, limits.latent_frames(args.frames), args.height // f, args.width // f)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    controls, scales = {m: control for m in CONTROLS}, {m: 0.5 for m in CONTROLS}
-    for label, guidance in (("DiT step, CFG (2 branches)", 3.0), ("DiT step, no CFG", 1.0)):
-        seconds, peak, latents = timed(device, lambda: dit.denoise(noise, None, 0, controls, scales, embeds, embeds * 0,
-                                                                    args.steps, guidance, (args.height, args.width)))
-        costs[label] = (seconds / args.steps, peak)
-    seconds, peak, frames = timed(device, lambda: vae.decode(latents), args.repeats)
-    costs["VAE decode (one chunk)"] = (seconds, peak)
-    costs["VAE re-encode (roundtrip)"] = timed(device, lambda: vae.encode(frames.to(device), dtype), args.repeats)[:2]
-    costs["weights of every stage (resident)"] = (0, sum(p.numel() * p.element_size() for m in (text.model, vae.vae, dit.transformer,
-                                                                       *dit.controlnets.values()) for p in m.parameters()))
+    request = Request(args.height, args.width, args.frames, CONTROLS)
+    estimates = {name: peak for calls in estimate_calls(info, request, dtype, device.type).values()
+                 for name, peak in calls.items()}
+    inputs = call_inputs(info, request, dtype)
+    costs, weights, load = {}, 0, 0.0
+    for stage in ("text", "vae", "dit"):
+        start = time.perf_counter()
+        obj = load_stage(info, stage, CONTROLS, device, dtype)
+        load += time.perf_counter() - start
+        weights += sum(tensor_bytes(t) for m in stage_modules(stage, obj).values() for t in [*m.parameters(), *m.buffers()])
+        for call in (c for c in CALLS if c.stage == stage):
+            seconds, result = timed(device, lambda: call.run(obj, inputs), args.repeats)
+            if stage == "dit":  # per step of a real denoising loop (scheduler included) over --steps steps
+                guidance = request.guidance if "CFG (2" in call.name else 1.0
+                seconds = timed(device, lambda: obj.denoise(
+                    inputs["noise"], None, 0, inputs["controls"], inputs["scales"], inputs["embeds"], inputs["embeds"],
+                    args.steps, guidance, inputs["pixels"]))[0] / args.steps
+            peak = measured_peak(device, lambda: call.run(obj, inputs))[0]
+            costs[call.name] = (seconds, peak, estimates[call.name])
+            if call.name.startswith("VAE decode"):  # roundtrip conditioning encodes decoded frames again
+                frames = result.to(device)
+                seconds = timed(device, lambda: obj.encode(frames, dtype), args.repeats)[0]
+                peak = measured_peak(device, lambda: obj.encode(frames, dtype))[0]
+                costs["VAE re-encode (roundtrip)"] = (seconds, peak, estimates["VAE encode (one control)"])
+        del obj
+    costs["load (all stages)"] = (load, 0, 0)
+    costs["weights of every stage (resident)"] = (0, weights, weights)
+    largest = [max(c[i] for name, c in costs.items() if name in estimates) for i in (1, 2)]
+    costs["one process: weights + largest call"] = (0, weights + largest[0], weights + largest[1])
     return costs
 
 
@@ -198,10 +168,11 @@ def main() -> None:
           f"{args.frames}x{args.height}x{args.width}, {args.steps} steps measured\n")
 
     costs = stage_costs(args, device, dtype)
-    print("| stage call | seconds | peak memory above resident, MB |")
-    print("|---|---:|---:|")
-    for name, (seconds, peak) in costs.items():
-        print(f"| {name} | {seconds:.3f} | {peak / 2**20:.1f} |")
+    print("| stage call | seconds | peak MB, measured | peak MB, --plan estimate | estimate / measured |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (seconds, peak, estimate) in costs.items():
+        ratio = f"{estimate / peak:.3f}" if peak else "-"
+        print(f"| {name} | {seconds:.3f} | {peak / 1e6:.2f} | {estimate / 1e6:.2f} | {ratio} |")
     proj = projection(costs, args.full_steps, args.full_chunks)
     print(f"\nprojected wall time of a {args.full_chunks}-chunk, 2-control video at {args.full_steps} steps "
           "(from the per-call costs above; not measured):\n")
@@ -212,7 +183,7 @@ def main() -> None:
     print("\nupstream published (Transfer2.5-2B, edge, 720p, H100 NVL): "
           + ", ".join(f"{n} GPU {s} s" for n, s in UPSTREAM_SECONDS.items()))
 
-    worlds = [int(w) for w in args.placements.split(",") if w]
+    worlds = [int(w) for w in args.placements.split(",") if w and int(w) > 0]
     gpus = torch.cuda.device_count()
     if worlds:
         with tempfile.TemporaryDirectory() as tmp:

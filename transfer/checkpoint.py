@@ -154,18 +154,17 @@ def keeps_fp32(model, name: str) -> bool:
     return any(k in name for k in (getattr(model, "_keep_in_fp32_modules", None) or []))
 
 
-def random_model(make, device: torch.device, dtype: torch.dtype, seed: int):
-    """``make()`` with random weights on ``device`` in ``dtype``: built on the meta device (buffers, which modules
-    compute at construction, are made for real: they are small), then each parameter allocated on ``device`` and
-    initialised there -- normal with std 1/sqrt(fan in) for matrices, ones for 1-D weights (norm scales), zeros for
-    biases. A tied parameter stays tied. Deterministic for a given ``seed`` and device type."""
+def empty_model(make, device: torch.device, dtype: torch.dtype):
+    """``make()`` with uninitialised weights on ``device`` in ``dtype`` (fp32 where the class keeps modules in fp32):
+    built on the meta device (buffers, which modules compute at construction, are made for real: they are small),
+    then each parameter allocated on ``device``. A tied parameter stays tied. Under ``FakeTensorMode`` the
+    parameters are fake (``transfer.memory``: shapes, no storage)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
         model = make()
     if hasattr(model, "tie_weights"):  # the meta context gives each registration its own tensor: tie them again
         model.tie_weights()
-    generator = torch.Generator(device=device).manual_seed(seed)
     made: dict[int, torch.nn.Parameter] = {}
     for module_name, module in model.named_modules():
         for attr, param in list(module._parameters.items()):
@@ -174,15 +173,34 @@ def random_model(make, device: torch.device, dtype: torch.dtype, seed: int):
             if id(param) not in made:
                 name = f"{module_name}.{attr}" if module_name else attr
                 value = torch.empty(param.shape, dtype=torch.float32 if keeps_fp32(model, name) else dtype, device=device)
-                if attr == "bias":
-                    value.zero_()
-                elif value.dim() == 1:
-                    value.fill_(1.0)
-                else:
-                    value.normal_(0.0, math.prod(param.shape[1:]) ** -0.5, generator=generator)
                 made[id(param)] = torch.nn.Parameter(value, requires_grad=False)
             module._parameters[attr] = made[id(param)]
-    return model.to(device).eval()
+        for attr, buffer in list(module._buffers.items()):  # not model.to(device): that would re-make the parameters
+            if buffer is not None:
+                module._buffers[attr] = buffer.to(device)
+    return model.eval()
+
+
+def random_model(make, device: torch.device, dtype: torch.dtype, seed: int):
+    """``make()`` with random weights on ``device`` in ``dtype`` (``empty_model``, then each parameter initialised
+    where it lies): normal with std 1/sqrt(fan in) for matrices, ones for 1-D weights (norm scales), zeros for
+    biases. Deterministic for a given ``seed`` and device type. Fake parameters (planning) are left as they are."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    model = empty_model(make, device, dtype)
+    params = list(model.named_parameters())  # a tied parameter once, in registration order
+    if any(isinstance(p, FakeTensor) for _, p in params):
+        return model
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, value in params:
+            if name.rsplit(".", 1)[-1] == "bias":
+                value.zero_()
+            elif value.dim() == 1:
+                value.fill_(1.0)
+            else:
+                value.normal_(0.0, math.prod(value.shape[1:]) ** -0.5, generator=generator)
+    return model
 
 
 def info_from_preset(cfg) -> CheckpointInfo:

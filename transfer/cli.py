@@ -126,12 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = p.add_argument_group("memory planning")
     plan.add_argument("--plan", action="store_true",
-                      help="print each rank's weight memory for --num_gpus / --placement and exit; builds the models "
-                      "on the meta device from configs only (works with the configs-only presets transfer2.5-2b and "
-                      "transfer2.5-2b-t5-11b); needs no torchrun and no inputs (a spec narrows the ControlNets)")
+                      help="print each rank's peak memory (weights + activations of its stages at --height x --width, "
+                      "--frames per chunk) for --num_gpus / --placement, which preset placements fit 24, 48 and 80 GB, "
+                      "and exit; models are built from configs only, on the meta device (weights) and on fake tensors "
+                      "(activations), so the configs-only presets transfer2.5-2b and transfer2.5-2b-t5-11b work; needs "
+                      "no torchrun and no inputs (a spec narrows the ControlNets); about a minute at 720p")
     plan.add_argument("--gpu_memory_gb", type=float, default=80.0, help="GPU memory to plan against (default: 80)")
     plan.add_argument("--plan_dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                      help="weight dtype to plan with (default: bf16, what CUDA runs use)")
+                      help="weight and activation dtype to plan with (default: bf16, what CUDA runs use)")
+    plan.add_argument("--plan_device", choices=("cuda", "cpu"), default="cuda",
+                      help="device type to plan for; cpu adds the im2col workspace of CPU's fp32 3-D convolutions "
+                      "(default: cuda)")
+    plan.add_argument("--height", type=int, default=704, help="--plan: video height in pixels (default: 704)")
+    plan.add_argument("--width", type=int, default=1280, help="--plan: video width in pixels (default: 1280)")
+    plan.add_argument("--frames", type=int, help="--plan: frames per chunk (default: --num_frames_per_chunk, 93)")
     return p
 
 

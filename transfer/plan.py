@@ -1,9 +1,12 @@
-"""``--plan``: each rank's weight memory for a placement, from configs alone.
+"""``--plan``: each rank's peak memory for a placement at a request size, from configs alone.
 
-Every model a stage holds is built on the ``meta`` device (shapes, no storage), so planning
+Weights: every model a stage holds is built on the ``meta`` device (shapes, no storage), so planning
 the real Transfer2.5-2B with a 7B or 11B text encoder takes seconds and no weights. Bytes are
 counted per parameter and buffer at the run dtype (floating tensors) or their own dtype.
-Activations, the CUDA context and allocator slack come on top: the report says so.
+
+Activations: each stage's calls run on fake tensors at the request's size (``transfer.memory``); a
+rank's peak is its weights plus the biggest activation peak of the calls its stages make (a process
+runs its stages' calls one at a time). The CUDA context and allocator slack come on top.
 """
 
 from __future__ import annotations
@@ -74,25 +77,72 @@ def plan_ranks(placement: Placement, by_stage: dict[str, dict[str, int]]) -> lis
     return out
 
 
-def format_plan(info_name: str, placement: Placement, by_stage, dtype_name: str, gpu_memory_gb: float) -> str:
-    ranks = plan_ranks(placement, by_stage)
+#: The DiT call a rank of a DiT group makes: a CFG pair's ranks each run one branch.
+def dit_call(group_size: int, guidance: float) -> str:
+    return "DiT step, CFG (2 branches)" if guidance > 1.0 and group_size == 1 else "DiT step, no CFG"
+
+
+def rank_activations(placement: Placement, calls: dict[str, dict[str, int]], guidance: float) -> list[int]:
+    """Each rank's activation peak: the biggest of the calls its stages make."""
+    out = []
+    for rank in range(placement.world_size):
+        stages = placement.stages_of(rank)
+        peaks = [0]
+        if "text" in stages:
+            peaks += calls["text"].values()
+        if "vae" in stages:
+            peaks += calls["vae"].values()
+        for group in placement.dit_groups:
+            if rank in group:
+                peaks.append(calls["dit"][dit_call(len(group), guidance)])
+        out.append(max(peaks))
+    return out
+
+
+#: GPU sizes every plan reports against.
+GPU_SIZES_GB = (24, 48, 80)
+
+
+def rank_totals(placement: Placement, by_stage, calls, guidance: float) -> list[tuple[RankPlan, int]]:
+    return list(zip(plan_ranks(placement, by_stage), rank_activations(placement, calls, guidance)))
+
+
+def format_plan(title: str, placement: Placement, by_stage, calls, guidance: float, gpu_memory_gb: float,
+                presets: dict[int, Placement]) -> str:
+    """The report: per rank weights, activations, peak and fit; components; call peaks; the preset placements."""
+    ranks = rank_totals(placement, by_stage, calls, guidance)
     replicated = sum(sum(c.values()) for c in by_stage.values())
+    one = Placement(1)  # every stage in one process: what upstream holds on each GPU
+    replicated_act = rank_activations(one, calls, guidance)[0]
     unit, scale = ("GB", GB) if replicated >= 0.1 * GB else ("MB", 1e6)  # the tiny presets are a few MB
-    lines = [f"memory plan: {info_name}, {dtype_name} weights, {placement.world_size} rank(s), "
-             f"{gpu_memory_gb:g} GB per GPU", ""]
-    lines.append(f"{'rank':>4}  {'stages':<22}{'weights ' + unit:>11}{'free GB':>9}  fits")
-    lines.append("-" * 56)
-    rows = [(str(r.rank), "+".join(r.stages), r.total) for r in ranks] + [("", "replicated (upstream)", replicated)]
-    for rank, stages, total in rows:
-        free = gpu_memory_gb - total / GB
-        lines.append(f"{rank:>4}  {stages:<22}{total / scale:>11.2f}{free:>9.2f}  {'yes' if free > 0 else 'NO'}")
-    lines += ["", "components:"]
+    lines = [title, ""]
+    sizes = "".join(f"{f'{g} GB':>7}" for g in GPU_SIZES_GB)
+    head = f"{'rank':>4}  {'stages':<24}{'weights ' + unit:>11}{'activ. ' + unit:>11}{'peak ' + unit:>10}{'free GB':>9}  fits"
+    lines += [head + sizes, "-" * len(head + sizes)]
+    rows = [(str(r.rank), "+".join(r.stages), r.total, act) for r, act in ranks]
+    rows.append(("", "replicated (upstream)", replicated, replicated_act))
+    for rank, stages, weights, act in rows:
+        peak = weights + act
+        free = gpu_memory_gb - peak / GB
+        fits = "".join(f"{'yes' if peak / GB < g else 'NO':>7}" for g in GPU_SIZES_GB)
+        lines.append(f"{rank:>4}  {stages:<24}{weights / scale:>11.2f}{act / scale:>11.2f}{peak / scale:>10.2f}"
+                     f"{free:>9.2f}  {'yes' if free > 0 else 'NO':<4}{fits}")
+    lines += ["", "components (weights):"]
     for stage, comps in by_stage.items():
         for name, b in comps.items():
-            lines.append(f"  {stage:<5} {name:<28}{b / scale:>8.2f} {unit}")
-    lines.append("")
-    lines.append("weights only: activations (a 720p 93-frame DiT chunk needs several GB more), the CUDA context "
-                 "and allocator slack come on top; keep headroom.")
+            lines.append(f"  {stage:<5} {name:<30}{b / scale:>9.2f} {unit}")
+    lines += ["", "activation peak of each call (one chunk):"]
+    for stage, peaks in calls.items():
+        for name, b in peaks.items():
+            lines.append(f"  {stage:<5} {name:<30}{b / scale:>9.2f} {unit}")
+    lines += ["", f"preset placements: largest rank peak ({unit}) and whether every rank fits"]
+    lines.append(f"{'ranks':>5}  {'largest':>9}{sizes}")
+    for world, p in presets.items():
+        peak = max(r.total + act for r, act in rank_totals(p, by_stage, calls, guidance))
+        lines.append(f"{world:>5}  {peak / scale:>9.2f}" + "".join(f"{'yes' if peak / GB < g else 'NO':>7}"
+                                                              for g in GPU_SIZES_GB))
+    lines += ["", "not counted: the CUDA context (about 0.5 GB a process), allocator slack, cuDNN workspaces, tensors "
+              "queued between stages (latent-sized); keep headroom."]
     return "\n".join(lines)
 
 
@@ -100,9 +150,12 @@ def run_plan(args) -> str:
     """The ``--plan`` report for the CLI arguments (no process group, no weights, no inputs read)."""
     from configs.models import preset
     from transfer.checkpoint import info_from_preset, inspect_checkpoint, require_modalities
+    from transfer.distributed.placement import preset as placement_preset
     from transfer.distributed.runtime import placement_from_args
     from transfer.errors import TransferError
     from transfer.job import DTYPES, requests_from_args, resolve_checkpoint
+    from transfer.memory import Request, estimate_calls
+    from transfer.pipeline import ModelLimits
 
     if args.gpu_memory_gb <= 0:
         raise TransferError(f"--gpu_memory_gb must be positive, got {args.gpu_memory_gb}")
@@ -117,6 +170,19 @@ def run_plan(args) -> str:
         require_modalities(info, modalities)
     else:
         modalities = list(info.modalities)
+    frames = args.frames or args.num_frames_per_chunk
+    limits = ModelLimits.from_info(info)
+    tf = limits.temporal_factor
+    if frames < tf + 1 or (frames - 1) % tf:
+        raise TransferError(f"--frames must be 1 + {tf}k and at least {tf + 1}, got {frames}")
+    limits.check_resolution(args.height, args.width, "--height/--width")
     placement = placement_from_args(args, args.num_gpus)
-    by_stage = component_bytes(info, modalities, DTYPES[args.plan_dtype])
-    return format_plan(f"{name}, controls {'+'.join(modalities)}", placement, by_stage, args.plan_dtype, args.gpu_memory_gb)
+    dtype = DTYPES[args.plan_dtype]
+    by_stage = component_bytes(info, modalities, dtype)
+    calls = estimate_calls(info, Request(args.height, args.width, frames, tuple(modalities), args.guidance), dtype,
+                           args.plan_device)
+    title = (f"memory plan: {name}, controls {'+'.join(modalities)}, {args.plan_dtype}, chunk {frames}x{args.height}x"
+             f"{args.width}, guidance {args.guidance:g}, {placement.world_size} rank(s), {args.gpu_memory_gb:g} GB per "
+             f"GPU ({args.plan_device})")
+    presets = {w: placement_preset(w) for w in range(1, 9)}
+    return format_plan(title, placement, by_stage, calls, args.guidance, args.gpu_memory_gb, presets)

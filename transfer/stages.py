@@ -9,6 +9,7 @@ single-control output equal to it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -126,6 +127,58 @@ class DiT(OnDevice):
         return cond_indicator, cond_mask, padding_mask
 
     @torch.no_grad()
+    def prepare(
+        self,
+        noise: torch.Tensor,
+        cond_latents: torch.Tensor | None,
+        num_cond_latent_frames: int,
+        control_latents: Mapping[str, torch.Tensor],
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+        guidance: float,
+        pixel_size: Sequence[int],
+    ) -> "ChunkState":
+        """The tensors a chunk's denoising loop holds, on the device (``denoise``; ``transfer.memory`` runs it on
+        fake tensors)."""
+        self.resident()
+        dtype, device = self.dtype, self.device
+        latents = noise.to(device=device, dtype=torch.float32)
+        if cond_latents is None:
+            cond_latents = torch.zeros_like(latents)
+        cond_latents = cond_latents.to(device=device, dtype=torch.float32)
+        cond_indicator, cond_mask, padding_mask = self.chunk_masks(latents.shape, num_cond_latent_frames, pixel_size)
+        cond_timestep = torch.ones_like(cond_indicator) * CONDITIONAL_FRAME_TIMESTEP
+        controls = {m: c.to(device=device, dtype=dtype) for m, c in control_latents.items()}
+        positive = self.context(prompt_embeds)
+        negative = self.context(negative_embeds) if guidance > 1.0 else None
+        gt_velocity = (latents - cond_latents) * cond_mask
+        return ChunkState(latents, cond_latents, cond_indicator, cond_mask, padding_mask, cond_timestep, controls,
+                          positive, negative, gt_velocity)
+
+    @torch.no_grad()
+    def predict(self, state: "ChunkState", step: int, sigma: float, control_scales: Mapping[str, float],
+                guidance: float, remote_negative=None) -> torch.Tensor:
+        """The guided velocity of one step at noise level ``sigma`` (float32, the shape of the latents)."""
+        s = state
+        sigma_t = torch.tensor(sigma).unsqueeze(0).to(device=self.device, dtype=self.dtype)
+        in_latents = (s.cond_mask * s.cond_latents + (1 - s.cond_mask) * s.latents).to(self.dtype)
+        in_timestep = s.cond_indicator * s.cond_timestep + (1 - s.cond_indicator) * sigma_t
+        branch = (in_latents, in_timestep)
+        if remote_negative is not None and s.negative is not None:
+            remote_negative.submit(step, in_latents, in_timestep)  # runs beside the positive branch
+        pred = s.gt_velocity + self.velocity(*branch, s.positive, s.controls, control_scales, s.cond_mask,
+                                             s.padding_mask) * (1 - s.cond_mask)
+        if s.negative is not None:
+            if remote_negative is not None:
+                velocity_neg = remote_negative.result(step).to(self.device)
+            else:
+                velocity_neg = self.velocity(*branch, s.negative, s.controls, control_scales, s.cond_mask,
+                                             s.padding_mask)
+            pred_neg = s.gt_velocity + velocity_neg * (1 - s.cond_mask)
+            pred = pred + guidance * (pred - pred_neg)
+        return pred
+
+    @torch.no_grad()
     def denoise(
         self,
         noise: torch.Tensor,
@@ -148,38 +201,28 @@ class DiT(OnDevice):
         ``remote_negative`` (CFG parallelism) computes the negative branch elsewhere: it has
         ``submit(step, in_latents, in_timestep)`` and ``result(step) -> velocity``.
         """
-        self.resident()
-        dtype, device = self.dtype, self.device
-        latents = noise.to(device=device, dtype=torch.float32)
-        if cond_latents is None:
-            cond_latents = torch.zeros_like(latents)
-        cond_latents = cond_latents.to(device=device, dtype=torch.float32)
-        cond_indicator, cond_mask, padding_mask = self.chunk_masks(latents.shape, num_cond_latent_frames, pixel_size)
-        cond_timestep = torch.ones_like(cond_indicator) * CONDITIONAL_FRAME_TIMESTEP
-        controls = {m: c.to(device=device, dtype=dtype) for m, c in control_latents.items()}
-        positive = self.context(prompt_embeds)
-        negative = self.context(negative_embeds) if guidance > 1.0 else None
-
-        self.scheduler.set_timesteps(num_steps, device=device)
-        gt_velocity = (latents - cond_latents) * cond_mask
+        state = self.prepare(noise, cond_latents, num_cond_latent_frames, control_latents, prompt_embeds,
+                             negative_embeds, guidance, pixel_size)
+        self.scheduler.set_timesteps(num_steps, device=self.device)
         for i, t in enumerate(self.scheduler.timesteps):
-            sigma_t = torch.tensor(self.scheduler.sigmas[i].item()).unsqueeze(0).to(device=device, dtype=dtype)
-            in_latents = (cond_mask * cond_latents + (1 - cond_mask) * latents).to(dtype)
-            in_timestep = cond_indicator * cond_timestep + (1 - cond_indicator) * sigma_t
-            branch = (in_latents, in_timestep)
-            if remote_negative is not None and negative is not None:
-                remote_negative.submit(i, in_latents, in_timestep)  # runs beside the positive branch
-            pred = gt_velocity + self.velocity(*branch, positive, controls, control_scales, cond_mask, padding_mask) * (
-                1 - cond_mask
-            )
-            if negative is not None:
-                if remote_negative is not None:
-                    velocity_neg = remote_negative.result(i).to(device)
-                else:
-                    velocity_neg = self.velocity(*branch, negative, controls, control_scales, cond_mask, padding_mask)
-                pred_neg = gt_velocity + velocity_neg * (1 - cond_mask)
-                pred = pred + guidance * (pred - pred_neg)
-            latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
+            pred = self.predict(state, i, self.scheduler.sigmas[i].item(), control_scales, guidance, remote_negative)
+            state.latents = self.scheduler.step(pred, t, state.latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(i)
-        return latents
+        return state.latents
+
+
+@dataclass
+class ChunkState:
+    """What ``DiT.denoise`` holds through a chunk's steps."""
+
+    latents: torch.Tensor
+    cond_latents: torch.Tensor
+    cond_indicator: torch.Tensor
+    cond_mask: torch.Tensor
+    padding_mask: torch.Tensor
+    cond_timestep: torch.Tensor
+    controls: dict[str, torch.Tensor]
+    positive: object
+    negative: object
+    gt_velocity: torch.Tensor

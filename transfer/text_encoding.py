@@ -60,13 +60,12 @@ class TextEncoder(OnDevice):
         return self._encode_reason(prompt)
 
     def _encode_t5(self, prompt: str) -> torch.Tensor:
-        inputs = self.tokenizer(
-            [prompt], padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True, return_tensors="pt"
-        )
-        mask = inputs.attention_mask.bool().to(self.device)
-        embeds = self.model(inputs.input_ids.to(self.device), attention_mask=mask).last_hidden_state
+        inputs = self.tokenizer([prompt], padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True)
+        length = sum(inputs["attention_mask"][0])  # tokens of the prompt, counted on the host
+        mask = torch.tensor(inputs["attention_mask"], dtype=torch.bool).to(self.device)
+        embeds = self.model(torch.tensor(inputs["input_ids"]).to(self.device), attention_mask=mask).last_hidden_state
         embeds = embeds.to(self.dtype)
-        embeds[0, int(mask.sum()) :] = 0  # [1, L, D]: zeros past the prompt, as the DiT was trained
+        embeds[0, length:] = 0  # [1, L, D]: zeros past the prompt, as the DiT was trained
         return embeds
 
     def _encode_reason(self, prompt: str) -> torch.Tensor:
