@@ -2,8 +2,9 @@
 
 **Estimate** (``estimate_calls``, used by ``--plan``): every stage is built by the product's own loaders with empty
 weights under ``FakeTensorMode`` -- tensors with a shape, a dtype and a device but no storage, so each op runs its
-shape logic and nothing else, for the real Transfer2.5-2B at 720p in a minute on any machine -- and the stage's real methods (``TextEncoder.encode``, ``VideoVAE.encode``/``decode``, ``DiT.denoise``) run on
-fake inputs of the request's size. ``TensorMemory``, a dispatch mode, counts the bytes of every storage an op
+shape logic and nothing else: the real Transfer2.5-2B at 720p takes about a minute on a CPU -- and the stage's real
+methods (``TextEncoder.encode``, ``VideoVAE.encode``/``decode``, ``DiT.prepare``/``predict``: one denoising step)
+run on fake inputs of the request's size. ``TensorMemory``, a dispatch mode, counts the bytes of every storage an op
 creates and takes them off when the storage's last tensor dies; the peak of that count during a call is its
 activation peak. What the dispatcher does not see is a kernel's private workspace: the one that matters on CPU, the
 im2col buffer of ``slow_conv3d`` (fp32 3-D convolutions: the VAE), is added from its known size; cuDNN's and other
