@@ -239,5 +239,5 @@ def test_stage_table_counts_nested_spans_once():
         tracer.add("dit", f"step {i}", 100.0 + i, 101.0 + i, nested=True, request=0, chunk=0, step=i)
     tracer.add("vae", "decode", 104.0, 105.5, request=0, chunk=0)
     assert busy_by_stage(tracer.spans) == {(3, "dit"): 4.0, (3, "vae"): 1.5}
-    table = stage_table(tracer.spans, wall=8.0, bytes_sent={3: 2_000_000})
-    assert "   3  dit              4.00     50%      2.00" in table
+    table = stage_table(tracer.spans, wall=8.0, bytes_sent={3: 2_000_000}, send_seconds={3: 0.25})
+    assert "   3  dit              4.00     50%      2.00    0.250" in table

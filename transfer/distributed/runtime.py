@@ -471,7 +471,8 @@ class RankLoop:
     def on_stop(self, msg: Message) -> None:
         self.transport.flush(60)
         self.transport.send(msg.src, "trace", {"rank": self.rank, "spans": self.tracer.spans, "guards": list(guardrails.BUILT),
-                                               "bytes_sent": self.transport.bytes_sent, "params": self.held_parameters(),
+                                               "bytes_sent": self.transport.bytes_sent, "send_seconds": self.transport.send_seconds,
+                                               "params": self.held_parameters(),
                                                "memory": self.residency.report()})
         self.transport.flush(60)
         self.residency.close()
@@ -560,17 +561,19 @@ def run_distributed(args) -> None:
         wall = time.time() - t0
         spans = tracer.spans + [s for t in loop.traces for s in t["spans"]]
         sent = {rank: transport.bytes_sent, **{t["rank"]: t["bytes_sent"] for t in loop.traces}}
+        wire = {rank: transport.send_seconds, **{t["rank"]: t["send_seconds"] for t in loop.traces}}
         params = {rank: loop.held_parameters(), **{t["rank"]: t["params"] for t in loop.traces}}
         guards = {rank: list(guardrails.BUILT), **{t["rank"]: t["guards"] for t in loop.traces}}
         memory = {rank: loop.residency.report(), **{t["rank"]: t["memory"] for t in loop.traces}}
         if args.trace:
             write_chrome_trace(args.trace, spans, {"placement": placement.describe(), "wall_s": wall,
                                                    "bytes_sent_by_rank": {str(r): b for r, b in sorted(sent.items())},
+                                                   "send_seconds_by_rank": {str(r): w for r, w in sorted(wire.items())},
                                                    "parameters_by_rank": {str(r): p for r, p in sorted(params.items())},
                                                    "guards_by_rank": {str(r): g for r, g in sorted(guards.items())},
                                                    "memory_by_rank": {str(r): m for r, m in sorted(memory.items())}})
             logger.info(f"trace written to {args.trace}")
-        print(stage_table(spans, wall, sent), file=sys.stderr)
+        print(stage_table(spans, wall, sent, wire), file=sys.stderr)
         for r, report in sorted(memory.items()):
             if report["stage_bytes"]:
                 print(f"rank {r}: {describe(report)}", file=sys.stderr)

@@ -65,11 +65,15 @@ def spans_from_chrome_trace(path: str | Path) -> tuple[list[dict], dict]:
     return spans, data.get("otherData", {})
 
 
-def stage_table(spans: list[dict], wall: float, bytes_sent: dict[int, int]) -> str:
-    """Per (rank, stage): busy seconds, idle fraction of the wall time, bytes the rank sent."""
-    lines = [f"{'rank':>4}  {'stage':<12}{'busy s':>9}{'idle':>8}{'MB sent':>10}", "-" * 45]
+def stage_table(spans: list[dict], wall: float, bytes_sent: dict[int, int],
+                send_seconds: dict[int, float] | None = None) -> str:
+    """Per (rank, stage): busy seconds, idle fraction of the wall time; per rank: the bytes it sent and the seconds
+    its sender thread spent sending them (beside compute, not part of busy)."""
+    send_seconds = send_seconds or {}
+    lines = [f"{'rank':>4}  {'stage':<12}{'busy s':>9}{'idle':>8}{'MB sent':>10}{'send s':>9}", "-" * 54]
     for (rank, stage), busy in sorted(busy_by_stage(spans).items()):
         idle = 1 - busy / wall if wall > 0 else 0.0
-        lines.append(f"{rank:>4}  {stage:<12}{busy:>9.2f}{idle:>8.0%}{bytes_sent.get(rank, 0) / 1e6:>10.2f}")
+        lines.append(f"{rank:>4}  {stage:<12}{busy:>9.2f}{idle:>8.0%}{bytes_sent.get(rank, 0) / 1e6:>10.2f}"
+                     f"{send_seconds.get(rank, 0.0):>9.3f}")
     lines.append(f"wall {wall:.2f} s")
     return "\n".join(lines)

@@ -80,6 +80,8 @@ class Transport:
         self.inbox: queue.Queue[Message] = queue.Queue()
         self._outbox: queue.Queue = queue.Queue()
         self.bytes_sent = 0
+        self.send_seconds = 0.0
+        """Time the sender thread spent in ``dist.send`` (bytes on the wire, and waiting for the peer's receiver)."""
         self._sender = threading.Thread(target=self._send_loop, name="transport-send", daemon=True)
         self._receiver = threading.Thread(target=self._recv_loop, name="transport-recv", daemon=True)
         if world_size > 1:
@@ -122,6 +124,7 @@ class Transport:
             done.set()
 
     def _send_now(self, dst: int, kind: str, meta: dict, tensors: dict[str, torch.Tensor]):
+        start = time.perf_counter()
         specs = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
                   "via": "pair" if self._via_pair(v) else "gloo", "cuda": v.is_cuda} for k, v in tensors.items()]
         payload = json.dumps({"kind": kind, "meta": meta, "tensors": specs}).encode()
@@ -135,6 +138,7 @@ class Transport:
             else:
                 dist.send(t.reshape(-1).view(torch.uint8), dst, group=self.group, tag=PAYLOAD)
         self.bytes_sent += len(payload) + sum(t.numel() * t.element_size() for t in tensors.values())
+        self.send_seconds += time.perf_counter() - start
 
     # -- receiving -----------------------------------------------------------------------------
     def _recv_loop(self):
