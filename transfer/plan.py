@@ -77,8 +77,8 @@ def plan_ranks(placement: Placement, by_stage: dict[str, dict[str, int]]) -> lis
     return out
 
 
-#: The DiT call a rank of a DiT group makes: a CFG pair's ranks each run one branch.
 def dit_call(group_size: int, guidance: float) -> str:
+    """The DiT call a rank of a DiT group makes: a lone rank runs both CFG branches, each rank of a pair one."""
     return "DiT step, CFG (2 branches)" if guidance > 1.0 and group_size == 1 else "DiT step, no CFG"
 
 
@@ -142,7 +142,8 @@ def format_plan(title: str, placement: Placement, by_stage, calls, guidance: flo
         lines.append(f"{world:>5}  {peak / scale:>9.2f}" + "".join(f"{'yes' if peak / GB < g else 'NO':>7}"
                                                               for g in GPU_SIZES_GB))
     lines += ["", "not counted: the CUDA context (about 0.5 GB a process), allocator slack, cuDNN workspaces, tensors "
-              "queued between stages (latent-sized); keep headroom."]
+              "queued between stages (latent-sized), guardrail and depth/seg/keypoint preprocessor models (loaded on "
+              "first use, on the coordinator or the preprocess rank); keep headroom."]
     return "\n".join(lines)
 
 
