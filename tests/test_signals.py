@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import example_frames
+from tests.conftest import ROOT, example_frames
 from tests.test_distributed import _rank_pids, launch
 from transfer.video_io import read_video, write_mp4
 
@@ -59,6 +59,20 @@ def test_single_process_stops_cleanly(tiny_ckpt, batch, tmp_path, sig, code):
     assert f"stopped by {sig.name}" in out
     written = check_folder(tmp_path)
     assert "r0" in written and written != ["r0", "r1", "r2", "r3"]
+
+
+def test_a_stop_signal_lost_in_a_finalizer_still_stops_the_run(tiny_ckpt, batch, tmp_path):
+    """SIGTERM landing inside an object's ``__del__`` (seen: imageio's reader finalizer): Python drops the handler's
+    exception; the run must still stop as stopped (it used to generate the whole batch and exit 0)."""
+    env = {"TRANSFER_TEST_FAULT": "0:finalizer",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT)])}
+    proc = launch(1, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),
+                  "--num_steps", "12", "--num_frames_per_chunk", "9", "--guardrail", "async", env=env)
+    out = proc.stdout + proc.stderr
+    assert "Exception ignored" in out and "Terminated: SIGTERM" in out  # the handler's exception was dropped
+    assert proc.returncode == 143, out[-3000:]
+    assert "stopped by SIGTERM" in out
+    assert check_folder(tmp_path) != ["r0", "r1", "r2", "r3"]
 
 
 def test_sigterm_to_torchrun_stops_every_rank(tiny_ckpt, batch, tmp_path):

@@ -24,17 +24,21 @@ class Terminated(BaseException):
 
 class raise_on_stop_signals:
     """Turn SIGTERM and SIGINT into ``Terminated`` in the main thread; as a ``with`` block, the previous
-    handlers come back at its end."""
+    handlers come back at its end. The signal is also remembered (``received``) for ``check_stop``."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    received: int | None = None
+    """The stop signal this process got, if any."""
 
     def __init__(self):
+        raise_on_stop_signals.received = None
         self.previous = {sig: signal.signal(sig, self.handler) for sig in self.SIGNALS}
 
     @classmethod
     def handler(cls, signum, frame):
         for sig in cls.SIGNALS:  # stopping: a second signal (torchrun repeats SIGTERM) must not cut the cleanup short
             signal.signal(sig, signal.SIG_IGN)
+        cls.received = signum
         raise Terminated(signum)
 
     def __enter__(self):
@@ -43,3 +47,14 @@ class raise_on_stop_signals:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        raise_on_stop_signals.received = None
+
+
+def check_stop() -> None:
+    """Raise ``Terminated`` if a stop signal arrived and its exception was lost. A signal handler runs wherever the
+    main thread is; when that is a finalizer (an object's ``__del__``, e.g. imageio's reader calling
+    ``gc.collect()``, or a weakref callback), Python prints "Exception ignored in ..." and drops the exception, and
+    the run would go on to the end and exit 0. The main loops call this at every step, message and request, never
+    in their cleanup."""
+    if raise_on_stop_signals.received is not None:
+        raise Terminated(raise_on_stop_signals.received)

@@ -24,7 +24,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from transfer.checkpoint import CheckpointInfo
-from transfer.errors import TransferError
+from transfer.errors import TransferError, check_stop
 from transfer.specs import Request
 from transfer.video_io import MAX_FRAMES, MAX_SIDE, read_video
 
@@ -243,7 +243,7 @@ class TransferPipeline:
                     cond = roundtrip_condition(self.vae, decoded[-1], C)
             latents = self.dit.denoise(
                 noise(k, shape), cond, num_cond, controls, scales, prompt_embeds, negative_embeds,
-                s.num_steps, s.guidance, (prepared.height, prepared.width), on_step=lambda _: bar.update(),
+                s.num_steps, s.guidance, (prepared.height, prepared.width), on_step=lambda _: (bar.update(), check_stop()),
             )
             if not latent_mode:
                 decoded.append(self.vae.decode(latents))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from transfer.errors import Terminated, TransferError
+from transfer.errors import Terminated, TransferError, check_stop
 from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.loading import load_stages
 from transfer.pipeline import TransferPipeline
@@ -53,10 +53,11 @@ def run_job(job, gate) -> Outcome:
     job.manifest.hold_folder()  # a second run into the folder fails from here on; a killed run's temp files go
     try:
         generate_all(job, prepared, gate)
+        gate.close()
+        check_stop()  # a stop whose exception a finalizer swallowed still ends the run as stopped
     except Terminated:
         gate.abort()  # the output being written finishes under its final name; nothing else starts
         raise
-    gate.close()
     memory = None
     if job.residency is not None:  # models were loaded
         memory = job.residency.report()
@@ -68,6 +69,7 @@ def generate_all(job, prepared, gate) -> None:
     gate.start(enumerate(job.requests))  # async: every text check starts now, beside model loading and generation
     pipeline = None
     for j, (request, ready) in enumerate(zip(job.requests, prepared)):
+        check_stop()
         gate.admit(j, request)  # on: the text check, before generating
         if gate.skip_generation(j):
             gate.release(j, request, None)  # its record

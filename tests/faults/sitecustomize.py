@@ -2,13 +2,17 @@
 
 ``TRANSFER_TEST_FAULT=RANK:STAGE``: in the process of that rank, one stage method raises -- as a CUDA out-of-memory
 error would on a GPU -- for the test's "poison" request only (128 pixels high; the others are 96), so a test can see
-one request fail inside a stage process and the rest of the batch go on. Nothing in the product reads this variable.
+one request fail inside a stage process and the rest of the batch go on. ``TRANSFER_TEST_FAULT=0:finalizer`` (one
+process): after the first VAE decode, SIGTERM arrives while Python runs an object's ``__del__``, where the signal
+handler's exception is printed and dropped ("Exception ignored in"), as it was seen to happen inside imageio's reader
+finalizer. Nothing in the product reads this variable.
 """
 
 import os
+import signal
 
 _fault = os.environ.get("TRANSFER_TEST_FAULT", "")
-if _fault and os.environ.get("RANK") == _fault.split(":")[0]:
+if _fault and os.environ.get("RANK", "0") == _fault.split(":")[0]:
     from transfer import stages, text_encoding
 
     POISON_HEIGHT = 128
@@ -35,5 +39,22 @@ if _fault and os.environ.get("RANK") == _fault.split(":")[0]:
         _wrap(stages.DiT, "denoise", lambda *a: a[9][0] == POISON_HEIGHT)  # pixel size (height, width)
     elif stage == "partner":  # the negative branch of a CFG pair, set up per chunk on the partner rank
         _wrap(stages.DiT, "chunk_masks", lambda shape, n, pixel: pixel[0] == POISON_HEIGHT)
+    elif stage == "finalizer":
+
+        class _SignalInFinalizer:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(1000))  # bytecode, still inside __del__: the handler runs here
+
+        _decode = stages.VideoVAE.decode
+
+        def decode(self, *args, **kwargs):
+            out = _decode(self, *args, **kwargs)
+            if not getattr(decode, "fired", False):
+                decode.fired = True
+                _SignalInFinalizer()  # made and dropped at once: its __del__ runs now
+            return out
+
+        stages.VideoVAE.decode = decode
     else:
         raise ValueError(f"TRANSFER_TEST_FAULT: unknown stage {stage!r}")

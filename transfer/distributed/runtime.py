@@ -35,7 +35,7 @@ from loguru import logger
 from transfer.distributed.placement import Placement, from_file, preset
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
 from transfer.distributed.transport import Message, PeerFailure, Transport, direction_groups
-from transfer.errors import Terminated, TransferError, raise_on_stop_signals
+from transfer.errors import Terminated, TransferError, check_stop, raise_on_stop_signals
 from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.loading import load_stages
 from transfer.pipeline import (
@@ -130,6 +130,7 @@ class RankLoop:
                 del self.deferred[i]
                 return m
         while True:
+            check_stop()
             m = self.transport.get(1.0)
             if m is None:
                 continue
@@ -141,6 +142,7 @@ class RankLoop:
         if "coordinator" in self.stages:
             self.start_requests()
         while self.running:
+            check_stop()
             msg = self.next_message(0.0 if self.vae_work else 0.5)
             if msg is not None:
                 j = msg.meta.get("j")
@@ -416,6 +418,7 @@ class RankLoop:
         t_step = [time.time()]
 
         def on_step(i):
+            check_stop()
             now = time.time()
             steps.append((i, t_step[0], now))
             t_step[0] = now
