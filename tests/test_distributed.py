@@ -229,6 +229,19 @@ def test_placement_presets_and_validation():
         preset(9)
 
 
+def test_process_groups_only_between_ranks_that_talk():
+    """One group per direction between ranks that exchange tensors, not per ordered pair of the world."""
+    from transfer.distributed.placement import Placement
+
+    p = Placement(16, coordinator=0, text=1, vae=2, dit_groups=((3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15,)))
+    pairs = p.talking_pairs()
+    assert len(pairs) == 94 < 16 * 15  # 15 + 13 + 13 + 6 links, both directions
+    assert (3, 4) in pairs and (4, 3) in pairs and (3, 5) not in pairs  # a CFG pair talks; two replicas do not
+    assert all((b, a) in pairs for a, b in pairs) and pairs == sorted(set(pairs))
+    assert {(1, r) for r in range(3, 16)} <= set(pairs) and (1, 2) not in pairs  # text feeds every DiT rank
+    assert len(preset(8).talking_pairs()) == 38 and preset(1).talking_pairs() == []
+
+
 def test_stage_table_counts_nested_spans_once():
     """Per-step spans lie inside their chunk's span: busy time counts the chunk, not both."""
     from transfer.distributed.trace import Tracer, busy_by_stage, stage_table

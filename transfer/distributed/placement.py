@@ -75,6 +75,27 @@ class Placement:
             out.append("preprocess")
         return out + (["dit"] if any(rank in g for g in self.dit_groups) else [])
 
+    def talking_pairs(self) -> list[tuple[int, int]]:
+        """The ordered ``(src, dst)`` rank pairs that exchange tensors, sorted (the same list on every rank): the
+        coordinator with every other stage; the text and VAE ranks with every DiT rank (embeddings, control and
+        condition latents, latents to decode); the two ranks of a CFG pair. 16 ranks as coordinator, text, vae and
+        six pairs + one replica: 94 of the 240 ordered pairs (8-rank preset: 38 of 56)."""
+        edges: set[tuple[int, int]] = set()
+
+        def link(a: int, b: int) -> None:
+            if a != b:
+                edges.update({(a, b), (b, a)})
+
+        for r in (self.text, self.vae, self.preprocess_rank, *(r for g in self.dit_groups for r in g)):
+            link(self.coordinator, r)
+        for group in self.dit_groups:
+            for r in group:
+                link(self.text, r)
+                link(self.vae, r)
+            if len(group) == 2:
+                link(*group)
+        return sorted(edges)
+
     def dit_group_for(self, request_index: int) -> tuple[int, ...]:
         return self.dit_groups[request_index % len(self.dit_groups)]
 

@@ -493,11 +493,12 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
-def make_transport(rank: int, world: int, cuda: bool) -> Transport:
-    """Gloo world group for metadata; per-direction groups for device tensors (NCCL) -- or, with
-    ``TRANSFER_TRANSPORT=pairs`` on CPU, for every tensor over gloo (the same path, testable here)."""
+def make_transport(rank: int, world: int, cuda: bool, placement: Placement) -> Transport:
+    """Gloo world group for metadata; per-direction groups between the ranks that exchange tensors, for device
+    tensors (NCCL) -- or, with ``TRANSFER_TRANSPORT=pairs`` on CPU, for every tensor over gloo (the same path,
+    testable here)."""
     forced = os.environ.get("TRANSFER_TRANSPORT", "") == "pairs"
-    pairs = direction_groups(world, "nccl" if cuda else "gloo") if cuda or forced else None
+    pairs = direction_groups(placement.talking_pairs(), "nccl" if cuda else "gloo") if cuda or forced else None
     return Transport(rank, world, pairs=pairs, device=default_device(), all_via_pairs=forced and not cuda)
 
 
@@ -532,7 +533,7 @@ def run_distributed(args) -> None:
         _exit(2)
     if rank == 0:
         logger.info(f"placement: {placement.describe()}")
-    transport = make_transport(rank, world, cuda)
+    transport = make_transport(rank, world, cuda, placement)
     tracer = Tracer(rank, t0)
     loop, code = None, None
     try:

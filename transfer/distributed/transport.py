@@ -55,22 +55,18 @@ class PeerFailure(RuntimeError):
     """Another rank failed (it sent ``abort``) or the connection to it broke."""
 
 
-def direction_groups(world_size: int, backend: str) -> dict[tuple[int, int], object]:
-    """One process group per ordered pair ``(src, dst)``. Collective: every rank calls it, same order."""
-    groups = {}
-    for src in range(world_size):
-        for dst in range(world_size):
-            if src != dst:
-                groups[(src, dst)] = dist.new_group([src, dst], backend=backend)
-    return groups
+def direction_groups(pairs: list[tuple[int, int]], backend: str) -> dict[tuple[int, int], object]:
+    """One process group per ordered pair ``(src, dst)`` of ``pairs`` (``Placement.talking_pairs``: only ranks
+    that exchange tensors). Collective: every rank calls it with the same list."""
+    return {(src, dst): dist.new_group([src, dst], backend=backend) for src, dst in pairs}
 
 
 class Transport:
     """Message passing for one rank: metadata over gloo (``group``), tensors over gloo or NCCL.
 
-    ``pairs`` maps ``(src, dst)`` to that direction's process group (``direction_groups``); with
-    it, CUDA tensors (or every tensor, ``all_via_pairs``) travel there; without, everything goes
-    over ``group`` and CUDA tensors are staged through the CPU.
+    ``pairs`` maps ``(src, dst)`` to that direction's process group (``direction_groups``); to a
+    destination with one, CUDA tensors (or every tensor, ``all_via_pairs``) travel there; to any
+    other, everything goes over ``group`` and CUDA tensors are staged through the CPU.
     """
 
     def __init__(self, rank: int, world_size: int, group=None, pairs: dict | None = None,
@@ -89,13 +85,14 @@ class Transport:
             self._receiver.start()
 
     # -- sending -------------------------------------------------------------------------------
-    def _via_pair(self, t: torch.Tensor) -> bool:
-        return bool(self.pairs) and (t.is_cuda or self.all_via_pairs)
+    def _via_pair(self, t: torch.Tensor, dst: int) -> bool:
+        return (self.rank, dst) in self.pairs and (t.is_cuda or self.all_via_pairs)
 
     def send(self, dst: int, kind: str, meta: dict | None = None, tensors: dict[str, torch.Tensor] | None = None):
         """Queue a message for ``dst``; returns at once (an event set once sent). CUDA tensors stay on the
         device when a direction group carries them, else go through the CPU. Do not mutate them after."""
-        tensors = {k: (v.detach() if self._via_pair(v) else v.detach().cpu()).contiguous() for k, v in (tensors or {}).items()}
+        tensors = {k: (v.detach() if self._via_pair(v, dst) else v.detach().cpu()).contiguous()
+                   for k, v in (tensors or {}).items()}
         if dst == self.rank:
             self.inbox.put(Message(kind, self.rank, dict(meta or {}), tensors))
             return
@@ -126,7 +123,7 @@ class Transport:
     def _send_now(self, dst: int, kind: str, meta: dict, tensors: dict[str, torch.Tensor]):
         start = time.perf_counter()
         specs = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
-                  "via": "pair" if self._via_pair(v) else "gloo", "cuda": v.is_cuda} for k, v in tensors.items()]
+                  "via": "pair" if self._via_pair(v, dst) else "gloo", "cuda": v.is_cuda} for k, v in tensors.items()]
         payload = json.dumps({"kind": kind, "meta": meta, "tensors": specs}).encode()
         dist.send(torch.tensor([len(payload), len(tensors)], dtype=torch.int64), dst, group=self.group, tag=HEADER)
         dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst, group=self.group, tag=PAYLOAD)
