@@ -87,7 +87,7 @@ def stage_costs(args, device: torch.device, dtype: torch.dtype) -> dict:
                 seconds = timed(device, lambda: obj.encode(frames, dtype), args.repeats)[0]
                 peak = measured_peak(device, lambda: obj.encode(frames, dtype))[0]
                 costs["VAE re-encode (roundtrip)"] = (seconds, peak, estimates["VAE encode (one control)"])
-        del obj
+        obj = None  # the next stage loads without this one beside it
     costs["load (all stages)"] = (load, 0, 0)
     costs["weights of every stage (resident)"] = (0, weights, weights)
     largest = [max(c[i] for name, c in costs.items() if name in estimates) for i in (1, 2)]

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import ROOT
 from transfer import video_io
 from transfer.manifest import Manifest
-from transfer.video_io import atomic_path, read_video, write_lossless_mp4, write_mp4, write_npz, write_text
+from transfer.video_io import atomic_path, read_video, write_mp4, write_npz, write_text
 
 #: Busy-loops torch matmuls on one thread until killed (two of them keep both cores of a CI machine busy).
 BURNER = "import torch\ntorch.set_num_threads(1)\na = torch.randn(384, 384)\nwhile True:\n    a = torch.tanh(a @ a)\n"

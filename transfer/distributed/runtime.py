@@ -32,6 +32,7 @@ import torch.distributed as dist
 import guardrails
 from loguru import logger
 
+from transfer.distributed.dit_group import DiTGroupRole, RequestDropped
 from transfer.distributed.placement import Placement, from_file, preset
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
 from transfer.distributed.transport import Message, PeerFailure, Transport, direction_groups
@@ -39,7 +40,7 @@ from transfer.errors import Terminated, TransferError, check_stop, raise_on_stop
 from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.loading import load_stages
 from transfer.pipeline import (
-    GenerationResult, SeededNoise, encode_controls, join_chunks, latent_condition, latent_shape, plan_chunks,
+    GenerationResult, encode_controls, join_chunks, plan_chunks,
     roundtrip_condition, to_model_video, to_uint8_frames,
 )
 from transfer.residency import describe
@@ -52,42 +53,15 @@ GROUP_TIMEOUT = datetime.timedelta(hours=6)
 LOOKAHEAD = 2
 
 
-class RemoteNegative:
-    """The leader's side of a CFG-parallel pair: the partner computes the negative branch each step."""
-
-    def __init__(self, loop: "RankLoop", partner: int, j: int, k: int, setup: dict, tensors: dict):
-        self.loop, self.partner, self.j, self.k = loop, partner, j, k
-        loop.transport.send(partner, "cfg_setup", {"j": j, "k": k, **setup}, tensors)
-
-    def submit(self, step: int, in_latents: torch.Tensor, in_timestep: torch.Tensor) -> None:
-        self.loop.transport.send(self.partner, "cfg_step", {"j": self.j, "k": self.k, "i": step},
-                                 {"latents": in_latents, "timestep": in_timestep})
-
-    def result(self, step: int) -> torch.Tensor:
-        msg = self.loop.wait_for(lambda m: (m.kind == "velocity" and (m.meta["j"], m.meta["k"], m.meta["i"]) == (self.j, self.k, step))
-                                 or (m.kind in ("drop", "failed") and m.meta["j"] == self.j))
-        if msg.kind == "failed":  # this leader is also the coordinator (a --placement file): record it here
-            self.loop.fail_request(self.j, msg.meta["error"])
-        if msg.kind != "velocity":  # the partner (or another stage) failed on this request: stop waiting for it
-            raise RequestDropped(self.j)
-        return msg.tensors["velocity"]
-
-
-class RequestDropped(Exception):
-    """The coordinator dropped request ``j`` (a stage failed on it) while this rank was waiting on it."""
-
-    def __init__(self, j: int):
-        super().__init__(f"request {j} dropped")
-        self.j = j
-
-
 #: Messages that are one request's work on a stage: in a batch, an error while handling one fails that request
 #: (recorded in failures.jsonl, the others go on); the coordinator's own work (decoded, released) is not in it.
 REQUEST_WORK = {"precompute", "text", "controls", "decode", "job", "embeds", "control_latents", "cond", "cfg_setup",
                 "cfg_step"}
 
 
-class RankLoop:
+class RankLoop(DiTGroupRole):
+    """One rank's event loop; the DiT group's part is ``DiTGroupRole`` (transfer/distributed/dit_group.py)."""
+
     def __init__(self, rank: int, placement: Placement, job, args, transport: Transport, tracer: Tracer):
         self.rank, self.placement, self.job, self.args = rank, placement, job, args
         self.transport, self.tracer = transport, tracer
@@ -365,98 +339,6 @@ class RankLoop:
             with self.tracer.span("vae", "reencode", request=j, chunk=k + 1):
                 cond = roundtrip_condition(self.vae, video, self.settings.num_conditional_frames)
             self.transport.send(msg.src, "cond", {"j": j, "k": k + 1}, {"cond": cond})
-
-    # -- dit -------------------------------------------------------------------------------------
-    def on_job(self, msg: Message) -> None:
-        self.dit_jobs[msg.meta["j"]] = {**msg.meta, "noise": SeededNoise(msg.meta["seed"]), "next": 0}
-
-    def on_embeds(self, msg: Message) -> None:
-        self.dit_inputs[("embeds", msg.meta["j"])] = msg.tensors
-
-    def on_control_latents(self, msg: Message) -> None:
-        self.dit_inputs[("controls", msg.meta["j"], msg.meta["k"])] = msg.tensors
-
-    def on_cond(self, msg: Message) -> None:
-        self.dit_inputs[("cond", msg.meta["j"], msg.meta["k"])] = msg.tensors["cond"]
-
-    def _ready(self, j: int, k: int) -> bool:
-        need = [("embeds", j), ("controls", j, k)]
-        if k > 0 and self.settings.reencodes_condition:
-            need.append(("cond", j, k))  # latent mode: the DiT holds the previous chunk's latents itself
-        return all(key in self.dit_inputs for key in need)
-
-    def run_ready_dit_chunks(self) -> None:
-        if self.dit is None:
-            return
-        progressed = True
-        while progressed:
-            progressed = False
-            for j in sorted(self.dit_jobs):
-                job = self.dit_jobs[j]
-                if self._ready(j, job["next"]):
-                    self.for_request(j, "denoise", self.denoise_chunk, j, job)
-                    progressed = True
-                    break
-
-    def denoise_chunk(self, j: int, job: dict) -> None:
-        s, k = self.settings, job["next"]
-        embeds = self.dit_inputs[("embeds", j)]
-        controls = self.dit_inputs.pop(("controls", j, k))
-        num_cond = self.job.limits.cond_latent_frames(s.num_conditional_frames) if k > 0 else 0
-        if s.reuses_latents and k > 0:
-            cond = latent_condition(job.pop("previous"), num_cond)
-        else:
-            cond = self.dit_inputs.pop(("cond", j, k), None)
-        shape = latent_shape(self.job.limits, self.dit, s.num_frames_per_chunk, job["height"], job["width"])
-        pixel = (job["height"], job["width"])
-        group = self.placement.dit_group_for(j)
-        remote = None
-        if len(group) == 2 and "negative" in embeds:
-            remote = RemoteNegative(self, group[1], j, k, {"num_cond": num_cond, "shape": list(shape), "pixel": list(pixel),
-                                                         "scales": job["scales"]}, {"negative": embeds["negative"], **{f"control.{m}": c for m, c in controls.items()}})
-        steps = []
-        t_step = [time.time()]
-
-        def on_step(i):
-            check_stop()
-            now = time.time()
-            steps.append((i, t_step[0], now))
-            t_step[0] = now
-
-        with self.tracer.span("dit", "denoise", request=j, chunk=k):
-            latents = self.dit.denoise(
-                job["noise"](k, shape), cond, num_cond, controls, job["scales"], embeds["prompt"], embeds.get("negative"),
-                s.num_steps, s.guidance, pixel, on_step=on_step, remote_negative=remote,
-            )
-        for i, start, end in steps:
-            self.tracer.add("dit", f"step {i}", start, end, nested=True, request=j, chunk=k, step=i)
-        last = k == len(job["chunks"]) - 1
-        self.transport.send(self.placement.vae, "decode", {"j": j, "k": k, "last": last}, {"latents": latents})
-        if s.reuses_latents and not last:
-            job["previous"] = latents  # chunk k + 1 starts now; the VAE decodes chunk k beside it
-        job["next"] += 1
-        if last:
-            del self.dit_jobs[j]
-            del self.dit_inputs[("embeds", j)]
-
-    # -- dit partner (negative branch of a CFG-parallel pair) --------------------------------------
-    def on_cfg_setup(self, msg: Message) -> None:
-        m = msg.meta
-        _, cond_mask, padding_mask = self.dit.chunk_masks(m["shape"], m["num_cond"], m["pixel"])
-        controls = {name.removeprefix("control."): t.to(self.dit.device, self.dit.dtype)
-                    for name, t in msg.tensors.items() if name.startswith("control.")}
-        self.cfg_context[(m["j"], m["k"])] = {"negative": self.dit.context(msg.tensors["negative"]), "controls": controls,
-                                             "scales": m["scales"], "cond_mask": cond_mask, "padding_mask": padding_mask}
-
-    def on_cfg_step(self, msg: Message) -> None:
-        j, k, i = msg.meta["j"], msg.meta["k"], msg.meta["i"]
-        ctx = self.cfg_context[(j, k)]
-        with self.tracer.span("dit", f"negative step {i}", request=j, chunk=k, step=i), torch.no_grad():
-            v = self.dit.velocity(msg.tensors["latents"].to(self.dit.device), msg.tensors["timestep"].to(self.dit.device),
-                                  ctx["negative"], ctx["controls"], ctx["scales"], ctx["cond_mask"], ctx["padding_mask"])
-        self.transport.send(msg.src, "velocity", {"j": j, "k": k, "i": i}, {"velocity": v})
-        if i == self.settings.num_steps - 1:
-            del self.cfg_context[(j, k)]
 
     def held_parameters(self) -> dict[str, int]:
         """Parameter counts of the models this rank built (proves each rank loads only its stages)."""
