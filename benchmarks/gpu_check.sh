@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checklist in one go; prints a markdown report to paste into docs/performance.md (also saved under $OUT or
 # /tmp/gpu_check). Run from anywhere, on a machine with one GPU or more:
-#   benchmarks/gpu_check.sh                 # everything the visible GPUs allow (about 5-8 minutes on one H200)
+#   benchmarks/gpu_check.sh                 # everything the visible GPUs allow (estimated 6-9 minutes on one H200)
 #   QUICK=1 benchmarks/gpu_check.sh         # tests and --plan only
 # 1. CUDA-only tests (tests/test_cuda.py: bf16 vs fp32 numerics, CUDA vs CPU fp32, NCCL stage processes with >= 2
 #    GPUs); 2. benchmarks/real_size.py: Transfer2.5-2B with random weights, every stage's cost and peak memory at
