@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs.models import preset  # noqa: E402
-from transfer.checkpoint import info_from_preset  # noqa: E402
+from transfer.checkpoint import info_from_preset, load_stage  # noqa: E402
 from transfer.job import dtype_for  # noqa: E402
-from transfer.memory import CALLS, Request, call_inputs, estimate_calls, load_stage, measured_peak  # noqa: E402
+from transfer.memory import CALLS, Request, call_inputs, estimate_calls, measured_peak  # noqa: E402
 from transfer.residency import stage_modules, tensor_bytes  # noqa: E402
 
 #: Upstream's published times for one Transfer2.5-2B edge-control video, 720p, 93 frames per chunk (H100 NVL).

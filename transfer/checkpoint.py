@@ -289,3 +289,12 @@ def load_dit(info: CheckpointInfo, modalities, device: torch.device, dtype: torc
     }
     scheduler = _load("scheduler", UniPCMultistepScheduler.from_pretrained, info.root / "scheduler", local_files_only=True)
     return DiT(transformer.to(device).eval(), controlnets, scheduler, device)
+
+
+def load_stage(info: CheckpointInfo, name: str, modalities, device: torch.device, dtype: torch.dtype):
+    """The stage ``name`` (text, vae or dit) built by its loader."""
+    if name == "text":
+        return load_text_encoder(info, device, dtype)
+    if name == "vae":
+        return load_vae(info, device, dtype)
+    return load_dit(info, list(modalities), device, dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from transfer.acceleration import compile_stage
-from transfer.checkpoint import load_dit, load_text_encoder, load_vae
+from transfer.checkpoint import load_stage
 from transfer.residency import Residency
 from transfer.tiny import cache_root
 
@@ -20,12 +20,10 @@ def load_stages(info, names: list[str], modalities, device: torch.device, dtype:
     them for ``--offload``. Offloading on CUDA, weights are loaded into CPU memory and reach the GPU on first use."""
     residency = Residency(device, offload == "stages" and len(names) > 1)
     load_on = torch.device("cpu") if residency.offload else device
-    loaders = {"text": lambda: load_text_encoder(info, load_on, dtype), "vae": lambda: load_vae(info, load_on, dtype),
-               "dit": lambda: load_dit(info, modalities, load_on, dtype)}
     cache = cache_root()
     stages = {}
     for name in names:
-        stage = stages[name] = loaders[name]()
+        stage = stages[name] = load_stage(info, name, modalities, load_on, dtype)
         stage.device = device  # computes there; its weights may wait in CPU memory until it is used
         compile_stage(name, stage, compile_mode, cache)
         residency.add(name, stage)

@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from transfer.checkpoint import CheckpointInfo, load_dit, load_text_encoder, load_vae
+from transfer.checkpoint import CheckpointInfo, load_stage
 from transfer.text_encoding import embedding_dim
 
 PROMPT = "a robot arm picks up a red cube from a wooden table, sunlight, high detail"
@@ -135,14 +135,6 @@ def call_inputs(info: CheckpointInfo, request: Request, dtype: torch.dtype) -> d
             "controls": {m: torch.zeros(latents, dtype=dtype) for m in request.modalities},
             "scales": {m: 0.5 for m in request.modalities}, "embeds": embeds,
             "guidance": request.guidance, "pixels": (request.height, request.width)}
-
-
-def load_stage(info: CheckpointInfo, stage: str, modalities, device: torch.device, dtype: torch.dtype):
-    if stage == "text":
-        return load_text_encoder(info, device, dtype)
-    if stage == "vae":
-        return load_vae(info, device, dtype)
-    return load_dit(info, list(modalities), device, dtype)
 
 
 def estimate_calls(info: CheckpointInfo, request: Request, dtype: torch.dtype, target: str = "cuda",
