@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "Stages are placed by the preset for that many ranks (docs/parallelism.md)")
     run.add_argument("--placement", help="JSON file overriding the stage placement: "
                      '{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}')
+    run.add_argument("--context_parallel_size", "--context-parallel-size", type=int, metavar="N",
+                     help="split each DiT and ControlNet forward of a guidance branch over N ranks along the token "
+                     "sequence (Ulysses; N must split the DiT's attention heads and fit in a node). Upstream "
+                     "Transfer2.5 defaults it to WORLD_SIZE; here the default chooses the layout that ends the run "
+                     "soonest (one video: one DiT group over every rank, CFG branches on separate ranks) and prints it "
+                     "(docs/parallelism.md)")
     run.add_argument("--compile", choices=("none", "torch", "tensorrt"), default="none",
                      help="compile the DiT, ControlNets and VAE of the stages a process holds: torch = torch.compile "
                      "(CPU or CUDA); tensorrt = torch-tensorrt engines, cached on disk (pip install '.[tensorrt]', "

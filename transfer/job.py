@@ -237,6 +237,9 @@ def plan_job(args) -> Job:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.num_gpus != world:
         raise TransferError(f"--num_gpus {args.num_gpus} does not match the {world} process(es) started (WORLD_SIZE)")
+    cp = getattr(args, "context_parallel_size", None)
+    if cp is not None and not 1 <= cp <= world:
+        raise TransferError(f"--context_parallel_size {cp} must be between 1 and the {world} process(es) started")
     if args.fps <= 0:
         raise TransferError(f"--fps must be positive, got {args.fps}")
     bad_lines: list[dict] = []

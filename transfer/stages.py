@@ -157,26 +157,33 @@ class DiT(OnDevice):
 
     @torch.no_grad()
     def predict(self, state: "ChunkState", step: int, sigma: float, control_scales: Mapping[str, float],
-                guidance: float, remote_negative=None) -> torch.Tensor:
-        """The guided velocity of one step at noise level ``sigma`` (float32, the shape of the latents)."""
+                guidance: float, split=None) -> torch.Tensor:
+        """The guided velocity of one step at noise level ``sigma`` (float32, the shape of the latents).
+
+        ``split`` (CFG parallelism): this process computes one branch only (``split.positive``) and
+        ``split.swap(step, velocity)`` returns the other branch's, computed elsewhere at the same time."""
         s = state
         sigma_t = torch.tensor(sigma).unsqueeze(0).to(device=self.device, dtype=self.dtype)
         in_latents = (s.cond_mask * s.cond_latents + (1 - s.cond_mask) * s.latents).to(self.dtype)
         in_timestep = s.cond_indicator * s.cond_timestep + (1 - s.cond_indicator) * sigma_t
-        branch = (in_latents, in_timestep)
-        if remote_negative is not None and s.negative is not None:
-            remote_negative.submit(step, in_latents, in_timestep)  # runs beside the positive branch
-        pred = s.gt_velocity + self.velocity(*branch, s.positive, s.controls, control_scales, s.cond_mask,
-                                             s.padding_mask) * (1 - s.cond_mask)
-        if s.negative is not None:
-            if remote_negative is not None:
-                velocity_neg = remote_negative.result(step).to(self.device)
-            else:
-                velocity_neg = self.velocity(*branch, s.negative, s.controls, control_scales, s.cond_mask,
-                                             s.padding_mask)
-            pred_neg = s.gt_velocity + velocity_neg * (1 - s.cond_mask)
-            pred = pred + guidance * (pred - pred_neg)
-        return pred
+
+        def velocity(context):
+            return self.velocity(in_latents, in_timestep, context, s.controls, control_scales, s.cond_mask,
+                                 s.padding_mask)
+
+        if s.negative is None:
+            return s.gt_velocity + velocity(s.positive) * (1 - s.cond_mask)
+        if split is None:
+            velocity_pos, velocity_neg = velocity(s.positive), velocity(s.negative)
+        elif split.positive:
+            velocity_pos = velocity(s.positive)
+            velocity_neg = split.swap(step, velocity_pos)
+        else:
+            velocity_neg = velocity(s.negative)
+            velocity_pos = split.swap(step, velocity_neg)
+        pred = s.gt_velocity + velocity_pos * (1 - s.cond_mask)
+        pred_neg = s.gt_velocity + velocity_neg * (1 - s.cond_mask)
+        return pred + guidance * (pred - pred_neg)
 
     @torch.no_grad()
     def denoise(
@@ -192,20 +199,20 @@ class DiT(OnDevice):
         guidance: float,
         pixel_size: Sequence[int],
         on_step: Callable[[int], None] | None = None,
-        remote_negative=None,
+        split=None,
     ) -> torch.Tensor:
         """Denoise one chunk. ``noise``/``cond_latents`` ``[1, 16, T, h, w]`` float32 -> latents (float32).
 
         The first ``num_cond_latent_frames`` latent frames are pinned to ``cond_latents``
         (velocity replaced by the ground truth, timestep 0.1), in both CFG branches.
-        ``remote_negative`` (CFG parallelism) computes the negative branch elsewhere: it has
-        ``submit(step, in_latents, in_timestep)`` and ``result(step) -> velocity``.
+        ``split`` (CFG parallelism, ``predict``): this process computes one guidance branch and swaps
+        velocities with the process computing the other, every step.
         """
         state = self.prepare(noise, cond_latents, num_cond_latent_frames, control_latents, prompt_embeds,
                              negative_embeds, guidance, pixel_size)
         self.scheduler.set_timesteps(num_steps, device=self.device)
         for i, t in enumerate(self.scheduler.timesteps):
-            pred = self.predict(state, i, self.scheduler.sigmas[i].item(), control_scales, guidance, remote_negative)
+            pred = self.predict(state, i, self.scheduler.sigmas[i].item(), control_scales, guidance, split)
             state.latents = self.scheduler.step(pred, t, state.latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(i)

@@ -2,7 +2,8 @@
 
 ``TRANSFER_TEST_FAULT=RANK:STAGE``: in the process of that rank, one stage method raises -- as a CUDA out-of-memory
 error would on a GPU -- for the test's "poison" request only (128 pixels high; the others are 96), so a test can see
-one request fail inside a stage process and the rest of the batch go on. ``TRANSFER_TEST_FAULT=0:finalizer`` (one
+one request fail inside a stage process and the rest of the batch go on. ``RANK:stock_processor``: a
+sequence-parallel rank keeps diffusers' stock attention processor on one module (which attends within its shard). ``TRANSFER_TEST_FAULT=0:finalizer`` (one
 process): after the first VAE decode, SIGTERM arrives while Python runs an object's ``__del__``, where the signal
 handler's exception is printed and dropped ("Exception ignored in"), as it was seen to happen inside imageio's reader
 finalizer. Nothing in the product reads this variable.
@@ -39,6 +40,18 @@ if _fault and os.environ.get("RANK", "0") == _fault.split(":")[0]:
         _wrap(stages.DiT, "denoise", lambda *a: a[9][0] == POISON_HEIGHT)  # pixel size (height, width)
     elif stage == "partner":  # the negative branch of a CFG pair, set up per chunk on the partner rank
         _wrap(stages.DiT, "chunk_masks", lambda shape, n, pixel: pixel[0] == POISON_HEIGHT)
+    elif stage == "stock_processor":  # one self-attention module keeps diffusers' stock (shard-local) processor
+        from diffusers.models.transformers.transformer_cosmos import CosmosAttnProcessor2_0
+
+        from transfer.distributed import sequence_parallel
+
+        _install = sequence_parallel.install_processors
+
+        def install_processors(model):
+            _install(model)
+            sequence_parallel.self_attention_modules(model)[-1][1].set_processor(CosmosAttnProcessor2_0())
+
+        sequence_parallel.install_processors = install_processors
     elif stage == "finalizer":
 
         class _SignalInFinalizer:

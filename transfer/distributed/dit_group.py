@@ -1,11 +1,17 @@
-"""The DiT group's part of a stage process: its chunk loop hand-off and its CFG exchange.
+"""The DiT group's part of a stage process: its chunk loop hand-off, its shards and its CFG exchange.
 
-A DiT group serves whole requests (``Placement.dit_group_for``). Its leader keeps, per request, the job (plan,
-seed, scales) and the inputs that arrive from the other stages -- prompt embeddings from the text rank, control
-latents and (``roundtrip``) condition latents from the VAE rank -- and denoises any request whose next chunk has
-all of them (lowest request first), then hands the chunk's latents to the VAE rank for decoding. In a CFG-parallel
-pair the partner computes the negative branch: the leader sends it the chunk's setup once (``cfg_setup``) and each
-step's input (``cfg_step``); the partner answers with the velocity.
+A DiT group (``placement.DiTGroup``, cfg x sp ranks) serves whole requests (``Placement.dit_group_for``). Its leader
+keeps, per request, the job (plan, seed, scales) and the inputs that arrive from the other stages -- prompt
+embeddings from the text rank, control latents and (``roundtrip``) condition latents from the VAE rank -- and
+denoises any request whose next chunk has all of them (lowest request first), then hands the chunk's latents to the
+VAE rank for decoding.
+
+Every other rank of the group gets the chunk's inputs from the leader (``shard_chunk``: noise, condition, embeddings,
+control latents) and runs the same denoising loop in lockstep: the ranks of a branch split each DiT and ControlNet
+forward along the token sequence (``transfer.distributed.sequence_parallel``: collectives inside the models) and all
+hold the whole velocity afterwards; with cfg 2 each rank computes its own branch's velocity and swaps it with its
+counterpart in the other branch (``BranchExchange``), so both apply the same guidance and scheduler step. Only the
+leader's latents leave the group.
 
 ``DiTGroupRole`` is a mixin of ``transfer.distributed.runtime.RankLoop`` (which owns the transport, the tracer,
 the per-request failure handling and the message dispatch: ``on_<kind>`` methods).
@@ -22,25 +28,24 @@ from transfer.errors import check_stop
 from transfer.pipeline import SeededNoise, latent_condition, latent_shape
 
 
-class RemoteNegative:
-    """The leader's side of a CFG-parallel pair: the partner computes the negative branch each step."""
+class BranchExchange:
+    """This rank computes one guidance branch of a CFG-split group; its counterpart computes the other. ``swap``
+    sends this step's velocity and returns the counterpart's."""
 
-    def __init__(self, loop, partner: int, j: int, k: int, setup: dict, tensors: dict):
-        self.loop, self.partner, self.j, self.k = loop, partner, j, k
-        loop.transport.send(partner, "cfg_setup", {"j": j, "k": k, **setup}, tensors)
+    def __init__(self, loop, counterpart: int, positive: bool, j: int, k: int):
+        self.loop, self.counterpart, self.positive, self.j, self.k = loop, counterpart, positive, j, k
 
-    def submit(self, step: int, in_latents: torch.Tensor, in_timestep: torch.Tensor) -> None:
-        self.loop.transport.send(self.partner, "cfg_step", {"j": self.j, "k": self.k, "i": step},
-                                 {"latents": in_latents, "timestep": in_timestep})
-
-    def result(self, step: int) -> torch.Tensor:
-        msg = self.loop.wait_for(lambda m: (m.kind == "velocity" and (m.meta["j"], m.meta["k"], m.meta["i"]) == (self.j, self.k, step))
+    def swap(self, step: int, velocity: torch.Tensor) -> torch.Tensor:
+        self.loop.transport.send(self.counterpart, "velocity", {"j": self.j, "k": self.k, "i": step},
+                                 {"velocity": velocity})
+        msg = self.loop.wait_for(lambda m: (m.kind == "velocity" and m.src == self.counterpart
+                                            and (m.meta["j"], m.meta["k"], m.meta["i"]) == (self.j, self.k, step))
                                  or (m.kind in ("drop", "failed") and m.meta["j"] == self.j))
-        if msg.kind == "failed":  # this leader is also the coordinator (a --placement file): record it here
+        if msg.kind == "failed":  # this rank is also the coordinator (a --placement file): record it here
             self.loop.fail_request(self.j, msg.meta["error"])
-        if msg.kind != "velocity":  # the partner (or another stage) failed on this request: stop waiting for it
+        if msg.kind != "velocity":  # the counterpart (or another stage) failed on this request: stop waiting for it
             raise RequestDropped(self.j)
-        return msg.tensors["velocity"]
+        return msg.tensors["velocity"].to(velocity.device)
 
 
 class RequestDropped(Exception):
@@ -96,28 +101,16 @@ class DiTGroupRole:
         else:
             cond = self.dit_inputs.pop(("cond", j, k), None)
         shape = latent_shape(self.job.limits, self.dit, s.num_frames_per_chunk, job["height"], job["width"])
-        pixel = (job["height"], job["width"])
+        chunk = {"j": j, "k": k, "num_cond": num_cond, "pixel": [job["height"], job["width"]], "scales": job["scales"]}
+        tensors = {"noise": job["noise"](k, shape), "prompt": embeds["prompt"],
+                   **({"negative": embeds["negative"]} if "negative" in embeds else {}),
+                   **({"cond": cond} if cond is not None else {}),
+                   **{f"control.{m}": c for m, c in controls.items()}}
         group = self.placement.dit_group_for(j)
-        remote = None
-        if len(group) == 2 and "negative" in embeds:
-            remote = RemoteNegative(self, group[1], j, k, {"num_cond": num_cond, "shape": list(shape), "pixel": list(pixel),
-                                                         "scales": job["scales"]}, {"negative": embeds["negative"], **{f"control.{m}": c for m, c in controls.items()}})
-        steps = []
-        t_step = [time.time()]
-
-        def on_step(i):
-            check_stop()
-            now = time.time()
-            steps.append((i, t_step[0], now))
-            t_step[0] = now
-
-        with self.tracer.span("dit", "denoise", request=j, chunk=k):
-            latents = self.dit.denoise(
-                job["noise"](k, shape), cond, num_cond, controls, job["scales"], embeds["prompt"], embeds.get("negative"),
-                s.num_steps, s.guidance, pixel, on_step=on_step, remote_negative=remote,
-            )
-        for i, start, end in steps:
-            self.tracer.add("dit", f"step {i}", start, end, nested=True, request=j, chunk=k, step=i)
+        for r in self.working_ranks(group, "negative" in embeds):
+            if r != self.rank:
+                self.transport.send(r, "shard_chunk", chunk, tensors)
+        latents = self.run_chunk(chunk, tensors, "denoise")
         last = k == len(job["chunks"]) - 1
         self.transport.send(self.placement.vae, "decode", {"j": j, "k": k, "last": last}, {"latents": latents})
         if s.reuses_latents and not last:
@@ -127,21 +120,41 @@ class DiTGroupRole:
             del self.dit_jobs[j]
             del self.dit_inputs[("embeds", j)]
 
-    # -- dit partner (negative branch of a CFG-parallel pair) --------------------------------------
-    def on_cfg_setup(self, msg: Message) -> None:
-        m = msg.meta
-        _, cond_mask, padding_mask = self.dit.chunk_masks(m["shape"], m["num_cond"], m["pixel"])
-        controls = {name.removeprefix("control."): t.to(self.dit.device, self.dit.dtype)
-                    for name, t in msg.tensors.items() if name.startswith("control.")}
-        self.cfg_context[(m["j"], m["k"])] = {"negative": self.dit.context(msg.tensors["negative"]), "controls": controls,
-                                             "scales": m["scales"], "cond_mask": cond_mask, "padding_mask": padding_mask}
+    @staticmethod
+    def working_ranks(group, guided: bool) -> tuple[int, ...]:
+        """The ranks that denoise a chunk: the whole group, or without guidance only the conditional branch."""
+        return group.ranks if guided or group.cfg == 1 else group.branches()[0]
 
-    def on_cfg_step(self, msg: Message) -> None:
-        j, k, i = msg.meta["j"], msg.meta["k"], msg.meta["i"]
-        ctx = self.cfg_context[(j, k)]
-        with self.tracer.span("dit", f"negative step {i}", request=j, chunk=k, step=i), torch.no_grad():
-            v = self.dit.velocity(msg.tensors["latents"].to(self.dit.device), msg.tensors["timestep"].to(self.dit.device),
-                                  ctx["negative"], ctx["controls"], ctx["scales"], ctx["cond_mask"], ctx["padding_mask"])
-        self.transport.send(msg.src, "velocity", {"j": j, "k": k, "i": i}, {"velocity": v})
-        if i == self.settings.num_steps - 1:
-            del self.cfg_context[(j, k)]
+    def on_shard_chunk(self, msg: Message) -> None:
+        """Another rank of the leader's group: the same loop on the same inputs, in lockstep; the result stays here."""
+        self.run_chunk(msg.meta, msg.tensors, "shard denoise")
+
+    def run_chunk(self, chunk: dict, tensors: dict, name: str) -> torch.Tensor:
+        """Denoise one chunk as this rank's part of its group; spans per step in the trace."""
+        j, k = chunk["j"], chunk["k"]
+        group = self.placement.group_of(self.rank)
+        split = None
+        if group.cfg == 2 and "negative" in tensors:
+            split = BranchExchange(self, group.counterpart(self.rank), self.rank in group.branches()[0], j, k)
+        controls = {name.removeprefix("control."): t for name, t in tensors.items() if name.startswith("control.")}
+        steps = []
+        t_step = [time.time()]
+
+        def on_step(i):
+            check_stop()
+            now = time.time()
+            steps.append((i, t_step[0], now))
+            t_step[0] = now
+
+        with self.tracer.span("dit", name, request=j, chunk=k):
+            if self.sequence_parallel is not None:
+                self.sequence_parallel()  # the processors are still the parallel-aware ones
+            latents = self.dit.denoise(
+                tensors["noise"], tensors.get("cond"), chunk["num_cond"], controls, chunk["scales"], tensors["prompt"],
+                tensors.get("negative"), self.settings.num_steps, self.settings.guidance, tuple(chunk["pixel"]),
+                on_step=on_step, split=split,
+            )
+        for i, start, end in steps:
+            self.tracer.add("dit", f"{'shard ' if name != 'denoise' else ''}step {i}", start, end, nested=True,
+                            request=j, chunk=k, step=i)
+        return latents

@@ -1,30 +1,27 @@
-"""Stage placement: which rank runs the coordinator, the text encoder, the VAE and the DiT.
+"""Stage placement: which rank runs the coordinator, the text encoder, the VAE and the DiT groups.
 
-Placement is data, validated against WORLD_SIZE before anything loads. Presets:
+Placement is data, validated against WORLD_SIZE before anything loads. A **DiT group** (``DiTGroup``) serves whole
+requests with ``cfg x sp`` ranks: ``cfg`` = 2 splits the two classifier-free-guidance branches (the conditional
+branch's ``sp`` ranks first), ``sp`` > 1 splits every DiT and ControlNet forward of a branch over ``sp`` ranks along
+the token sequence (``transfer.distributed.sequence_parallel``). Groups serve different requests of a batch (request
+j goes to group j mod groups).
 
-=====  ===========  =====  =====  ===========================================
-ranks  coordinator  text   vae    dit groups
-=====  ===========  =====  =====  ===========================================
-1      0            0      0      [0]
-2      0            0      0      [1]
-3      0            0      1      [2]
-4      0            1      2      [3]
-5      0            1      2      [3, 4]                  (one CFG-parallel pair)
-6      0            1      2      [3, 4], [5]             (a pair and a replica)
-7      0            1      2      [3, 4], [5, 6]          (two pairs)
-8      0            1      2      [3, 4], [5, 6], [7]
-=====  ===========  =====  =====  ===========================================
+Presets (``preset``) are chosen per run from the world size, the request count, the guidance, the DiT's attention
+heads, ``--context_parallel_size`` and the ranks per node (docs/parallelism.md):
 
-Computed controls (preprocessors) run on the coordinator unless ``preprocess`` names another rank.
+* one video: one group over as many ranks as the heads allow (cfg 2 when guidance > 1), the text encoder and the VAE
+  on ranks that the group leaves free, else beside a shard (a single request runs its stages one after another);
+* a batch: every layout of equal groups is costed as ``ceil(requests / groups) / (cfg * sp * efficiency(sp))`` and
+  the cheapest wins (ties: fewer groups, then the coordinator on rank 0); replicas never share a rank with a stage.
 
-A DiT group of two ranks is a CFG-parallel pair: the first rank runs the conditional
-branch, the second the unconditional one, combined every step. Groups serve different
-requests of a batch (request j goes to group j mod groups).
+Sequence-parallel branches stay inside a node (consecutive ranks of one node); CFG branches, replicas and stages may
+span nodes. Computed controls (preprocessors) run on the coordinator unless ``preprocess`` names another rank.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,19 +29,82 @@ from transfer.errors import TransferError
 
 STAGES = ("coordinator", "text", "vae", "dit")
 
+#: Assumed cost of sequence parallelism per extra shard (all-to-alls, smaller GEMMs), used only to choose a batch's
+#: groups: a group of sp shards runs a forward sp / (1 + SP_OVERHEAD * (sp - 1)) times faster than one rank.
+SP_OVERHEAD = 0.03
+
+
+def heads_split(heads: int, sp: int) -> bool:
+    """Whether diffusers' Ulysses (``ulysses_anything``) can split ``heads`` attention heads over ``sp`` ranks: evenly,
+    or with padding heads fewer than each rank's share."""
+    pad = -heads % sp
+    return sp <= heads and pad < (heads + pad) // sp
+
+
+@dataclass(frozen=True)
+class DiTGroup:
+    """``cfg x sp`` ranks that denoise one request together; ranks cfg-major (the conditional branch's first)."""
+
+    ranks: tuple[int, ...]
+    cfg: int = 1
+    sp: int = 1
+
+    def __post_init__(self):
+        if self.cfg not in (1, 2) or self.sp < 1 or len(self.ranks) != self.cfg * self.sp:
+            raise TransferError(f"placement: DiT group {list(self.ranks)} must have cfg (1 or 2) x sp ranks, "
+                                f"got cfg {self.cfg}, sp {self.sp}")
+
+    @classmethod
+    def parse(cls, entry) -> "DiTGroup":
+        """A group from a placement file: ``[r]`` (one rank), ``[a, b]`` (a CFG pair), or
+        ``{"ranks": [...], "cfg": 1|2, "sp": N}``."""
+        if isinstance(entry, DiTGroup):
+            return entry
+        if isinstance(entry, dict):
+            unknown = set(entry) - {"ranks", "cfg", "sp"}
+            if unknown or "ranks" not in entry:
+                raise TransferError(f"placement: a DiT group is {{\"ranks\": [...], \"cfg\": 1|2, \"sp\": N}}, got {entry}")
+            ranks = tuple(entry["ranks"])
+            cfg = entry.get("cfg", 1)
+            return cls(ranks, cfg, entry.get("sp", len(ranks) // cfg if cfg in (1, 2) else 1))
+        ranks = tuple(entry)
+        if len(ranks) not in (1, 2):
+            raise TransferError("placement: a DiT group given as a list has 1 rank or 2 (a CFG-parallel pair); "
+                                'larger groups are {"ranks": [...], "cfg": 1|2, "sp": N}')
+        return cls(ranks, len(ranks), 1)
+
+    @property
+    def leader(self) -> int:
+        return self.ranks[0]
+
+    def branches(self) -> list[tuple[int, ...]]:
+        """The sp ranks of each guidance branch (conditional first)."""
+        return [self.ranks[b * self.sp:(b + 1) * self.sp] for b in range(self.cfg)]
+
+    def branch_of(self, rank: int) -> tuple[int, ...]:
+        return next(b for b in self.branches() if rank in b)
+
+    def counterpart(self, rank: int) -> int:
+        """The rank at the same sequence shard in the other guidance branch (cfg 2)."""
+        i = self.ranks.index(rank)
+        return self.ranks[(i + self.sp) % len(self.ranks)]
+
+    def describe(self) -> str:
+        return f"{list(self.ranks)} (cfg {self.cfg} x sp {self.sp})"
+
 
 @dataclass(frozen=True)
 class Placement:
     world_size: int
-    """Number of processes (torchrun --nproc_per_node)."""
+    """Number of processes (torchrun --nproc_per_node x --nnodes)."""
     coordinator: int = 0
     """Rank that parses specs, runs preprocessors and guardrails, and writes outputs."""
     text: int = 0
     """Rank holding the text encoder."""
     vae: int = 0
     """Rank holding the VAE (control encode, decode, re-encode)."""
-    dit_groups: tuple[tuple[int, ...], ...] = field(default=((0,),))
-    """DiT + ControlNet ranks: each group serves whole requests; a 2-rank group splits the CFG branches."""
+    dit_groups: tuple[DiTGroup, ...] = field(default=((0,),))
+    """DiT + ControlNet groups (``DiTGroup``; a list ``[r]`` or ``[a, b]`` is read as one rank or a CFG pair)."""
     preprocess: int | None = None
     """Rank computing controls a spec leaves out (depth, seg and keypoint models); default: the coordinator."""
 
@@ -53,74 +113,147 @@ class Placement:
         return self.coordinator if self.preprocess is None else self.preprocess
 
     def __post_init__(self):
-        ranks = [self.coordinator, self.text, self.vae, self.preprocess_rank, *(r for g in self.dit_groups for r in g)]
+        if not self.dit_groups:
+            raise TransferError("placement: at least one DiT group is needed")
+        object.__setattr__(self, "dit_groups", tuple(DiTGroup.parse(g) for g in self.dit_groups))
+        ranks = [self.coordinator, self.text, self.vae, self.preprocess_rank, *self.dit_ranks()]
         bad = [r for r in ranks if not isinstance(r, int) or not 0 <= r < self.world_size]
         if bad:
             raise TransferError(f"placement names rank {bad[0]!r}, outside 0..{self.world_size - 1} (WORLD_SIZE {self.world_size})")
-        if not self.dit_groups or any(len(g) not in (1, 2) for g in self.dit_groups):
-            raise TransferError("placement: every DiT group must have 1 rank or 2 (a CFG-parallel pair)")
-        dit = [r for g in self.dit_groups for r in g]
+        dit = self.dit_ranks()
         if len(set(dit)) != len(dit):
-            raise TransferError("placement: a rank appears in two DiT groups")
+            raise TransferError("placement: a rank appears in two DiT groups (or twice in one)")
         if len(self.dit_groups) > 1 and any(r in (self.coordinator, self.text, self.vae) for r in dit):
             raise TransferError("placement: DiT replicas must not share a rank with another stage")
         unused = set(range(self.world_size)) - set(ranks)
         if unused:
             raise TransferError(f"placement leaves rank {min(unused)} without a stage")
 
+    def dit_ranks(self) -> list[int]:
+        return [r for g in self.dit_groups for r in g.ranks]
+
+    def group_of(self, rank: int) -> DiTGroup | None:
+        return next((g for g in self.dit_groups if rank in g.ranks), None)
+
     def stages_of(self, rank: int) -> list[str]:
         """The stages a rank runs, in STAGES order."""
         out = [s for s in ("coordinator", "text", "vae") if getattr(self, s) == rank]
         if self.preprocess_rank == rank != self.coordinator:
             out.append("preprocess")
-        return out + (["dit"] if any(rank in g for g in self.dit_groups) else [])
+        return out + (["dit"] if self.group_of(rank) is not None else [])
 
     def talking_pairs(self) -> list[tuple[int, int]]:
-        """The ordered ``(src, dst)`` rank pairs that exchange tensors, sorted (the same list on every rank): the
-        coordinator with every other stage; the text and VAE ranks with every DiT rank (embeddings, control and
-        condition latents, latents to decode); the two ranks of a CFG pair. 16 ranks as coordinator, text, vae and
-        six pairs + one replica: 94 of the 240 ordered pairs (8-rank preset: 38 of 56)."""
+        """The ordered ``(src, dst)`` rank pairs that exchange tensors through the transport, sorted (the same list on
+        every rank): the coordinator with every other stage; the text and VAE ranks with each group's leader
+        (embeddings, control and condition latents, latents to decode); a leader with the other ranks of its group
+        (each chunk's inputs); counterparts of the two guidance branches (velocities). 16 ranks as coordinator, text,
+        vae and six pairs + one replica: 70 of the 240 ordered pairs (8-rank one-group preset: 24 of 56). The
+        sequence-parallel collectives run on their own mesh groups."""
         edges: set[tuple[int, int]] = set()
 
         def link(a: int, b: int) -> None:
             if a != b:
                 edges.update({(a, b), (b, a)})
 
-        for r in (self.text, self.vae, self.preprocess_rank, *(r for g in self.dit_groups for r in g)):
+        for r in (self.text, self.vae, self.preprocess_rank, *self.dit_ranks()):
             link(self.coordinator, r)
         for group in self.dit_groups:
-            for r in group:
-                link(self.text, r)
-                link(self.vae, r)
-            if len(group) == 2:
-                link(*group)
+            link(self.text, group.leader)
+            link(self.vae, group.leader)
+            for r in group.ranks:
+                link(group.leader, r)
+                if group.cfg == 2:
+                    link(r, group.counterpart(r))
         return sorted(edges)
 
-    def dit_group_for(self, request_index: int) -> tuple[int, ...]:
+    def dit_group_for(self, request_index: int) -> DiTGroup:
         return self.dit_groups[request_index % len(self.dit_groups)]
 
     def describe(self) -> str:
-        return ", ".join(f"rank {r}: {'+'.join(self.stages_of(r))}" for r in range(self.world_size))
+        ranks = ", ".join(f"rank {r}: {'+'.join(self.stages_of(r))}" for r in range(self.world_size))
+        groups = "; ".join(g.describe() for g in self.dit_groups if len(g.ranks) > 1)
+        return ranks + (f"; DiT groups {groups}" if groups else "")
 
 
-def preset(world_size: int) -> Placement:
-    """The documented placement for ``world_size`` ranks (1-8)."""
-    if not 1 <= world_size <= 8:
-        raise TransferError(f"no placement preset for {world_size} processes (1 to 8 are supported)")
+@dataclass(frozen=True)
+class PresetChoice:
+    placement: Placement
+    why: str
+
+
+def _layout(world: int, per_node: int, cfg: int, sp: int, groups: int, reserve: int) -> Placement | None:
+    """``groups`` groups of cfg x sp ranks, each branch inside one node, ranks ``0..reserve-1`` kept for stages; the
+    stages go on the ranks left over (coordinator + text on the first, the VAE on the second), else beside the first
+    group's shards. None when it does not fit or would leave a rank idle."""
+    branches = []
+    for start in range(0, world, per_node):
+        free = [r for r in range(start, min(start + per_node, world)) if r >= reserve]
+        branches += [tuple(free[i:i + sp]) for i in range(0, len(free) - sp + 1, sp)]
+    need = groups * cfg
+    if len(branches) < need:
+        return None
+    dit_groups = tuple(DiTGroup(tuple(r for b in branches[g * cfg:(g + 1) * cfg] for r in b), cfg, sp)
+                       for g in range(groups))
+    used = {r for g in dit_groups for r in g.ranks}
+    hosts = [r for r in range(world) if r not in used]
+    if len(hosts) > 3 or (not hosts and groups > 1):
+        return None
+    if not hosts:  # one group over every rank: the stages sit beside shards
+        hosts = [0, 1] if world > 1 else [0]
+    coordinator = text = hosts[0]
+    vae = hosts[1] if len(hosts) > 1 else hosts[0]
+    preprocess = hosts[2] if len(hosts) > 2 else None
+    return Placement(world, coordinator, text, vae, dit_groups, preprocess)
+
+
+def preset(world_size: int, *, requests: int = 1, guidance: float = 3.0, heads: int = 16, sp: int | None = None,
+           per_node: int | None = None) -> Placement:
+    """The chosen placement for ``world_size`` ranks (``choose_preset``)."""
+    return choose_preset(world_size, requests=requests, guidance=guidance, heads=heads, sp=sp, per_node=per_node).placement
+
+
+def choose_preset(world_size: int, *, requests: int = 1, guidance: float = 3.0, heads: int = 16,
+                  sp: int | None = None, per_node: int | None = None) -> PresetChoice:
+    """The placement that ends ``requests`` requests soonest under the cost model in the module docstring, with every
+    sequence-parallel degree the heads allow (or only ``sp``: ``--context_parallel_size``)."""
+    if world_size < 1:
+        raise TransferError(f"no placement for {world_size} processes")
     if world_size == 1:
-        return Placement(1)
-    if world_size == 2:
-        return Placement(2, dit_groups=((1,),))
-    if world_size == 3:
-        return Placement(3, vae=1, dit_groups=((2,),))
-    extra = list(range(3, world_size))
-    groups = tuple(tuple(extra[i : i + 2]) for i in range(0, len(extra), 2))
-    return Placement(world_size, coordinator=0, text=1, vae=2, dit_groups=groups)
+        if sp not in (None, 1):
+            raise TransferError(f"--context_parallel_size {sp} needs at least {sp} processes, got 1")
+        return PresetChoice(Placement(1), "one process holds every stage")
+    per_node = min(per_node or world_size, world_size)
+    cfgs = (2, 1) if guidance > 1.0 else (1,)
+    degrees = [sp] if sp else [d for d in range(per_node, 0, -1) if heads_split(heads, d)]
+    if sp and (sp > per_node or not heads_split(heads, sp)):
+        why = (f"more than the {per_node} ranks of a node" if sp > per_node
+               else f"does not split the DiT's {heads} attention heads")
+        raise TransferError(f"--context_parallel_size {sp}: {why}")
+    best = None
+    for cfg in cfgs:
+        for d in degrees:
+            for groups in range(1, world_size // (cfg * d) + 1):
+                for reserve in (0, 1):
+                    p = _layout(world_size, per_node, cfg, d, groups, reserve)
+                    if p is None:
+                        continue
+                    cost = math.ceil(requests / groups) * (1 + SP_OVERHEAD * (d - 1)) / (cfg * d)
+                    key = (round(cost, 9), groups, p.coordinator != 0)  # rank 0 logs: keep the coordinator there
+                    if best is None or key < best[0]:
+                        best = (key, p, cfg, d, groups, cost)
+    if best is None:
+        raise TransferError(f"no placement of {world_size} processes has DiT groups of sp {sp} "
+                            f"({per_node} per node, guidance {guidance})")
+    _, p, cfg, d, groups, cost = best
+    what = "one video" if requests == 1 else f"a batch of {requests} requests"
+    why = (f"{what} on {world_size} ranks: {groups} DiT group{'s' if groups > 1 else ''} of cfg {cfg} x sp {d} "
+           f"(estimated {cost:.3f} x one rank's DiT time; docs/parallelism.md)")
+    return PresetChoice(p, why)
 
 
 def from_file(path: str | Path, world_size: int) -> Placement:
     """A placement from JSON: ``{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}``, optionally
-    ``"preprocess": RANK``."""
+    ``"preprocess": RANK``; a group is ``[r]``, ``[a, b]`` (CFG pair) or ``{"ranks": [...], "cfg": 1|2, "sp": N}``."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -128,7 +261,6 @@ def from_file(path: str | Path, world_size: int) -> Placement:
     unknown = set(data) - {"coordinator", "text", "vae", "dit_groups", "preprocess"}
     if unknown:
         raise TransferError(f"placement file {path}: unknown key {sorted(unknown)[0]!r}")
-    groups = tuple(tuple(g) for g in data.get("dit_groups", [[0]]))
+    groups = tuple(DiTGroup.parse(g) for g in data.get("dit_groups", [[0]]))
     return Placement(world_size, data.get("coordinator", 0), data.get("text", 0), data.get("vae", 0), groups,
                      data.get("preprocess"))
-

@@ -7,7 +7,8 @@ Flow of one request j with chunks k (``roundtrip`` conditioning)::
     coordinator --controls----> vae   --control_latents--> dit leader     (encoded ahead, idle time)
                                 vae   <--decode (j,k)---- dit leader
     coordinator <--decoded----- vae   --cond (j,k+1)---> dit leader       (decode, re-encode)
-    dit leader  <--velocity---- dit partner <--cfg_step-- dit leader      (CFG-parallel pair only)
+    dit leader  --shard_chunk--> other ranks of its DiT group             (cfg x sp > 1: same loop, in lockstep)
+    dit rank    <--velocity--> counterpart in the other guidance branch   (cfg 2: every step)
 
 The DiT picks any request whose next chunk is ready (lowest request first), so while request
 j waits for its decode and re-encode, request j+1's chunk runs: the VAE hides behind the DiT
@@ -33,7 +34,8 @@ import guardrails
 from loguru import logger
 
 from transfer.distributed.dit_group import DiTGroupRole, RequestDropped
-from transfer.distributed.placement import Placement, from_file, preset
+from transfer.distributed import sequence_parallel
+from transfer.distributed.placement import Placement, PresetChoice, choose_preset, from_file
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
 from transfer.distributed.transport import Message, PeerFailure, Transport, direction_groups
 from transfer.errors import Terminated, TransferError, check_stop, raise_on_stop_signals
@@ -55,14 +57,14 @@ LOOKAHEAD = 2
 
 #: Messages that are one request's work on a stage: in a batch, an error while handling one fails that request
 #: (recorded in failures.jsonl, the others go on); the coordinator's own work (decoded, released) is not in it.
-REQUEST_WORK = {"precompute", "text", "controls", "decode", "job", "embeds", "control_latents", "cond", "cfg_setup",
-                "cfg_step"}
+REQUEST_WORK = {"precompute", "text", "controls", "decode", "job", "embeds", "control_latents", "cond", "shard_chunk"}
 
 
 class RankLoop(DiTGroupRole):
     """One rank's event loop; the DiT group's part is ``DiTGroupRole`` (transfer/distributed/dit_group.py)."""
 
-    def __init__(self, rank: int, placement: Placement, job, args, transport: Transport, tracer: Tracer):
+    def __init__(self, rank: int, placement: Placement, job, args, transport: Transport, tracer: Tracer,
+                 branches: dict | None = None):
         self.rank, self.placement, self.job, self.args = rank, placement, job, args
         self.transport, self.tracer = transport, tracer
         self.stages = placement.stages_of(rank)
@@ -77,6 +79,13 @@ class RankLoop(DiTGroupRole):
             logger.info(f"rank {rank}: {', '.join(held)} on {device} ({dtype})")
         loaded, self.residency = load_stages(job.info, held, modalities, device, dtype, job.compile, job.offload)
         self.text_encoder, self.vae, self.dit = (loaded.get(s) for s in ("text", "vae", "dit"))
+        self.sequence_parallel = None
+        """Re-checks this rank's DiT before each chunk when its group is sequence parallel."""
+        group = placement.group_of(rank)
+        if group is not None and group.sp > 1:
+            models = {"transformer": self.dit.transformer, **{f"controlnet/{m}": c for m, c in self.dit.controlnets.items()}}
+            sequence_parallel.enable(models, branches[group.branch_of(rank)])
+            self.sequence_parallel = lambda: sequence_parallel.check_processors(models, group.sp)
         self.dit_dtype = dtype
         # guards: built on the coordinator only; an asynchronous release wakes this loop with a "released" message
         self.gate = make_gate(args, job, notify=lambda: transport.send(rank, "released")) if "coordinator" in self.stages else None
@@ -85,7 +94,6 @@ class RankLoop(DiTGroupRole):
         self.vae_work: deque[tuple[int, int]] = deque()
         self.dit_jobs: dict[int, dict] = {}
         self.dit_inputs: dict[tuple, object] = {}
-        self.cfg_context: dict[tuple[int, int], dict] = {}
         self.results: dict[int, dict] = {}
         self.traces: list[dict] = []
         self.dropped: set[int] = set()
@@ -146,8 +154,9 @@ class RankLoop(DiTGroupRole):
         except PeerFailure:
             raise
         except Exception as e:
-            if not self.job.batch:
-                raise
+            group = self.placement.group_of(self.rank)
+            if not self.job.batch or (what in ("denoise", "shard_chunk") and group.sp > 1):
+                raise  # a sequence-parallel group's shards are inside collectives together: the run ends
             stage = "+".join(s for s in self.stages if s != "coordinator") or "coordinator"
             error = e if isinstance(e, TransferError) else f"rank {self.rank} ({stage}) failed on it ({what}): {type(e).__name__}: {e}"
             if not isinstance(e, TransferError):
@@ -168,8 +177,6 @@ class RankLoop(DiTGroupRole):
         self.dit_jobs.pop(j, None)
         for key in [key for key in self.dit_inputs if key[1] == j]:
             del self.dit_inputs[key]
-        for key in [key for key in self.cfg_context if key[0] == j]:
-            del self.cfg_context[key]
         self.deferred = deque(m for m in self.deferred if m.meta.get("j") != j)
 
     def fail_request(self, j: int, error) -> None:
@@ -255,7 +262,7 @@ class RankLoop(DiTGroupRole):
         """Send request ``j`` to the text stage, its DiT group and the VAE."""
         s, request = self.settings, self.job.requests[j]
         chunks = plan_chunks(prepared.num_frames, s.num_frames_per_chunk, s.num_conditional_frames)
-        leader = self.placement.dit_group_for(j)[0]
+        leader = self.placement.dit_group_for(j).leader
         self.results[j] = {"request": request, "num_frames": prepared.num_frames, "frames": {}, "latents": {},
                            "chunks": len(chunks)}
         self.transport.send(self.placement.text, "text", {"j": j, "leader": leader, "prompt": request.prompt,
@@ -364,8 +371,14 @@ class RankLoop(DiTGroupRole):
         self.running = False
 
 
-def placement_from_args(args, world_size: int) -> Placement:
-    return from_file(args.placement, world_size) if args.placement else preset(world_size)
+def placement_from_args(args, world_size: int, requests: int = 1, heads: int = 16) -> PresetChoice:
+    """``--placement``, else the preset for this run: request count, guidance, the DiT's heads,
+    ``--context_parallel_size`` and the ranks per node (LOCAL_WORLD_SIZE)."""
+    if args.placement:
+        return PresetChoice(from_file(args.placement, world_size), f"--placement {args.placement}")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return choose_preset(world_size, requests=requests, guidance=args.guidance, heads=heads,
+                         sp=args.context_parallel_size, per_node=per_node)
 
 
 def _exit(code: int) -> None:
@@ -397,7 +410,8 @@ def run_distributed(args) -> None:
             _exit(2)
         torch.cuda.set_device(local_rank)
     # gloo carries metadata and CPU tensors (any-source receive); NCCL carries CUDA tensors
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=GROUP_TIMEOUT)
+    # (the backend string names "cpu" so that diffusers' size exchanges of uneven shards go over gloo)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "cpu:gloo", timeout=GROUP_TIMEOUT)
     rank, world = dist.get_rank(), dist.get_world_size()
     # one time origin for every rank's spans, so the trace lines up across processes
     origin = torch.tensor([time.time()], dtype=torch.float64)
@@ -407,19 +421,24 @@ def run_distributed(args) -> None:
         logger.remove()
         logger.add(sys.stderr, level="WARNING", format=f"rank {rank} | {{level}} | {{message}}")
     try:
-        placement = placement_from_args(args, world)
         job = plan_job(args)
+        choice = placement_from_args(args, world, len(job.requests), job.info.transformer["num_attention_heads"])
+        placement = choice.placement
     except TransferError as e:  # every rank validates the same inputs and fails the same way
         if rank == 0:
             print(f"transfer.py: error: {e}", file=sys.stderr)
         _exit(2)
     if rank == 0:
+        logger.info(f"placement: {choice.why}")
         logger.info(f"placement: {placement.describe()}")
     transport = make_transport(rank, world, cuda, placement)
+    # every rank builds every sequence-parallel branch's mesh, in the same order (process groups are numbered)
+    branches = sequence_parallel.branch_meshes([b for g in placement.dit_groups if g.sp > 1 for b in g.branches()],
+                                               "cuda" if cuda else "cpu")
     tracer = Tracer(rank, t0)
     loop, code = None, None
     try:
-        loop = RankLoop(rank, placement, job, args, transport, tracer)
+        loop = RankLoop(rank, placement, job, args, transport, tracer, branches)
         loop.run()
     except Terminated as stop:
         code = stop.exit_code
