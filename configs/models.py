@@ -51,10 +51,12 @@ class CheckpointConfig:
         return Qwen2_5_VLConfig(**overrides, **te)
 
 
-def _tiny_dit(text_dim: int, crossattn_in: int | None) -> tuple[dict, dict]:
-    """Tiny transformer + controlnet configs known to run on CPU (diffusers' own test sizes)."""
+def _tiny_dit(text_dim: int, crossattn_in: int | None, heads: int = 2) -> tuple[dict, dict]:
+    """Tiny transformer + controlnet configs known to run on CPU (diffusers' own test sizes); ``heads`` of 16
+    channels each (Cosmos' RoPE needs at least 12 per head)."""
+    hidden = 16 * heads
     shared = dict(
-        num_attention_heads=2,
+        num_attention_heads=heads,
         attention_head_dim=16,
         mlp_ratio=2.0,
         text_embed_dim=text_dim if crossattn_in is None else 32,
@@ -64,7 +66,7 @@ def _tiny_dit(text_dim: int, crossattn_in: int | None) -> tuple[dict, dict]:
         rope_scale=(1.0, 3.0, 3.0),
         extra_pos_embed_type=None,
         img_context_dim_in=24,
-        img_context_dim_out=32,
+        img_context_dim_out=hidden,
         use_crossattn_projection=crossattn_in is not None,
         crossattn_proj_in_channels=crossattn_in or 1024,
         encoder_hidden_states_channels=32,
@@ -83,7 +85,7 @@ def _tiny_dit(text_dim: int, crossattn_in: int | None) -> tuple[dict, dict]:
         n_controlnet_blocks=2,
         in_channels=16 + 1 + 1,
         latent_channels=16 + 1 + 1,
-        model_channels=32,
+        model_channels=hidden,
     )
     return transformer, controlnet
 
@@ -106,6 +108,13 @@ def tiny() -> CheckpointConfig:
         dropout_rate=0.0, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
     )
     return CheckpointConfig("tiny", "t5", text_encoder, transformer, controlnet, dict(TINY_VAE))
+
+
+def tiny_4head() -> CheckpointConfig:
+    """``tiny`` with 4 attention heads (64 channels): sequence parallelism over 4 ranks splits its heads."""
+    base = tiny()
+    transformer, controlnet = _tiny_dit(text_dim=32, crossattn_in=None, heads=4)
+    return CheckpointConfig("tiny-4head", "t5", base.text_encoder, transformer, controlnet, dict(TINY_VAE))
 
 
 def tiny_reason() -> CheckpointConfig:
@@ -217,7 +226,7 @@ def transfer25_2b_small() -> CheckpointConfig:
                             embedded=False)
 
 
-PRESETS = {"tiny": tiny, "tiny-reason": tiny_reason, "transfer2.5-2b": transfer25_2b,
+PRESETS = {"tiny": tiny, "tiny-4head": tiny_4head, "tiny-reason": tiny_reason, "transfer2.5-2b": transfer25_2b,
            "transfer2.5-2b-t5-11b": transfer25_2b_t5, "transfer2.5-2b-small": transfer25_2b_small}
 
 

@@ -87,8 +87,9 @@ def test_stage_processes_equal_single_process(tiny_ckpt, batch, single_process, 
     data = json.loads(trace.read_text())
     stages = {e["cat"] for e in data["traceEvents"] if e["ph"] == "X"}
     assert {"coordinator", "text", "vae", "dit"} <= stages
-    if nproc >= 5:  # the CFG partner computed negative-branch steps
-        assert any(e["name"].startswith("negative step") for e in data["traceEvents"])
+    # every preset here has a DiT group of 2 (CFG pair) or 4 (cfg 2 x sp 2) ranks: the other ranks ran the same steps
+    assert any(e["name"].startswith("shard step") for e in data["traceEvents"])
+    assert "DiT groups" in proc.stderr and "cfg 2 x sp" in proc.stderr  # the chosen layout is printed
 
 
 def test_direction_groups_transport_equals_single_process(tiny_ckpt, batch, single_process, tmp_path):
@@ -146,15 +147,19 @@ def test_batch_is_handed_out_in_a_bounded_window(tiny_ckpt, batch, tmp_path):
 
 
 def test_each_rank_holds_only_its_stages_weights(tiny_ckpt, batch, tmp_path):
+    """6 ranks, the small-GPU layout of --placement: coordinator, text, vae and a CFG pair + a replica."""
     trace = tmp_path / "trace.json"
-    proc = launch(4, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),
-                  "--trace", str(trace), *FAST)
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps({"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3, 4], [5]]}))
+    proc = launch(6, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),
+                  "--trace", str(trace), "--placement", str(placement), *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     held = json.loads(trace.read_text())["otherData"]["parameters_by_rank"]
     assert held["0"] == {}
     assert set(held["1"]) == {"text_encoder"} and held["1"]["text_encoder"] > 0
     assert set(held["2"]) == {"vae"} and held["2"]["vae"] > 0
-    assert set(held["3"]) == {"transformer", "controlnets"} and held["3"]["transformer"] > 0
+    for r in ("3", "4", "5"):
+        assert set(held[r]) == {"transformer", "controlnets"} and held[r]["transformer"] > 0
 
 
 def _rank_pids(root_pid: int) -> dict[int, int]:
@@ -217,16 +222,41 @@ def test_bad_request_found_by_the_coordinator_is_recorded_and_the_rest_runs(tiny
 
 
 def test_placement_presets_and_validation():
-    assert preset(4).describe() == "rank 0: coordinator, rank 1: text, rank 2: vae, rank 3: dit"
-    assert preset(2).stages_of(0) == ["coordinator", "text", "vae"] and preset(2).stages_of(1) == ["dit"]
-    assert preset(6).dit_groups == ((3, 4), (5,))
-    assert preset(8).dit_groups == ((3, 4), (5, 6), (7,))
+    from transfer.distributed.placement import DiTGroup, choose_preset, heads_split
+
+    # one video (Transfer2.5-2B: 16 heads, guidance 3): one DiT group over every rank, stages beside shards
+    assert preset(8).dit_groups == (DiTGroup(tuple(range(8)), 2, 4),)
+    assert preset(8).stages_of(0) == ["coordinator", "text", "dit"] and preset(8).stages_of(1) == ["vae", "dit"]
+    assert preset(2).dit_groups == (DiTGroup((0, 1), 2, 1),)
+    assert preset(3).dit_groups == (DiTGroup((0, 1, 2), 1, 3),)  # 16 heads over 3: padded to 18 (Ulysses anything)
+    assert preset(4, guidance=1.0).dit_groups == (DiTGroup((0, 1, 2, 3), 1, 4),)  # no CFG: no guidance branches
+    assert preset(8, sp=8).dit_groups == (DiTGroup(tuple(range(8)), 1, 8),)  # upstream's default: CP over all 8
+    # small GPUs: text encoder and VAE apart and off the DiT ranks
+    small = preset(8, share_stages=False)
+    assert (small.text, small.vae, small.dit_groups) == (0, 7, (DiTGroup((1, 2, 3, 4, 5, 6), 2, 3),))
+    # a batch: groups chosen by the cost model, printed
+    many = choose_preset(7, requests=3, heads=2)
+    assert many.placement.dit_groups == tuple(DiTGroup((a, a + 1), 2, 1) for a in (1, 3, 5)) and many.placement.text == 0
+    assert many.why.startswith("a batch of 3 requests on 7 ranks: 3 DiT groups of cfg 2 x sp 1")
+    # two nodes of 3: sequence-parallel branches inside a node, the CFG branches across
+    two = preset(6, heads=2, per_node=3)
+    assert two.dit_groups == (DiTGroup((1, 2, 3, 4), 2, 2),) and (two.text, two.vae) == (0, 5)
+    assert heads_split(16, 4) and heads_split(16, 3) and not heads_split(16, 5) and not heads_split(2, 3)
+    with pytest.raises(TransferError, match="does not split the DiT's 16 attention heads"):
+        preset(8, sp=5)
+    with pytest.raises(TransferError, match="more than the 4 ranks of a node"):
+        preset(8, sp=8, per_node=4)
+    # placement files: lists as before, and {"ranks", "cfg", "sp"}
+    assert DiTGroup.parse({"ranks": [4, 5, 6, 7], "cfg": 2, "sp": 2}).branches() == [(4, 5), (6, 7)]
+    assert DiTGroup.parse([3, 4]) == DiTGroup((3, 4), 2, 1) and DiTGroup((4, 5, 6, 7), 2, 2).counterpart(5) == 7
+    with pytest.raises(TransferError, match="cfg \\(1 or 2\\) x sp ranks"):
+        DiTGroup.parse({"ranks": [1, 2, 3], "cfg": 2, "sp": 2})
     with pytest.raises(TransferError, match="outside 0..3"):
         Placement(4, text=4, vae=2, dit_groups=((3,),))
     with pytest.raises(TransferError, match="leaves rank 3 without a stage"):
         Placement(4, text=1, vae=2, dit_groups=((0,),))
-    with pytest.raises(TransferError, match="no placement preset for 9"):
-        preset(9)
+    with pytest.raises(TransferError, match="DiT replicas must not share"):
+        Placement(4, text=1, vae=2, dit_groups=((0,), (3,)))
 
 
 def test_process_groups_only_between_ranks_that_talk():
@@ -235,11 +265,15 @@ def test_process_groups_only_between_ranks_that_talk():
 
     p = Placement(16, coordinator=0, text=1, vae=2, dit_groups=((3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15,)))
     pairs = p.talking_pairs()
-    assert len(pairs) == 94 < 16 * 15  # 15 + 13 + 13 + 6 links, both directions
+    assert len(pairs) == 70 < 16 * 15  # 15 + 7 + 7 + 6 links, both directions
     assert (3, 4) in pairs and (4, 3) in pairs and (3, 5) not in pairs  # a CFG pair talks; two replicas do not
     assert all((b, a) in pairs for a, b in pairs) and pairs == sorted(set(pairs))
-    assert {(1, r) for r in range(3, 16)} <= set(pairs) and (1, 2) not in pairs  # text feeds every DiT rank
-    assert len(preset(8).talking_pairs()) == 38 and preset(1).talking_pairs() == []
+    assert {(1, r) for r in (3, 5, 7, 9, 11, 13, 15)} <= set(pairs) and (1, 4) not in pairs  # text feeds each leader
+    # 2 nodes x 8 GPUs, one video: one cfg 2 x sp 8 group; the shards' collectives use their mesh groups
+    two_nodes = preset(16, per_node=8)
+    assert two_nodes.dit_groups[0].branches() == [tuple(range(8)), tuple(range(8, 16))]
+    assert len(two_nodes.talking_pairs()) == 44  # leader 0 with every shard, 8 counterpart pairs, vae 1 <-> leader
+    assert preset(1).talking_pairs() == []
 
 
 def test_stage_table_counts_nested_spans_once():

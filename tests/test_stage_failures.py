@@ -36,6 +36,9 @@ def batch(tmp_path_factory) -> Path:
     (d / "good.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines if x["name"] != "poison"))
     # the coordinator is also the CFG leader: it must hear of its partner's failure while waiting for a velocity
     (d / "leader_is_coordinator.json").write_text(json.dumps({"coordinator": 0, "text": 2, "vae": 2, "dit_groups": [[0, 1]]}))
+    # every stage on a rank of its own (the small-GPU layout): a failure is caught where it happens
+    (d / "four.json").write_text(json.dumps({"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}))
+    (d / "six.json").write_text(json.dumps({"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3, 4], [5]]}))
     return d
 
 
@@ -45,11 +48,11 @@ def reference(tiny_ckpt, batch, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("nproc, fault, where, placement", [
-    (4, "3:dit", "rank 3 (dit) failed on it (denoise)", None),
-    (4, "2:vae", "rank 2 (vae) failed on it (encode_controls)", None),
-    (4, "1:text", "rank 1 (text) failed on it (text)", None),
-    (6, "4:partner", "rank 4 (dit) failed on it (cfg_setup)", None),
-    (3, "1:partner", "rank 1 (dit) failed on it (cfg_setup)", "leader_is_coordinator.json"),
+    (4, "3:dit", "rank 3 (dit) failed on it (denoise)", "four.json"),
+    (4, "2:vae", "rank 2 (vae) failed on it (encode_controls)", "four.json"),
+    (4, "1:text", "rank 1 (text) failed on it (text)", "four.json"),
+    (6, "4:partner", "rank 4 (dit) failed on it (shard_chunk)", "six.json"),
+    (3, "1:partner", "rank 1 (dit) failed on it (shard_chunk)", "leader_is_coordinator.json"),
 ])
 def test_a_request_failing_in_a_stage_is_recorded_and_the_rest_runs(tiny_ckpt, batch, reference, tmp_path, nproc, fault, where,
                                                                    placement):
@@ -69,7 +72,29 @@ def test_a_request_failing_in_a_stage_is_recorded_and_the_rest_runs(tiny_ckpt, b
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     if fault == "3:dit":  # the fault gone (say, a bigger GPU), the rerun makes only what is missing
         again = launch(nproc, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),
-                       "--save_raw", *FAST)
+                       "--save_raw", *FAST, *extra)
         assert again.returncode == 0, again.stderr[-3000:]
         assert "3 request(s) complete from an earlier run, skipped: first, second, last" in again.stderr
         assert (tmp_path / "poison.mp4").is_file() and not (tmp_path / "failures.jsonl").exists()
+
+
+def test_a_failing_sequence_shard_ends_every_rank(tiny_ckpt, batch, reference, tmp_path):
+    """4 ranks, the preset's one cfg 2 x sp 2 DiT group: rank 2 (a sequence shard of the unconditional branch) fails on
+    the poison request. Its branch partner is inside a collective with it, so the run ends (non-zero, bounded time,
+    every rank gone); the requests written before it are complete and equal the reference; nothing half-written."""
+    import time
+
+    env = {"TRANSFER_TEST_FAULT": "2:dit", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT)])}
+    start = time.monotonic()
+    proc = launch(4, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path), "--save_raw",
+                  *FAST, env=env)
+    assert proc.returncode != 0 and time.monotonic() - start < 180, proc.stderr[-3000:]
+    assert "DiT groups [0, 1, 2, 3] (cfg 2 x sp 2)" in proc.stderr
+    assert "rank 2 (vae+dit) failed" in proc.stderr or "rank 2 (dit) failed" in proc.stderr, proc.stderr[-3000:]
+    assert "CUDA out of memory (injected by tests/faults)" in proc.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    written = sorted(p.stem for p in tmp_path.glob("*.mp4"))
+    assert set(written) <= {"first", "second"}, written  # in order through the one group; the coordinator is a shard
+    for name in written:
+        ref, got = np.load(reference / f"{name}.npz"), np.load(tmp_path / f"{name}.npz")
+        assert np.array_equal(ref["frames"], got["frames"]) and np.array_equal(ref["latents"], got["latents"]), name

@@ -77,9 +77,9 @@ def plan_ranks(placement: Placement, by_stage: dict[str, dict[str, int]]) -> lis
     return out
 
 
-def dit_call(group_size: int, guidance: float) -> str:
-    """The DiT call a rank of a DiT group makes: a lone rank runs both CFG branches, each rank of a pair one."""
-    return "DiT step, CFG (2 branches)" if guidance > 1.0 and group_size == 1 else "DiT step, no CFG"
+def dit_call(cfg: int, guidance: float) -> str:
+    """The DiT call a rank of a DiT group makes: with cfg 1 it runs both CFG branches, with cfg 2 one."""
+    return "DiT step, CFG (2 branches)" if guidance > 1.0 and cfg == 1 else "DiT step, no CFG"
 
 
 def rank_activations(placement: Placement, calls: dict[str, dict[str, int]], guidance: float) -> list[int]:
@@ -92,9 +92,9 @@ def rank_activations(placement: Placement, calls: dict[str, dict[str, int]], gui
             peaks += calls["text"].values()
         if "vae" in stages:
             peaks += calls["vae"].values()
-        for group in placement.dit_groups:
-            if rank in group:
-                peaks.append(calls["dit"][dit_call(len(group), guidance)])
+        group = placement.group_of(rank)
+        if group is not None:  # a sequence shard holds 1/sp of the per-token activations (approximately)
+            peaks.append(calls["dit"][dit_call(group.cfg, guidance)] // group.sp)
         out.append(max(peaks))
     return out
 
@@ -135,12 +135,17 @@ def format_plan(title: str, placement: Placement, by_stage, calls, guidance: flo
     for stage, peaks in calls.items():
         for name, b in peaks.items():
             lines.append(f"  {stage:<5} {name:<30}{b / scale:>9.2f} {unit}")
-    lines += ["", f"preset placements: largest rank peak ({unit}) and whether every rank fits"]
-    lines.append(f"{'ranks':>5}  {'largest':>9}{sizes}")
+    groups = "; ".join(g.describe() for g in placement.dit_groups)
+    lines += ["", f"DiT groups: {groups}; a sequence-parallel rank (sp > 1) holds the whole DiT and ControlNets and "
+              "about 1/sp of a step's activations (the expanded timestep embedding and the gathered velocity stay "
+              "whole: a lower bound)"]
+    lines += ["", f"preset placements for one video: DiT groups, largest rank peak ({unit}), whether every rank fits"]
+    lines.append(f"{'ranks':>5}  {'DiT groups':<28}{'largest':>9}{sizes}")
     for world, p in presets.items():
         peak = max(r.total + act for r, act in rank_totals(p, by_stage, calls, guidance))
-        lines.append(f"{world:>5}  {peak / scale:>9.2f}" + "".join(f"{'yes' if peak / GB < g else 'NO':>7}"
-                                                              for g in GPU_SIZES_GB))
+        shape = ", ".join(f"{g.cfg}x{g.sp}" for g in p.dit_groups)
+        lines.append(f"{world:>5}  {'cfg x sp ' + shape:<28}{peak / scale:>9.2f}"
+                     + "".join(f"{'yes' if peak / GB < g else 'NO':>7}" for g in GPU_SIZES_GB))
     lines += ["", "not counted: the CUDA context (about 0.5 GB a process), allocator slack, cuDNN workspaces, tensors "
               "queued between stages (latent-sized), guardrail and depth/seg/keypoint preprocessor models (loaded on "
               "first use, on the coordinator or the preprocess rank); keep headroom."]
@@ -152,7 +157,7 @@ def run_plan(args) -> str:
     from configs.models import preset
     from transfer.checkpoint import info_from_preset, inspect_checkpoint, require_modalities
     from transfer.distributed.placement import preset as placement_preset
-    from transfer.distributed.runtime import placement_from_args
+    from transfer.distributed.runtime import SHARE_STAGES_GB, placement_from_args
     from transfer.errors import TransferError
     from transfer.job import DTYPES, requests_from_args, resolve_checkpoint
     from transfer.memory import Request, estimate_calls
@@ -177,7 +182,8 @@ def run_plan(args) -> str:
     if frames < tf + 1 or (frames - 1) % tf:
         raise TransferError(f"--frames must be 1 + {tf}k and at least {tf + 1}, got {frames}")
     limits.check_resolution(args.height, args.width, "--height/--width")
-    placement = placement_from_args(args, args.num_gpus)
+    heads = info.transformer["num_attention_heads"]
+    placement = placement_from_args(args, args.num_gpus, 1, heads).placement
     dtype = DTYPES[args.plan_dtype]
     by_stage = component_bytes(info, modalities, dtype)
     calls = estimate_calls(info, Request(args.height, args.width, frames, tuple(modalities), args.guidance), dtype,
@@ -185,5 +191,6 @@ def run_plan(args) -> str:
     title = (f"memory plan: {name}, controls {'+'.join(modalities)}, {args.plan_dtype}, chunk {frames}x{args.height}x"
              f"{args.width}, guidance {args.guidance:g}, {placement.world_size} rank(s), {args.gpu_memory_gb:g} GB per "
              f"GPU ({args.plan_device})")
-    presets = {w: placement_preset(w) for w in range(1, 9)}
+    share = args.gpu_memory_gb >= SHARE_STAGES_GB
+    presets = {w: placement_preset(w, guidance=args.guidance, heads=heads, share_stages=share) for w in range(1, 9)}
     return format_plan(title, placement, by_stage, calls, args.guidance, args.gpu_memory_gb, presets)

@@ -10,7 +10,9 @@ Presets (``preset``) are chosen per run from the world size, the request count, 
 heads, ``--context_parallel_size`` and the ranks per node (docs/parallelism.md):
 
 * one video: one group over as many ranks as the heads allow (cfg 2 when guidance > 1), the text encoder and the VAE
-  on ranks that the group leaves free, else beside a shard (a single request runs its stages one after another);
+  on ranks that the group leaves free, else beside a shard (a single request runs its stages one after another) --
+  but only on GPUs of 64 GB or more (``share_stages``): on smaller ones the text encoder and the VAE keep a rank
+  each, off the DiT;
 * a batch: every layout of equal groups is costed as ``ceil(requests / groups) / (cfg * sp * efficiency(sp))`` and
   the cheapest wins (ties: fewer groups, then the coordinator on rank 0); replicas never share a rank with a stage.
 
@@ -181,7 +183,7 @@ class PresetChoice:
     why: str
 
 
-def _layout(world: int, per_node: int, cfg: int, sp: int, groups: int, reserve: int) -> Placement | None:
+def _layout(world: int, per_node: int, cfg: int, sp: int, groups: int, reserve: int, share: bool) -> Placement | None:
     """``groups`` groups of cfg x sp ranks, each branch inside one node, ranks ``0..reserve-1`` kept for stages; the
     stages go on the ranks left over (coordinator + text on the first, the VAE on the second), else beside the first
     group's shards. None when it does not fit or would leave a rank idle."""
@@ -198,6 +200,8 @@ def _layout(world: int, per_node: int, cfg: int, sp: int, groups: int, reserve: 
     hosts = [r for r in range(world) if r not in used]
     if len(hosts) > 3 or (not hosts and groups > 1):
         return None
+    if not share and len(hosts) < min(2, world - 1):  # small GPUs: the text encoder and the VAE apart, off the DiT
+        return None
     if not hosts:  # one group over every rank: the stages sit beside shards
         hosts = [0, 1] if world > 1 else [0]
     coordinator = text = hosts[0]
@@ -206,16 +210,16 @@ def _layout(world: int, per_node: int, cfg: int, sp: int, groups: int, reserve: 
     return Placement(world, coordinator, text, vae, dit_groups, preprocess)
 
 
-def preset(world_size: int, *, requests: int = 1, guidance: float = 3.0, heads: int = 16, sp: int | None = None,
-           per_node: int | None = None) -> Placement:
+def preset(world_size: int, **kwargs) -> Placement:
     """The chosen placement for ``world_size`` ranks (``choose_preset``)."""
-    return choose_preset(world_size, requests=requests, guidance=guidance, heads=heads, sp=sp, per_node=per_node).placement
+    return choose_preset(world_size, **kwargs).placement
 
 
 def choose_preset(world_size: int, *, requests: int = 1, guidance: float = 3.0, heads: int = 16,
-                  sp: int | None = None, per_node: int | None = None) -> PresetChoice:
+                  sp: int | None = None, per_node: int | None = None, share_stages: bool = True) -> PresetChoice:
     """The placement that ends ``requests`` requests soonest under the cost model in the module docstring, with every
-    sequence-parallel degree the heads allow (or only ``sp``: ``--context_parallel_size``)."""
+    sequence-parallel degree the heads allow (or only ``sp``: ``--context_parallel_size``). ``share_stages`` False
+    (GPUs under 64 GB): the text encoder and the VAE never sit beside a DiT shard."""
     if world_size < 1:
         raise TransferError(f"no placement for {world_size} processes")
     if world_size == 1:
@@ -233,8 +237,8 @@ def choose_preset(world_size: int, *, requests: int = 1, guidance: float = 3.0, 
     for cfg in cfgs:
         for d in degrees:
             for groups in range(1, world_size // (cfg * d) + 1):
-                for reserve in (0, 1):
-                    p = _layout(world_size, per_node, cfg, d, groups, reserve)
+                for reserve in (0, 1, 2):
+                    p = _layout(world_size, per_node, cfg, d, groups, reserve, share_stages)
                     if p is None:
                         continue
                     cost = math.ceil(requests / groups) * (1 + SP_OVERHEAD * (d - 1)) / (cfg * d)

@@ -50,6 +50,9 @@ from transfer.residency import describe
 #: Gloo's timeout for one blocking operation. Stages legitimately wait minutes for the DiT;
 #: failures are detected by broken connections and abort messages, not by this.
 GROUP_TIMEOUT = datetime.timedelta(hours=6)
+#: GPUs at least this large (GB) may hold the text encoder or the VAE beside a DiT shard in the presets (Transfer2.5-2B
+#: with Reason1-7B: 16.6 GB of text encoder + 9.5 GB of DiT and ControlNets + activations, ``--plan``).
+SHARE_STAGES_GB = 64
 #: Requests handed out beyond one per DiT group: their text and control latents are made while the
 #: DiT works on earlier requests; later ones wait at the coordinator, so memory does not grow with the batch.
 LOOKAHEAD = 2
@@ -377,8 +380,12 @@ def placement_from_args(args, world_size: int, requests: int = 1, heads: int = 1
     if args.placement:
         return PresetChoice(from_file(args.placement, world_size), f"--placement {args.placement}")
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if args.plan:
+        share = args.gpu_memory_gb >= SHARE_STAGES_GB
+    else:
+        share = not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory / 1e9 >= SHARE_STAGES_GB
     return choose_preset(world_size, requests=requests, guidance=args.guidance, heads=heads,
-                         sp=args.context_parallel_size, per_node=per_node)
+                         sp=args.context_parallel_size, per_node=per_node, share_stages=share)
 
 
 def _exit(code: int) -> None:
