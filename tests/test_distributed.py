@@ -126,7 +126,7 @@ def test_single_spec_run_equals_single_process(tiny_ckpt, batch, tmp_path):
 def test_batch_is_handed_out_in_a_bounded_window(tiny_ckpt, batch, tmp_path):
     """Six requests, one DiT: requests beyond the window (1 group + LOOKAHEAD) reach the text and VAE stages
     only after an earlier request was released (checked and written), so stage memory does not grow with the batch."""
-    from transfer.distributed.runtime import LOOKAHEAD
+    from transfer.distributed.coordinator import LOOKAHEAD
 
     line = json.loads((batch / "batch.jsonl").read_text().splitlines()[0])  # the one-chunk request
     six = batch / "six.jsonl"

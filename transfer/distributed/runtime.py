@@ -24,16 +24,16 @@ import sys
 import time
 import traceback
 from collections import deque
-from dataclasses import replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 import guardrails
 from loguru import logger
 
+from transfer.distributed.coordinator import CoordinatorRole
 from transfer.distributed.dit_group import DiTGroupRole, RequestDropped
+from transfer.distributed.encoders import EncoderRoles
 from transfer.distributed import sequence_parallel
 from transfer.distributed.placement import Placement, PresetChoice, choose_preset, from_file
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
@@ -41,10 +41,6 @@ from transfer.distributed.transport import Message, PeerFailure, Transport, dire
 from transfer.errors import Terminated, TransferError, check_stop, raise_on_stop_signals
 from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.loading import load_stages
-from transfer.pipeline import (
-    GenerationResult, encode_controls, join_chunks, plan_chunks,
-    roundtrip_condition, to_model_video, to_uint8_frames,
-)
 from transfer.residency import describe
 
 #: Gloo's timeout for one blocking operation. Stages legitimately wait minutes for the DiT;
@@ -53,9 +49,6 @@ GROUP_TIMEOUT = datetime.timedelta(hours=6)
 #: GPUs at least this large (GB) may hold the text encoder or the VAE beside a DiT shard in the presets (Transfer2.5-2B
 #: with Reason1-7B: 16.6 GB of text encoder + 9.5 GB of DiT and ControlNets + activations, ``--plan``).
 SHARE_STAGES_GB = 64
-#: Requests handed out beyond one per DiT group: their text and control latents are made while the
-#: DiT works on earlier requests; later ones wait at the coordinator, so memory does not grow with the batch.
-LOOKAHEAD = 2
 
 
 #: Messages that are one request's work on a stage: in a batch, an error while handling one fails that request
@@ -63,8 +56,10 @@ LOOKAHEAD = 2
 REQUEST_WORK = {"precompute", "text", "controls", "decode", "job", "embeds", "control_latents", "cond", "shard_chunk"}
 
 
-class RankLoop(DiTGroupRole):
-    """One rank's event loop; the DiT group's part is ``DiTGroupRole`` (transfer/distributed/dit_group.py)."""
+class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
+    """One rank's event loop: message plumbing, per-request failure, shutdown. The stages' handlers are mixins, one file
+    each: ``CoordinatorRole`` (coordinator.py), ``EncoderRoles`` (encoders.py: text, VAE, preprocess) and
+    ``DiTGroupRole`` (dit_group.py)."""
 
     def __init__(self, rank: int, placement: Placement, job, args, transport: Transport, tracer: Tracer,
                  branches: dict | None = None):
@@ -196,159 +191,6 @@ class RankLoop(DiTGroupRole):
 
     def on_drop(self, msg: Message) -> None:
         self.forget(msg.meta["j"])
-
-    # -- coordinator ----------------------------------------------------------------------------
-    def start_requests(self) -> None:
-        """Check every request's inputs before any output is written (as the single process does), handing
-        the first ``window`` to the stages as soon as each is ready; the rest follow as requests finish."""
-        self.window = len(self.placement.dit_groups) + LOOKAHEAD
-        self.pending = deque()
-        self.job.failures.write()  # bad batch lines found while planning
-        todo = self.job.to_do()  # complete ones (manifest.json) are skipped
-        requests = [(j, self.job.requests[j]) for j in todo]
-        self.gate.start(requests)  # async: every text check starts now, in the background
-        remote = self.placement.preprocess_rank != self.rank
-        if remote:  # another rank computes missing controls, in request order; we read its files
-            self.job.controls = replace(self.job.controls, rank=self.placement.preprocess_rank, compute=False, built={})
-            for j, request in requests:
-                if self.job.controls.missing(request):
-                    self.transport.send(self.placement.preprocess_rank, "precompute", {"j": j})
-        for j, request in requests:
-            if remote and self.job.controls.missing(request):
-                with self.tracer.span("coordinator", "wait for controls", request=j):
-                    done = self.wait_for(lambda m: m.kind in ("precomputed", "failed") and m.meta["j"] == j)
-                if done.kind == "failed":  # e.g. its input video cannot be read
-                    self.fail_request(j, done.meta["error"])
-                    continue
-            with self.tracer.span("coordinator", "prepare", request=j):
-                prepared = self.job.prepare(request)
-            if prepared is None:
-                continue
-            self.job.manifest.hold_folder()  # from the first request ready on, this run owns the folder
-            self.pending.append(j)
-            self.release_requests({j: prepared})
-        self.after_release()
-
-    def in_flight(self) -> int:
-        return len(self.results) + self.gate.pending
-
-    def release_requests(self, ready: dict | None = None) -> None:
-        """Hand out waiting requests while fewer than ``window`` are in flight (being generated, or waiting for
-        their video check): bounds every stage's memory. A request whose prompt is known blocked is skipped."""
-        while self.pending and self.in_flight() < self.window:
-            j = self.pending.popleft()
-            request = self.job.requests[j]
-            with self.tracer.span("coordinator", "text guard", request=j):
-                self.gate.admit(j, request)  # on: checked before it is handed out
-            if self.gate.skip_generation(j):
-                self.gate.release(j, request, None)  # its record
-                continue
-            prepared = (ready or {}).get(j)
-            if prepared is None:
-                with self.tracer.span("coordinator", "prepare", request=j):  # checked at start, dropped to keep memory flat
-                    prepared = self.job.prepare(request)
-                if prepared is None:
-                    continue
-            self.hand_out(j, prepared)
-
-    def after_release(self) -> None:
-        """A request left the window: hand out more, or stop everyone when all is written."""
-        self.release_requests()
-        if not self.results and not self.pending and not self.gate.pending:
-            self.finish()
-
-    def on_released(self, msg: Message) -> None:
-        self.gate.check()  # a failed background write fails the run
-        self.after_release()
-
-    def hand_out(self, j: int, prepared) -> None:
-        """Send request ``j`` to the text stage, its DiT group and the VAE."""
-        s, request = self.settings, self.job.requests[j]
-        chunks = plan_chunks(prepared.num_frames, s.num_frames_per_chunk, s.num_conditional_frames)
-        leader = self.placement.dit_group_for(j).leader
-        self.results[j] = {"request": request, "num_frames": prepared.num_frames, "frames": {}, "latents": {},
-                           "chunks": len(chunks)}
-        self.transport.send(self.placement.text, "text", {"j": j, "leader": leader, "prompt": request.prompt,
-                                                          "negative": request.negative_prompt})
-        self.transport.send(leader, "job", {"j": j, "seed": request.seed, "chunks": chunks,
-                                            "height": prepared.height, "width": prepared.width,
-                                            "scales": request.scales()})
-        u8 = {m: torch.from_numpy(np.ascontiguousarray(v)) for m, v in prepared.controls.items()}
-        self.transport.send(self.placement.vae, "controls", {"j": j, "leader": leader, "chunks": chunks}, u8)
-
-    def on_decoded(self, msg: Message) -> None:
-        j, k = msg.meta["j"], msg.meta["k"]
-        state = self.results[j]
-        state["frames"][k], state["latents"][k] = msg.tensors["frames"], msg.tensors["latents"]
-        logger.info(f"{state['request'].name}: chunk {k + 1}/{state['chunks']} decoded")
-        if len(state["frames"]) < state["chunks"]:
-            return
-        order = range(state["chunks"])
-        frames = join_chunks([state["frames"][i] for i in order], self.settings.num_conditional_frames,
-                             state["num_frames"], dim=0)
-        result = GenerationResult(frames.numpy(), torch.cat([state["latents"][i] for i in order]).float())
-        with self.tracer.span("coordinator", "release", request=j):  # on: video check + write; async: queued
-            self.gate.release(j, state["request"], result)
-        del self.results[j]
-        self.after_release()
-
-    def finish(self) -> None:
-        if not self.running:
-            return
-        self.gate.close()
-        others = [r for r in range(self.placement.world_size) if r != self.rank]
-        for r in others:
-            self.transport.send(r, "stop")
-        for _ in others:
-            msg = self.wait_for(lambda m: m.kind == "trace")
-            self.traces.append(msg.meta)
-        self.running = False
-
-    # -- preprocess (only when placed off the coordinator) ------------------------------------------
-    def on_precompute(self, msg: Message) -> None:
-        j = msg.meta["j"]
-        with self.tracer.span("preprocess", "controls", request=j):
-            self.job.controls.precompute(self.job.requests[j])
-        self.transport.send(self.placement.coordinator, "precomputed", {"j": j})
-
-    # -- text ------------------------------------------------------------------------------------
-    def on_text(self, msg: Message) -> None:
-        j = msg.meta["j"]
-        with self.tracer.span("text", "encode", request=j):
-            tensors = {"prompt": self.text_encoder.encode(msg.meta["prompt"])}
-            if self.settings.guidance > 1.0:
-                tensors["negative"] = self.text_encoder.encode(msg.meta["negative"])
-        self.transport.send(msg.meta["leader"], "embeds", {"j": j}, tensors)
-
-    # -- vae -------------------------------------------------------------------------------------
-    def on_controls(self, msg: Message) -> None:
-        j = msg.meta["j"]  # kept as uint8; each chunk's window is converted when it is encoded
-        self.vae_controls[j] = {"frames": msg.tensors, "chunks": msg.meta["chunks"], "leader": msg.meta["leader"],
-                                "left": len(msg.meta["chunks"])}
-        self.vae_work.extend((j, k) for k in range(len(msg.meta["chunks"])))
-
-    def encode_controls(self, j: int, k: int) -> None:
-        state = self.vae_controls[j]
-        start, end = state["chunks"][k]
-        with self.tracer.span("vae", "encode_controls", request=j, chunk=k):
-            videos = {m: to_model_video(v[start:end].numpy()) for m, v in state["frames"].items()}
-            latents = encode_controls(self.vae, videos, (0, end - start), self.settings.num_frames_per_chunk, self.dit_dtype)
-        self.transport.send(state["leader"], "control_latents", {"j": j, "k": k}, latents)
-        state["left"] -= 1
-        if state["left"] == 0:
-            del self.vae_controls[j]
-
-    def on_decode(self, msg: Message) -> None:
-        j, k, last = msg.meta["j"], msg.meta["k"], msg.meta["last"]
-        with self.tracer.span("vae", "decode", request=j, chunk=k):
-            video = self.vae.decode(msg.tensors["latents"])
-        frames = torch.from_numpy(to_uint8_frames(video))
-        self.transport.send(self.placement.coordinator, "decoded", {"j": j, "k": k},
-                            {"frames": frames, "latents": msg.tensors["latents"].cpu()})
-        if not last and self.settings.reencodes_condition:
-            with self.tracer.span("vae", "reencode", request=j, chunk=k + 1):
-                cond = roundtrip_condition(self.vae, video, self.settings.num_conditional_frames)
-            self.transport.send(msg.src, "cond", {"j": j, "k": k + 1}, {"cond": cond})
 
     def held_parameters(self) -> dict[str, int]:
         """Parameter counts of the models this rank built (proves each rank loads only its stages)."""
