@@ -108,3 +108,18 @@ def test_two_nodes_of_three_equal_one_process(tiny_ckpt, inputs, tmp_path):
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     assert "DiT groups [1, 2, 3, 4] (cfg 2 x sp 2)" in outs[0]
     assert_same(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("missing", ["none", "temb", "latents", "rope"])
+def test_a_plan_missing_a_per_token_input_fails_loudly(missing):
+    """The plan splits every input a block receives per token; without one of them (the timestep embeddings, the
+    ControlNet's base latents, the RoPE tables) the forward raises instead of giving a plausible wrong velocity."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "helpers" / "sp_plan_probe.py"), missing]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=300)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(("OK", "ERROR")))
+    if missing == "none":
+        assert line == "OK 0.0"
+    else:
+        assert line.startswith("ERROR"), line

@@ -165,8 +165,9 @@ def branch_meshes(branches: list[tuple[int, ...]], device_type: str) -> dict[tup
     return out
 
 
-def enable(models: dict[str, torch.nn.Module], branch: Branch) -> None:
-    """Split every forward of ``models`` (the DiT and its ControlNets) over ``branch``'s ranks; checks the result."""
+def enable(models: dict[str, torch.nn.Module], branch: Branch, plan=cp_plan) -> None:
+    """Split every forward of ``models`` (the DiT and its ControlNets) over ``branch``'s ranks; checks the result.
+    ``plan(model)`` is the context-parallel plan (a test passes an incomplete one to see it fail)."""
     sp = len(branch.ranks)
     for name, model in models.items():
         install_processors(model)
@@ -175,7 +176,7 @@ def enable(models: dict[str, torch.nn.Module], branch: Branch) -> None:
         diffusers_logging.set_verbosity_error()  # its "experimental feature" warning, once per model and rank
         try:
             with _one_accelerator():
-                model.enable_parallelism(config=config, cp_plan=cp_plan(model))
+                model.enable_parallelism(config=config, cp_plan=plan(model))
         finally:
             diffusers_logging.set_verbosity(verbosity)
         if not hasattr(model, "control_blocks"):  # the DiT's velocity is gathered whole on every rank of the branch
