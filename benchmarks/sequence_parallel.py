@@ -22,7 +22,9 @@ on 1/2/4/8 GPUs with this fork's one-video presets (cfg 2 x sp N/2), next to ups
 * bytes per rank (Ulysses all-to-alls + the velocity gather): ``bytes_per_forward``, checked against part 1's
   counted bytes, at bf16 and the real sizes.
 * link: ASSUMED ``--link_gbps`` (300 GB/s effective all-to-all bandwidth per GPU: NVSwitch H100 SXM is 450 GB/s per
-  direction). Communication is not overlapped with compute (diffusers' Ulysses waits for each all-to-all).
+  direction), plus ASSUMED ``--latency_us`` (50 us) per collective: 8 per self-attention layer (4 all-to-alls, each
+  after an 8-byte size exchange of ``ulysses_anything``) + 2 per forward (the gather), 2 per step for the CFG swap.
+  Communication is not overlapped with compute (diffusers' Ulysses waits for each all-to-all).
 * per-rank compute: DiT seconds / N (heads and tokens split evenly; the GEMMs keep >= 10,560 rows, assumed at the
   same efficiency). The CFG velocity exchange (21.6 MB per step) is counted on the same link.
 """
@@ -51,7 +53,7 @@ def bench_configs(small: bool) -> tuple[dict, dict, tuple[int, int, int]]:
 
     base = preset("tiny-4head")
     width = {} if small else dict(attention_head_dim=32, img_context_dim_out=128)
-    transformer = dict(base.transformer, **width, **({} if small else dict(num_layers=4)))
+    transformer = dict(base.transformer, **width, **({} if small else dict(num_layers=4, controlnet_block_every_n=2)))
     controlnet = dict(base.controlnet, **width, **({} if small else dict(model_channels=128)))
     latent = (2, 12, 18) if small else (4, 16, 24)
     return transformer, controlnet, latent
@@ -150,7 +152,13 @@ def measure(args) -> list[dict]:
     return rows
 
 
-def project(link_gbps: float, non_dit_s: float, steps: int = 36) -> list[tuple]:
+def collectives_per_forward(layers: int) -> int:
+    """Collectives one rank enters per forward: per self-attention layer 4 all-to-alls, each after a size exchange
+    (``ulysses_anything``); then the velocity gather and its size exchange."""
+    return 8 * layers + 2
+
+
+def project(link_gbps: float, non_dit_s: float, latency_us: float, steps: int = 36) -> list[tuple]:
     """One Transfer2.5-2B 720p 93-frame edge video on N GPUs (see the module docstring for every term)."""
     from configs.models import preset
 
@@ -169,7 +177,9 @@ def project(link_gbps: float, non_dit_s: float, steps: int = 36) -> list[tuple]:
         compute = dit_one / gpus
         ulysses = bytes_per_forward(N, sp, layers, C, 64, 2)
         exchange = velocity_bytes if cfg_split == 2 else 0.0
-        comm = steps * (ulysses + exchange) / (link_gbps * 1e9)  # each rank runs one branch: one forward per step
+        calls = (collectives_per_forward(layers) if sp > 1 else 0) + (2 if cfg_split == 2 else 0)
+        # each rank runs one branch: one forward per step
+        comm = steps * ((ulysses + exchange) / (link_gbps * 1e9) + calls * latency_us * 1e-6)
         total = non_dit_s + compute + comm
         up = UPSTREAM_SECONDS.get(gpus)
         rows.append((gpus, f"{cfg_split}x{sp}", forwards * flops / 1e15, ulysses / 1e9, comm, total,
@@ -184,6 +194,8 @@ def main() -> None:
     p.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4], help="sequence-parallel degrees (default 1 2 4)")
     p.add_argument("--link_gbps", type=float, default=300.0, help="assumed all-to-all GB/s per GPU (default 300)")
     p.add_argument("--non_dit_s", type=float, default=15.0, help="assumed non-DiT seconds of one video (default 15)")
+    p.add_argument("--latency_us", type=float, default=50.0,
+                   help="assumed fixed cost of one collective in microseconds (default 50)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--sp_worker", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -217,11 +229,13 @@ def main() -> None:
           "which part 2 uses)")
 
     print(f"\npart 2, projected: Transfer2.5-2B edge, 720p 93 frames (84,480 tokens), 36 steps with CFG; link "
-          f"{args.link_gbps:g} GB/s (assumed), non-DiT critical path {args.non_dit_s:g} s (assumed)")
+          f"{args.link_gbps:g} GB/s and {args.latency_us:g} us per collective (assumed), non-DiT critical path "
+          f"{args.non_dit_s:g} s (assumed)")
     head = (f"{'GPUs':>4}  {'cfg x sp':<9}{'PFLOP':>7}{'GB/fwd/rank':>13}{'comm s':>8}{'ours s':>8}{'ours x':>8}"
             f"{'upstream s':>12}{'upstream x':>12}")
     print(head + "\n" + "-" * len(head))
-    for gpus, shape, pflop, gb, comm, total, speed, up, up_speed in project(args.link_gbps, args.non_dit_s):
+    for gpus, shape, pflop, gb, comm, total, speed, up, up_speed in project(args.link_gbps, args.non_dit_s,
+                                                                            args.latency_us):
         up_s = f"{up:>12.1f}" if up else f"{'-':>12}"
         up_x = f"{up_speed:>11.2f}x" if up_speed else f"{'-':>12}"
         print(f"{gpus:>4}  {shape:<9}{pflop:>7.0f}{gb:>13.2f}{comm:>8.2f}{total:>8.1f}{speed:>7.2f}x{up_s}{up_x}")
