@@ -9,7 +9,7 @@ import torch
 from configs.models import preset as checkpoint_preset
 from tests.conftest import run_cli
 from transfer.checkpoint import info_from_preset, inspect_checkpoint, load_dit, load_stage, load_text_encoder, load_vae
-from transfer.distributed.placement import preset
+from transfer.distributed.placement import Placement, preset
 from transfer.memory import CALLS, Request, call_inputs, estimate_calls, measured_peak
 from transfer.plan import component_bytes, plan_ranks
 
@@ -51,10 +51,15 @@ def test_real_transfer25_sizes_and_placement():
     assert 2.3e9 < by_stage["dit"]["transformer"] / 2 < 2.5e9
     assert 0.4e9 < by_stage["dit"]["controlnet/edge"] / 2 < 0.5e9
     assert 0.1e9 < by_stage["vae"]["vae"] / 2 < 0.15e9
-    ranks = plan_ranks(preset(6), by_stage)
+    ranks = plan_ranks(Placement(6, 0, 1, 2, ((3, 4), (5,))), by_stage)
     assert [r.stages for r in ranks] == [["coordinator"], ["text"], ["vae"], ["dit"], ["dit"], ["dit"]]
     assert ranks[0].total == 0 and ranks[1].total == sum(by_stage["text"].values())
     assert ranks[3].total == ranks[4].total == sum(by_stage["dit"].values())  # both halves of the CFG pair hold a DiT
+    # the one-video preset on 8 GPUs of 80 GB: a cfg 2 x sp 4 group; every shard holds the whole DiT
+    ranks = plan_ranks(preset(8), by_stage)
+    assert ranks[0].stages == ["coordinator", "text", "dit"] and ranks[1].stages == ["vae", "dit"]
+    assert ranks[0].total == sum(by_stage["text"].values()) + sum(by_stage["dit"].values())
+    assert all(r.total == sum(by_stage["dit"].values()) for r in ranks[2:])
 
 
 def test_cli_plan_720p_weights_activations_and_fit():
@@ -63,15 +68,20 @@ def test_cli_plan_720p_weights_activations_and_fit():
                    "--height", "704", "--width", "1280", "--frames", "93")
     assert proc.returncode == 0, proc.stderr
     rows = rank_rows(proc.stdout)
-    assert rows[1][0] == "text" and 9.6 < rows[1][1] < 9.9 and rows[1][2] < 1  # T5-11B encoder: ~4.9B params
-    assert rows[2][0] == "vae" and rows[2][1] < 0.3 and 5 < rows[2][2] < 15  # VAE: tiny weights, GBs of activations
-    stages, weights, act, peak, fits, sizes = rows[3]
+    # 18 GB GPUs (< 64): text encoder and VAE on ranks of their own, a CFG pair on ranks 1 and 2
+    assert rows[0][0] == "coordinator+text" and 9.6 < rows[0][1] < 9.9 and rows[0][2] < 1  # T5-11B: ~4.9B params
+    assert rows[3][0] == "vae" and rows[3][1] < 0.3 and 5 < rows[3][2] < 15  # VAE: tiny weights, GBs of activations
+    stages, weights, act, peak, fits, sizes = rows[1]
+    assert rows[2][:3] == rows[1][:3]  # the pair's two ranks hold and compute the same
     assert stages == "dit" and 8 < weights < 8.6 and 5 < act < 20 and abs(peak - weights - act) < 0.015
     assert fits == ("yes" if peak < 18 else "NO") and sizes == ("yes" if peak < 24 else "NO", "yes", "yes")
     up = rows["upstream"]
-    assert abs(up[1] - 18.29) < 0.05 and up[2] == act and up[4] == "NO" and up[5] == ("NO", "yes", "yes")
-    presets = dict(re.findall(r"^\s+(\d)\s+[\d.]+\s+(yes|NO)\s+yes\s+yes$", proc.stdout, re.M))
-    assert presets["1"] == "NO" and presets["4"] == sizes[0] and len(presets) == 8  # every preset placement judged
+    assert abs(up[1] - 18.29) < 0.05 and up[2] >= act and up[4] == "NO" and up[5] == ("NO", "yes", "yes")
+    assert "DiT groups: [1, 2] (cfg 2 x sp 1)" in proc.stdout
+    presets = {w: (shape, v) for w, shape, v in
+               re.findall(r"^\s+(\d)\s+cfg x sp (\dx\d)\s+[\d.]+\s+(yes|NO)\s+(?:yes|NO)\s+(?:yes|NO)$", proc.stdout, re.M)}
+    assert len(presets) == 8 and presets["1"] == ("1x1", "NO")  # every preset placement judged
+    assert presets["4"] == ("2x1", sizes[0]) and presets["8"][0] == "2x3"
 
 
 def test_cli_plan_fp32_doubles_weights():
