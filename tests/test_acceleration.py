@@ -97,8 +97,10 @@ def test_offload_stages_same_output_and_fewer_resident_bytes(tiny_ckpt, spec, tm
 def test_offload_in_a_stage_process_holding_two_stages(tiny_ckpt, spec, eager, tmp_path):
     """Two ranks: rank 0 holds the coordinator, the text encoder and the VAE; with --offload stages they take turns."""
     trace = tmp_path / "trace.json"
+    placement = tmp_path / "placement.json"  # (the 2-rank preset splits the CFG branches over both ranks instead)
+    placement.write_text(json.dumps({"coordinator": 0, "text": 0, "vae": 0, "dit_groups": [[1]]}))
     proc = launch(2, "--controlnet_specs", str(spec), "--video_save_folder", str(tmp_path / "out"), "--offload", "stages",
-                  "--trace", str(trace), *FAST)
+                  "--trace", str(trace), "--placement", str(placement), *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "output.npz").read_bytes() == (eager / "output.npz").read_bytes()
     memory = json.loads(trace.read_text())["otherData"]["memory_by_rank"]

@@ -82,10 +82,13 @@ def test_latent_condition_takes_the_last_frames():
 
 def test_latent_mode_is_deterministic_and_placement_independent(tiny_ckpt, long_spec, tmp_path):
     outs = {}
+    placement = tmp_path / "placement.json"  # the VAE on a rank of its own, so that its decodes can overlap the DiT
+    placement.write_text(json.dumps({"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}))
     for run, nproc in (("a", 1), ("b", 1), ("four", 4)):
         outs[run] = tmp_path / run
+        extra = ["--placement", str(placement)] if nproc > 1 else []
         proc = launch(nproc, "--controlnet_specs", str(long_spec), "--video_save_folder", str(outs[run]), "--save_raw",
-                      "--chunk_conditioning", "latent", "--trace", str(tmp_path / f"{run}.json"), *FAST)
+                      "--chunk_conditioning", "latent", "--trace", str(tmp_path / f"{run}.json"), *extra, *FAST)
         assert proc.returncode == 0, proc.stderr[-3000:]
     a, b, four = (np.load(outs[r] / "output.npz") for r in ("a", "b", "four"))
     assert a["latents"].shape[0] == 4
