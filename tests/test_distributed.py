@@ -242,6 +242,11 @@ def test_placement_presets_and_validation():
     two = preset(6, heads=2, per_node=3)
     assert two.dit_groups == (DiTGroup((1, 2, 3, 4), 2, 2),) and (two.text, two.vae) == (0, 5)
     assert heads_split(16, 4) and heads_split(16, 3) and not heads_split(16, 5) and not heads_split(2, 3)
+    # any world size; beyond what 16 heads split one video over, ranks stay idle rather than slow it down
+    assert preset(12).dit_groups == (DiTGroup(tuple(range(12)), 2, 6),)
+    wide = preset(24)
+    assert wide.dit_groups == (DiTGroup(tuple(range(1, 17)), 2, 8),) and wide.idle == (19, 20, 21, 22, 23)
+    assert "rank 23: idle" in wide.describe()
     with pytest.raises(TransferError, match="does not split the DiT's 16 attention heads"):
         preset(8, sp=5)
     with pytest.raises(TransferError, match="more than the 4 ranks of a node"):

@@ -14,7 +14,7 @@ heads, ``--context_parallel_size`` and the ranks per node (docs/parallelism.md):
   but only on GPUs of 64 GB or more (``share_stages``): on smaller ones the text encoder and the VAE keep a rank
   each, off the DiT;
 * a batch: every layout of equal groups is costed as ``ceil(requests / groups) / (cfg * sp * efficiency(sp))`` and
-  the cheapest wins (ties: fewer groups, then the coordinator on rank 0); replicas never share a rank with a stage.
+  the cheapest wins (ties: fewer idle ranks, fewer groups, then the coordinator on rank 0); replicas never share a rank with a stage.
 
 Sequence-parallel branches stay inside a node (consecutive ranks of one node); CFG branches, replicas and stages may
 span nodes. Computed controls (preprocessors) run on the coordinator unless ``preprocess`` names another rank.
@@ -109,6 +109,8 @@ class Placement:
     """DiT + ControlNet groups (``DiTGroup``; a list ``[r]`` or ``[a, b]`` is read as one rank or a CFG pair)."""
     preprocess: int | None = None
     """Rank computing controls a spec leaves out (depth, seg and keypoint models); default: the coordinator."""
+    idle: tuple[int, ...] = ()
+    """Ranks a preset leaves without work (more ranks than the DiT's heads can split one video over)."""
 
     @property
     def preprocess_rank(self) -> int:
@@ -127,7 +129,9 @@ class Placement:
             raise TransferError("placement: a rank appears in two DiT groups (or twice in one)")
         if len(self.dit_groups) > 1 and any(r in (self.coordinator, self.text, self.vae) for r in dit):
             raise TransferError("placement: DiT replicas must not share a rank with another stage")
-        unused = set(range(self.world_size)) - set(ranks)
+        if set(self.idle) & set(ranks):
+            raise TransferError("placement: an idle rank has a stage")
+        unused = set(range(self.world_size)) - set(ranks) - set(self.idle)
         if unused:
             raise TransferError(f"placement leaves rank {min(unused)} without a stage")
 
@@ -172,7 +176,7 @@ class Placement:
         return self.dit_groups[request_index % len(self.dit_groups)]
 
     def describe(self) -> str:
-        ranks = ", ".join(f"rank {r}: {'+'.join(self.stages_of(r))}" for r in range(self.world_size))
+        ranks = ", ".join(f"rank {r}: {'+'.join(self.stages_of(r)) or 'idle'}" for r in range(self.world_size))
         groups = "; ".join(g.describe() for g in self.dit_groups if len(g.ranks) > 1)
         return ranks + (f"; DiT groups {groups}" if groups else "")
 
@@ -185,8 +189,8 @@ class PresetChoice:
 
 def _layout(world: int, per_node: int, cfg: int, sp: int, groups: int, reserve: int, share: bool) -> Placement | None:
     """``groups`` groups of cfg x sp ranks, each branch inside one node, ranks ``0..reserve-1`` kept for stages; the
-    stages go on the ranks left over (coordinator + text on the first, the VAE on the second), else beside the first
-    group's shards. None when it does not fit or would leave a rank idle."""
+    stages go on the ranks left over (coordinator + text on the first, the VAE on the second, preprocessing on the
+    third; any further rank idle), else beside the first group's shards. None when it does not fit."""
     branches = []
     for start in range(0, world, per_node):
         free = [r for r in range(start, min(start + per_node, world)) if r >= reserve]
@@ -198,8 +202,9 @@ def _layout(world: int, per_node: int, cfg: int, sp: int, groups: int, reserve: 
                        for g in range(groups))
     used = {r for g in dit_groups for r in g.ranks}
     hosts = [r for r in range(world) if r not in used]
-    if len(hosts) > 3 or (not hosts and groups > 1):
+    if not hosts and groups > 1:
         return None
+    hosts, idle = hosts[:3], tuple(hosts[3:])
     if not share and len(hosts) < min(2, world - 1):  # small GPUs: the text encoder and the VAE apart, off the DiT
         return None
     if not hosts:  # one group over every rank: the stages sit beside shards
@@ -207,7 +212,7 @@ def _layout(world: int, per_node: int, cfg: int, sp: int, groups: int, reserve: 
     coordinator = text = hosts[0]
     vae = hosts[1] if len(hosts) > 1 else hosts[0]
     preprocess = hosts[2] if len(hosts) > 2 else None
-    return Placement(world, coordinator, text, vae, dit_groups, preprocess)
+    return Placement(world, coordinator, text, vae, dit_groups, preprocess, idle)
 
 
 def preset(world_size: int, **kwargs) -> Placement:
@@ -242,7 +247,7 @@ def choose_preset(world_size: int, *, requests: int = 1, guidance: float = 3.0, 
                     if p is None:
                         continue
                     cost = math.ceil(requests / groups) * (1 + SP_OVERHEAD * (d - 1)) / (cfg * d)
-                    key = (round(cost, 9), groups, p.coordinator != 0)  # rank 0 logs: keep the coordinator there
+                    key = (round(cost, 9), len(p.idle), groups, p.coordinator != 0)  # rank 0 logs: coordinator there
                     if best is None or key < best[0]:
                         best = (key, p, cfg, d, groups, cost)
     if best is None:
