@@ -22,8 +22,9 @@ on 1/2/4/8 GPUs with this fork's one-video presets (cfg 2 x sp N/2), next to ups
 * bytes per rank (Ulysses all-to-alls + the velocity gather): ``bytes_per_forward``, checked against part 1's
   counted bytes, at bf16 and the real sizes.
 * link: ASSUMED ``--link_gbps`` (300 GB/s effective all-to-all bandwidth per GPU: NVSwitch H100 SXM is 450 GB/s per
-  direction), plus ASSUMED ``--latency_us`` (50 us) per collective: 8 per self-attention layer (4 all-to-alls, each
-  after an 8-byte size exchange of ``ulysses_anything``) + 2 per forward (the gather), 2 per step for the CFG swap.
+  direction), plus ASSUMED ``--latency_us`` (50 us) per collective: 4 all-to-alls per self-attention layer (84,480
+  tokens divide by 2 and 4: the standard Ulysses path, no size exchanges) + 2 per forward (the gather), 2 per step for
+  the CFG swap.
   Communication is not overlapped with compute (diffusers' Ulysses waits for each all-to-all).
 * per-rank compute: DiT seconds / N (heads and tokens split evenly; the GEMMs keep >= 10,560 rows, assumed at the
   same efficiency). The CFG velocity exchange (21.6 MB per step) is counted on the same link.
@@ -59,16 +60,18 @@ def bench_configs(small: bool) -> tuple[dict, dict, tuple[int, int, int]]:
     return transformer, controlnet, latent
 
 
-def bytes_per_forward(tokens: int, sp: int, layers: int, channels: int, out_channels: int, itemsize: int) -> float:
+def bytes_per_forward(tokens: int, sp: int, layers: int, channels: int, out_channels: int, itemsize: int,
+                      heads: int) -> float:
     """Bytes one rank sends per forward (the DiT + ControlNet step). Ulysses: per self-attention layer, q, k and v go
     out in an all-to-all and the output comes back in one, each moving (sp - 1) / sp of the rank's [tokens / sp,
-    channels] tensor, after an 8-byte size exchange (``ulysses_anything``). Then the velocity's gather after
-    ``proj_out``: the largest shard, padded, to every other rank, after its own size exchange."""
+    channels] tensor (uneven sizes: after an 8-byte size exchange, ``ulysses_anything``). Then the velocity's gather
+    after ``proj_out``: the largest shard, padded, to every other rank, after its own size exchange."""
     if sp == 1:
         return 0.0
     ulysses = layers * 4 * (tokens / sp) * channels * itemsize * (sp - 1) / sp
     gather = -(-tokens // sp) * out_channels * itemsize * (sp - 1)
-    sizes = 8 * (sp - 1) * (4 * layers + 1)
+    uneven = bool(tokens % sp or heads % sp)
+    sizes = 8 * (sp - 1) * (4 * layers * uneven + 1)
     return ulysses + gather + sizes
 
 
@@ -99,7 +102,7 @@ def worker(args) -> None:
         dist.init_process_group("cpu:gloo")
         sp, rank = dist.get_world_size(), dist.get_rank()
         branch = sequence_parallel.branch_meshes([tuple(range(sp))], "cpu")[tuple(range(sp))]
-        sequence_parallel.enable({"transformer": dit, "controlnet": net}, branch)
+        sequence_parallel.enable({"transformer": dit, "controlnet": net}, branch).before_chunk(latents.shape)
         all_to_all, all_gather = funcol.all_to_all_single, dist.all_gather
 
         def counted_all_to_all(x, *a, **k):
@@ -153,9 +156,9 @@ def measure(args) -> list[dict]:
 
 
 def collectives_per_forward(layers: int) -> int:
-    """Collectives one rank enters per forward: per self-attention layer 4 all-to-alls, each after a size exchange
-    (``ulysses_anything``); then the velocity gather and its size exchange."""
-    return 8 * layers + 2
+    """Collectives one rank enters per forward at even sizes: per self-attention layer 4 all-to-alls; then the velocity
+    gather and its size exchange."""
+    return 4 * layers + 2
 
 
 def project(link_gbps: float, non_dit_s: float, latency_us: float, steps: int = 36) -> list[tuple]:
@@ -175,7 +178,7 @@ def project(link_gbps: float, non_dit_s: float, latency_us: float, steps: int = 
         cfg_split = 2 if gpus >= 2 else 1
         sp = gpus // cfg_split
         compute = dit_one / gpus
-        ulysses = bytes_per_forward(N, sp, layers, C, 64, 2)
+        ulysses = bytes_per_forward(N, sp, layers, C, 64, 2, t["num_attention_heads"])
         exchange = velocity_bytes if cfg_split == 2 else 0.0
         calls = (collectives_per_forward(layers) if sp > 1 else 0) + (2 if cfg_split == 2 else 0)
         # each rank runs one branch: one forward per step
@@ -221,7 +224,8 @@ def main() -> None:
         sp = ranks[0]["sp"]
         seconds = max(r["seconds"] for r in ranks)  # the slowest rank sets the step
         counted = max(r["bytes"] for r in ranks)
-        formula = bytes_per_forward(tokens, sp, layers, C, 4 * transformer_cfg["out_channels"], 4)
+        formula = bytes_per_forward(tokens, sp, layers, C, 4 * transformer_cfg["out_channels"], 4,
+                                    transformer_cfg["num_attention_heads"])
         same = all(np.array_equal(np.array(r["velocity"]), np.array(base["velocity"])) for r in ranks)
         print(f"{sp:>3}{seconds:>10.4f}{base['seconds'] / seconds:>8.2f}x{counted:>17,.0f}{formula:>12,.0f}"
               f"{'yes' if same else 'NO':>17}")

@@ -147,8 +147,8 @@ class DiTGroupRole:
             t_step[0] = now
 
         with self.tracer.span("dit", name, request=j, chunk=k):
-            if self.sequence_parallel is not None:
-                self.sequence_parallel()  # the processors are still the parallel-aware ones
+            if self.sequence_parallel is not None:  # the processors still parallel-aware; the Ulysses path for the size
+                self.sequence_parallel.before_chunk(tensors["noise"].shape)
             latents = self.dit.denoise(
                 tensors["noise"], tensors.get("cond"), chunk["num_cond"], controls, chunk["scales"], tensors["prompt"],
                 tensors.get("negative"), self.settings.num_steps, self.settings.guidance, tuple(chunk["pixel"]),

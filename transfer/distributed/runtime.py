@@ -78,12 +78,11 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
         loaded, self.residency = load_stages(job.info, held, modalities, device, dtype, job.compile, job.offload)
         self.text_encoder, self.vae, self.dit = (loaded.get(s) for s in ("text", "vae", "dit"))
         self.sequence_parallel = None
-        """Re-checks this rank's DiT before each chunk when its group is sequence parallel."""
+        """This rank's sequence-parallel DiT (``sequence_parallel.SequenceParallelDiT``) when its group has sp > 1."""
         group = placement.group_of(rank)
         if group is not None and group.sp > 1:
             models = {"transformer": self.dit.transformer, **{f"controlnet/{m}": c for m, c in self.dit.controlnets.items()}}
-            sequence_parallel.enable(models, branches[group.branch_of(rank)])
-            self.sequence_parallel = lambda: sequence_parallel.check_processors(models, group.sp)
+            self.sequence_parallel = sequence_parallel.enable(models, branches[group.branch_of(rank)])
         self.dit_dtype = dtype
         # guards: built on the coordinator only; an asynchronous release wakes this loop with a "released" message
         self.gate = make_gate(args, job, notify=lambda: transport.send(rank, "released")) if "coordinator" in self.stages else None

@@ -17,10 +17,11 @@ Built on diffusers' context-parallel machinery, with the models left unmodified:
   and flattened on *every* rank in the same order (process groups are named from a global counter; a rank that
   skipped one would hang the next world-wide group).
 
-Uneven sizes: the config uses diffusers' ``ulysses_anything`` mode (``tensor_split``: shards differ by at most one
-token; heads that do not divide by ``sp`` are padded), and the final gather pads each shard to the largest, gathers,
-and trims (gloo's ``all_gather`` refuses unequal sizes). Token counts that divide evenly take the same path and give
-the same partition as an even split.
+Uneven sizes: a chunk whose token count (or a model whose head count) does not divide by ``sp`` takes diffusers'
+``ulysses_anything`` path (``tensor_split``: shards differ by at most one token; missing heads are padded; an 8-byte
+size exchange before each all-to-all), chosen per chunk (``SequenceParallelDiT.before_chunk``); even sizes take the
+standard Ulysses path (the same partition, no size exchanges). The final gather pads each shard to the largest,
+gathers, and trims (gloo's ``all_gather`` refuses unequal sizes).
 """
 
 from __future__ import annotations
@@ -165,13 +166,34 @@ def branch_meshes(branches: list[tuple[int, ...]], device_type: str) -> dict[tup
     return out
 
 
-def enable(models: dict[str, torch.nn.Module], branch: Branch, plan=cp_plan) -> None:
+@dataclass
+class SequenceParallelDiT:
+    """What ``enable`` made: the models, their configs and the branch's degree."""
+
+    models: dict[str, torch.nn.Module]
+    configs: dict[str, ContextParallelConfig]
+    sp: int
+
+    def before_chunk(self, latent_shape) -> None:
+        """Check the processors again, and use diffusers' standard Ulysses path where the chunk's tokens and a model's
+        heads divide by sp (no size exchanges), its ``ulysses_anything`` path where they do not."""
+        check_processors(self.models, self.sp)
+        for name, model in self.models.items():
+            p_t, p_h, p_w = model.config.patch_size
+            tokens = (latent_shape[-3] // p_t) * (latent_shape[-2] // p_h) * (latent_shape[-1] // p_w)
+            self.configs[name].ulysses_anything = bool(tokens % self.sp or model.config.num_attention_heads % self.sp)
+
+
+def enable(models: dict[str, torch.nn.Module], branch: Branch, plan=cp_plan) -> SequenceParallelDiT:
     """Split every forward of ``models`` (the DiT and its ControlNets) over ``branch``'s ranks; checks the result.
-    ``plan(model)`` is the context-parallel plan (a test passes an incomplete one to see it fail)."""
+    ``plan(model)`` is the context-parallel plan (a test passes an incomplete one to see it fail). Until
+    ``before_chunk`` says otherwise the models take the ``ulysses_anything`` path (any sizes)."""
     sp = len(branch.ranks)
+    configs = {}
     for name, model in models.items():
         install_processors(model)
-        config = ContextParallelConfig(ulysses_degree=sp, ring_degree=1, ulysses_anything=True, mesh=branch.mesh)
+        config = configs[name] = ContextParallelConfig(ulysses_degree=sp, ring_degree=1, ulysses_anything=True,
+                                                       mesh=branch.mesh)
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # its "experimental feature" warning, once per model and rank
         try:
@@ -183,3 +205,4 @@ def enable(models: dict[str, torch.nn.Module], branch: Branch, plan=cp_plan) -> 
             group = config._flattened_mesh.get_group()
             model.proj_out.register_forward_hook(lambda module, inputs, out: padded_gather(out, 1, group))
     check_processors(models, sp)
+    return SequenceParallelDiT(dict(models), configs, sp)
