@@ -272,6 +272,10 @@ def run_distributed(args) -> None:
         job = plan_job(args)
         choice = placement_from_args(args, world, len(job.requests), job.info.transformer["num_attention_heads"])
         placement = choice.placement
+        if job.compile != "none" and any(g.sp > 1 for g in placement.dit_groups):
+            raise TransferError(f"--compile {job.compile} is not supported in sequence-parallel DiT groups (untested "
+                                "with diffusers' context-parallel hooks): use --compile none, or --placement / "
+                                "--context_parallel_size 1 for groups without sequence parallelism")
     except TransferError as e:  # every rank validates the same inputs and fails the same way
         if rank == 0:
             print(f"transfer.py: error: {e}", file=sys.stderr)
