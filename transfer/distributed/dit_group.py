@@ -136,7 +136,7 @@ class DiTGroupRole:
         split = None
         if group.cfg == 2 and "negative" in tensors:
             split = BranchExchange(self, group.counterpart(self.rank), self.rank in group.branches()[0], j, k)
-        controls = {name.removeprefix("control."): t for name, t in tensors.items() if name.startswith("control.")}
+        controls = {key.removeprefix("control."): t for key, t in tensors.items() if key.startswith("control.")}
         steps = []
         t_step = [time.time()]
 
