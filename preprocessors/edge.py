@@ -33,10 +33,16 @@ class Preprocessor:
     def __init__(self, config: Config):
         self.config = config
 
+    def threshold(self, request) -> str:
+        """The request's own preset (Transfer2.5 ``edge.preset_edge_threshold``), else ``--canny_threshold``."""
+        control = None if request is None else request.controls.get("edge")
+        return getattr(control, "preset", None) or self.config.canny_threshold
+
     def key(self, request) -> dict:
-        return {"canny_threshold": self.config.canny_threshold, "thresholds": PRESETS[self.config.canny_threshold]}
+        threshold = self.threshold(request)
+        return {"canny_threshold": threshold, "thresholds": PRESETS[threshold]}
 
     def __call__(self, frames: np.ndarray, request=None) -> np.ndarray:
-        low, high = PRESETS[self.config.canny_threshold]
+        low, high = PRESETS[self.threshold(request)]
         edges = [cv2.Canny(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), low, high) for f in frames]
         return np.repeat(np.stack(edges)[..., None], 3, axis=-1)

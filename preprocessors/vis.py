@@ -54,11 +54,17 @@ class Preprocessor:
     def __init__(self, config: Config):
         self.config = config
 
+    def strength(self, request) -> str:
+        """The request's own preset (Transfer2.5 ``vis.preset_blur_strength``), else ``--blur_strength``."""
+        control = None if request is None else request.controls.get("vis")
+        return getattr(control, "preset", None) or self.config.blur_strength
+
     def key(self, request) -> dict:
-        return {"blur_strength": self.config.blur_strength, "params": PRESETS[self.config.blur_strength], "downup": DOWNUP}
+        strength = self.strength(request)
+        return {"blur_strength": strength, "params": PRESETS[strength], "downup": DOWNUP}
 
     def __call__(self, frames: np.ndarray, request=None) -> np.ndarray:
-        if self.config.blur_strength == "none":
+        strength = self.strength(request)
+        if strength == "none":
             return frames.copy()
-        params = PRESETS[self.config.blur_strength]
-        return np.stack([blur_frame(f, *params) for f in frames])
+        return np.stack([blur_frame(f, *PRESETS[strength]) for f in frames])

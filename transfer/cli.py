@@ -1,4 +1,5 @@
-"""Command line: upstream cosmos-transfer1 flag names, one clear error line on bad input."""
+"""Command line: cosmos-transfer1's flags and cosmos-transfer2.5's (``-i/-o`` and the rest), one clear error line on bad
+input. Every ``--long_flag`` is also accepted as ``--long-flag`` (``normalise_flags``), as upstream's tyro CLI does."""
 
 from __future__ import annotations
 
@@ -17,12 +18,51 @@ Turns control videos (vis, edge, depth, seg, keypoint) plus a prompt into a new 
 With no --checkpoint_dir it runs the embedded tiny random-weight checkpoint (noise-like
 output, for trying the tool on a CPU); point --checkpoint_dir at a diffusers-layout
 directory (text_encoder/ tokenizer/ transformer/ vae/ scheduler/ controlnet/<modality>/)
-for real weights."""
+for real weights.
+
+Two command forms, one engine (docs/usage.md, "Coming from Transfer2.5 / transfer1"):
+  cosmos-transfer1:   transfer.py --controlnet_specs SPEC.json [--batch_input_path B.jsonl] --video_save_folder DIR
+  cosmos-transfer2.5: transfer.py -i SPEC.json [MORE.jsonl ...] -o DIR   (outputs NAME.mp4/.json/.txt,
+                      NAME_control_KEY.mp4, config.yaml, console.log, as upstream writes them)
+Every flag takes dashes or underscores (--num-steps = --num_steps)."""
+
+#: Generation flags whose default differs in the cosmos-transfer2.5 form (``transfer.spec25.DEFAULTS``).
+T25_DEFAULTS = {"seed": 2025, "num_steps": 35}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="transfer.py", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    t25 = p.add_argument_group("cosmos-transfer2.5 form (examples/inference.py's flags)")
+    t25.add_argument("-i", "--input_files", nargs="+", metavar="FILE",
+                     help="Transfer2.5 spec files: .json (one sample) or .jsonl (one a line), run in turn on one model "
+                     "load; each sample's fields are overridden by the flags given here")
+    t25.add_argument("-o", "--output_dir", metavar="DIR", help="output folder for the -i form (same as --video_save_folder)")
+    t25.add_argument("--model", choices=("edge", "depth", "seg", "vis", "keypoint", "edge/distilled"),
+                     help="limit the run to this control (a sample naming another fails); edge/distilled is refused: no "
+                     "diffusers conversion of the distilled checkpoint exists (default: the controls each sample names)")
+    t25.add_argument("--checkpoint_path", dest="checkpoint_dir", metavar="DIR",
+                     help="same as --checkpoint_dir (a diffusers-layout folder, not upstream's .pt)")
+    t25.add_argument("--keep_going", dest="keep_going", action="store_true", default=None,
+                     help="-i form: a sample that fails is recorded in failures.jsonl and the others run (default)")
+    t25.add_argument("--no_keep_going", dest="keep_going", action="store_false",
+                     help="-i form: the first sample that fails ends the run")
+    t25.add_argument("--resolution", help="-i form: generation height in pixels, e.g. 720 or 480 (default: 720; "
+                     "a smaller model generates at its largest size)")
+    t25.add_argument("--keep_input_resolution", dest="keep_input_resolution", action="store_true", default=None,
+                     help="-i form: write the output at the input's size (default)")
+    t25.add_argument("--no_keep_input_resolution", dest="keep_input_resolution", action="store_false",
+                     help="-i form: write the output at the generation size")
+    t25.add_argument("--show_input", action="store_true", default=None, help="-i form: input video left of the output")
+    t25.add_argument("--show_control_condition", action="store_true", default=None,
+                     help="-i form: the control videos left of the output")
+    t25.add_argument("--prompt_path", help="-i form: read every sample's prompt from this file")
+    t25.add_argument("--video_path", help="-i form: every sample's input video")
+    for flag in ("sigma_max", "context_frame_index", "image_context_path"):
+        t25.add_argument(f"--{flag}", help="refused: needs a model this fork does not have (docs/usage.md)")
+    for flag, instead in (("benchmark", "benchmarks/*.py and --trace"), ("profile", "--trace")):
+        t25.add_argument(f"--{flag}", action="store_true", help=f"refused: use {instead}")
+
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--controlnet_specs", help="spec JSON (cosmos-transfer1 format): prompt, input_video_path, "
                     "and per modality control_weight / input_control")
@@ -58,10 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "--random_weights")
 
     gen = p.add_argument_group("generation")
-    gen.add_argument("--num_steps", type=int, default=36, help="denoising steps per chunk (default: 36)")
+    gen.add_argument("--num_steps", type=int, default=36, help="denoising steps per chunk (default: 36; 35 in the -i form)")
     gen.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: 3.0)")
-    gen.add_argument("--seed", type=int, default=1, help="seed; each request has its own generator (default: 1)")
-    gen.add_argument("--num_frames_per_chunk", type=int, default=93,
+    gen.add_argument("--seed", type=int, default=1,
+                     help="seed; each request has its own generator (default: 1; 2025 in the -i form)")
+    gen.add_argument("--num_frames_per_chunk", "--num_video_frames_per_chunk", type=int, default=93,
                      help="frames per chunk, 1 + 4k (default: 93)")
     gen.add_argument("--num_conditional_frames", type=int, default=1,
                      help="frames of overlap conditioning each later chunk (default: 1)")
@@ -112,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on: check each prompt before generating it and each video before writing it; async: the "
                        "same checks beside generation (text while the models start, video of request j while j+1 "
                        "generates); off: no checks. A blocked request writes NAME.blocked.json, no video (default: on)")
-    guard.add_argument("--disable_guardrail", action="store_true", help="same as --guardrail off (upstream's flag)")
+    guard.add_argument("--disable_guardrail", "--disable_guardrails", action="store_true",
+                       help="same as --guardrail off (upstream's flag, both spellings)")
     guard.add_argument("--blocklist", action="append", metavar="FILE",
                        help="extra blocked words or phrases, one per line (# comments); repeatable")
     guard.add_argument("--allowlist", action="append", metavar="FILE",
@@ -149,8 +191,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def normalise_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``--foo-bar[=v]`` -> ``--foo_bar[=v]`` for every flag the parser knows by its underscore name (upstream's tyro
+    CLI takes both spellings). Values and unknown flags are left alone (argparse reports those)."""
+    known = {o for a in parser._actions for o in a.option_strings}
+    out = []
+    for token in argv:
+        if token.startswith("--") and "-" in token[2:].split("=", 1)[0]:
+            name, eq, value = token.partition("=")
+            underscored = "--" + name[2:].replace("-", "_")
+            if underscored in known:
+                token = underscored + eq + value
+        out.append(token)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse (both spellings), note which flags were given (``args.given``: a Transfer2.5 flag overrides the field in
+    every sample) and fill the form's defaults."""
+    parser = build_parser()
+    argv = normalise_flags(sys.argv[1:] if argv is None else list(argv), parser)
+    args = parser.parse_args(argv)
+    only_given = build_parser()
+    for action in only_given._actions:
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(only_given.parse_args(argv)))
+    args.form = "transfer2.5" if args.input_files else "transfer1"
+    if args.form == "transfer2.5":
+        for dest, value in T25_DEFAULTS.items():
+            if dest not in args.given:
+                setattr(args, dest, value)
+    if args.output_dir:
+        args.video_save_folder = args.output_dir
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local directories only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from loguru import logger

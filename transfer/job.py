@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from loguru import logger
 
@@ -19,8 +20,14 @@ from transfer.acceleration import check_acceleration, offload_mode
 from transfer.checkpoint import info_from_preset, inspect_checkpoint, require_modalities
 from transfer.errors import TransferError
 from transfer.manifest import Manifest, run_settings
-from transfer.pipeline import GenerationResult, GenerationSettings, ModelLimits, prepare_request
-from transfer.specs import Request, check_name, load_batch, load_spec
+from transfer.pipeline import (
+    GenerationResult,
+    GenerationSettings,
+    ModelLimits,
+    prepare_request,
+    resize_frames,
+)
+from transfer.specs import Request, check_name, load_batch, load_spec, parse_request
 from transfer.video_io import write_mp4, write_npz, write_text
 
 
@@ -32,10 +39,53 @@ def settings_from_args(args) -> GenerationSettings:
     )
 
 
+def transfer25_flags(args) -> dict:
+    """The Transfer2.5 per-sample fields given as flags (they override every sample's), by field name."""
+    from transfer.spec25 import FLAG_FIELDS
+
+    given = getattr(args, "given", set())
+    flags = {field: getattr(args, dest) for field, dest in FLAG_FIELDS.items() if dest in given}
+    for field in ("prompt_path", "video_path"):
+        if field in given:
+            flags[field] = str(Path(getattr(args, field)).resolve())
+    return flags
+
+
+def check_form_flags(args) -> None:
+    """Flags of the cosmos-transfer2.5 form that this fork refuses, each with one line saying why."""
+    if getattr(args, "benchmark", False):
+        raise TransferError("--benchmark is not supported here: run benchmarks/*.py (side-by-side tables) or --trace")
+    if getattr(args, "profile", False):
+        raise TransferError("--profile is not supported here: --trace FILE writes a Perfetto trace of every stage")
+    if getattr(args, "model", None) == "edge/distilled":
+        raise TransferError("--model edge/distilled needs the distilled Transfer2.5 edge checkpoint (4 steps, no "
+                            "guidance), which has no diffusers conversion this fork can load")
+    if getattr(args, "input_files", None) and (args.controlnet_specs or args.batch_input_path):
+        raise TransferError("give -i/--input-files (Transfer2.5 form) or --controlnet_specs / --batch_input_path "
+                            "(transfer1 form), not both")
+
+
 def requests_from_args(args, failures: list | None = None) -> list[Request]:
     """The run's requests; for a batch with a ``failures`` list, bad lines land there instead of raising."""
     defaults = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "input_video_path") if getattr(args, k)}
     defaults["seed"] = args.seed
+    check_form_flags(args)
+    if getattr(args, "input_files", None):
+        from transfer.spec25 import load_inputs
+
+        def transfer1(obj, where, base_dir):
+            return parse_request(obj, where=where, name=Path(where.split(":")[0]).stem, defaults=defaults,
+                                 base_dir=base_dir)
+
+        requests = load_inputs(args.input_files, flags=transfer25_flags(args),
+                               chunk_conditioning=args.chunk_conditioning, parse_t1=transfer1)
+        model = getattr(args, "model", None)
+        for request in requests:
+            other = sorted(set(request.controls) - {model}) if model else []
+            if other:
+                raise TransferError(f"{request.source} ({request.name}): control {other[0]!r} but --model {model}: drop "
+                                    "--model to use every control the sample names")
+        return requests
     if args.batch_input_path:
         return load_batch(args.batch_input_path, defaults=defaults, base_spec=args.controlnet_specs, failures=failures)
     if not args.controlnet_specs:
@@ -81,16 +131,36 @@ def checkpoint_info(args):
     return info_from_preset(preset(args.checkpoint_preset))
 
 
-OUTPUT_SUFFIXES = (".mp4", ".txt", ".npz")
+OUTPUT_SUFFIXES = (".mp4", ".txt", ".npz", ".json")
 BLOCKED_SUFFIX = ".blocked.json"
 
 
-def write_outputs(folder: Path, request: Request, result: GenerationResult, fps: float, save_raw: bool) -> list[Path]:
+def write_outputs(folder: Path, request: Request, result: GenerationResult, fps: float, save_raw: bool,
+                  prepared=None) -> list[Path]:
     """Write ``{name}.txt``, optionally ``{name}.npz``, then ``{name}.mp4``; each atomically; return them, the mp4
-    last. A record of an earlier run's block of this name goes: one name, one state."""
+    last. A record of an earlier run's block of this name goes: one name, one state.
+
+    Transfer2.5 layout (``prepared`` given: the request's decoded inputs): also ``{name}.json`` (the resolved
+    arguments), ``{name}_control_{key}.mp4`` per control and ``{name}_mask_{key}.mp4`` per mask, as upstream writes
+    them; ``show_input`` / ``show_control_condition`` put the input / the controls left of the output."""
     frames = result.frames
     paths = [folder / f"{request.name}.txt"]
     write_text(paths[-1], request.prompt + "\n")
+    if prepared is not None:
+        paths.append(folder / f"{request.name}.json")
+        write_text(paths[-1], json.dumps(request.record, indent=2, sort_keys=True) + "\n")
+        height, width = frames.shape[1:3]
+        for modality, control in prepared.controls.items():
+            paths.append(folder / f"{request.name}_control_{modality}.mp4")
+            write_mp4(paths[-1], resize_frames(control, height, width), fps)
+        for modality, mask in (prepared.masks or {}).items():
+            paths.append(folder / f"{request.name}_mask_{modality}.mp4")
+            write_mp4(paths[-1], np.repeat(resize_frames(mask * 255, height, width)[..., None], 3, axis=-1), fps)
+        shown = [prepared.input_frames] if prepared.input_frames is not None else []
+        if "control" in request.show:
+            shown += list(prepared.controls.values())
+        if shown:
+            frames = np.concatenate([*(resize_frames(v, height, width) for v in shown), frames], axis=2)
     if save_raw:  # no latents when a video guard altered the frames: they would give back what it hid
         raw = {"frames": frames} if result.latents is None else {"frames": frames, "latents": result.latents.numpy().astype("float32")}
         paths.append(folder / f"{request.name}.npz")
@@ -109,7 +179,34 @@ def write_blocked(folder: Path, request: Request, blocked) -> Path:
     write_text(path, json.dumps(record, indent=2) + "\n")
     for suffix in OUTPUT_SUFFIXES:
         (folder / f"{request.name}{suffix}").unlink(missing_ok=True)
+    for extra in (*folder.glob(f"{request.name}_control_*.mp4"), *folder.glob(f"{request.name}_mask_*.mp4")):
+        extra.unlink(missing_ok=True)
     return path
+
+
+class RunRecord:
+    """Transfer2.5 layout's per-run files: ``config.yaml`` (the run's resolved setup) and ``console.log`` (this
+    process's log lines, without times), written into the output folder when the run ends -- never into a folder the
+    run did not create or hold (a refused run writes nothing). ``console.log`` is a log: in a multi-process run the
+    order of lines about different requests follows when their chunks finish."""
+
+    def __init__(self, args, folder: Path):
+        self.args, self.folder, self.lines = args, folder, []
+        self.sink = logger.add(self.lines.append, level="INFO", format="{level: <7} | {message}", colorize=False)
+
+    def config(self) -> str:
+        import yaml
+
+        def plain(v):
+            return sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v
+
+        return yaml.safe_dump({k: plain(v) for k, v in sorted(vars(self.args).items()) if k != "given"}, sort_keys=True)
+
+    def finish(self) -> None:
+        logger.remove(self.sink)
+        if self.folder.is_dir() and any(self.folder.iterdir()):
+            write_text(self.folder / "config.yaml", self.config())
+            write_text(self.folder / "console.log", "".join(str(line) for line in self.lines))
 
 
 def make_gate(args, job: "Job", notify=None, guards=None):
@@ -129,8 +226,13 @@ def make_gate(args, job: "Job", notify=None, guards=None):
     dtype = str(dtype_for(default_device(), job.dtype)).removeprefix("torch.")
     job.manifest.shared = run_settings(args, job, guards.names if custom else None, dtype)
 
+    layout25 = getattr(args, "form", "transfer1") == "transfer2.5"
+    if layout25:
+        job.run_record = RunRecord(args, folder)
+
     def write(request, result):
-        paths = write_outputs(folder, request, result, args.fps, args.save_raw)
+        prepared = job.prepare(request, log=False) if layout25 else None  # decoded again: the coordinator keeps no inputs
+        paths = write_outputs(folder, request, result, args.fps, args.save_raw, prepared)
         job.manifest.record(request, job.controls, "written", paths)
         return paths[-1]
 
@@ -166,6 +268,13 @@ class Job:
     """``transfer.residency.Residency`` of the loaded stages (None until models load)."""
     dtype: str = "auto"
     """``--dtype``: auto, bf16, fp16 or fp32 (``dtype_for``)."""
+    run_record: RunRecord | None = None
+    """Transfer2.5 layout: ``config.yaml`` and ``console.log`` (set by ``make_gate`` on the rank that writes)."""
+
+    def finish_run_files(self) -> None:
+        if self.run_record is not None:
+            self.run_record.finish()
+            self.run_record = None
 
     def to_do(self) -> list[int]:
         """Indices of the requests still to generate: complete ones (manifest) are skipped; one complete with other
@@ -186,10 +295,10 @@ class Job:
             logger.info(summary)
         return todo
 
-    def prepare(self, request):
+    def prepare(self, request, log: bool = True):
         """``request``'s checked inputs, or None (and a failure record) when a batch request cannot run."""
         try:
-            return prepare_request(request, self.limits, self.controls)
+            return prepare_request(request, self.limits, self.controls, log)
         except TransferError as e:
             if not self.batch:
                 raise
@@ -252,19 +361,24 @@ def plan_job(args) -> Job:
     limits.check_settings(settings)
     check_guard_args(args)
     failures = Failures(args.video_save_folder, bad_lines)
+    batch = bool(args.batch_input_path) or (getattr(args, "form", "") == "transfer2.5" and args.keep_going is not False)
     usable = []
     for request in requests:
         try:
             require_modalities(info, request.controls, request.source)
+            if request.settings is None:
+                request.settings = settings
+            else:  # a Transfer2.5 sample's own chunking and steps
+                limits.check_settings(request.settings, f"{request.source} ({request.name}): ")
             usable.append(request)
         except TransferError as e:
-            if not args.batch_input_path:
+            if not batch:
                 raise
             failures.add(request, e, write=False)
     if not usable:
         raise TransferError(f"no request can run: {failures.records[0]['error']}")
     check_acceleration(args)
-    return Job(info, limits, settings, usable, control_maker(args, info, usable), failures, bool(args.batch_input_path),
+    return Job(info, limits, settings, usable, control_maker(args, info, usable), failures, batch,
                Manifest(args.video_save_folder, args.overwrite), args.compile, offload_mode(args),
                dtype=getattr(args, "dtype", "auto"))
 

@@ -99,9 +99,21 @@ def request_settings(request, controls, shared: dict) -> dict:
             spec[modality] = {"weight": float(control.weight), "computed": controls.preprocessor(modality).key(request)}
         else:
             spec[modality] = {"weight": float(control.weight), "input_control": file_digest(control.input_control)}
+        if control.weight_map is not None:
+            spec[modality]["weight_map"] = file_digest(control.weight_map)
+        if control.mask_path is not None:
+            spec[modality]["mask"] = file_digest(control.mask_path)
+        if control.mask_prompt is not None:
+            spec[modality]["mask_prompt"] = control.mask_prompt
     video = None if request.input_video_path is None else file_digest(request.input_video_path)
-    return {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
-            "input_video": video, "controls": spec, **shared}
+    entry = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
+             "input_video": video, "controls": spec, **shared}
+    if request.settings is not None:  # a Transfer2.5 sample's own steps, guidance and chunking
+        entry["generation"] = asdict(request.settings)
+    if request.form == "transfer2.5":
+        entry["transfer2.5"] = {k: request.record.get(k) for k in ("resolution", "keep_input_resolution", "max_frames",
+                                                                   "show_input", "show_control_condition")}
+    return entry
 
 
 def differences(old, new, prefix: str = "") -> list[str]:

@@ -14,7 +14,7 @@ last frame and the output trimmed back. Chunk k > 0 is conditioned on the last
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import cv2
@@ -23,11 +23,11 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
+from transfer import control_weights
 from transfer.checkpoint import CheckpointInfo
 from transfer.errors import TransferError, check_stop
-from transfer.specs import Request
+from transfer.specs import ControlSpec, Request
 from transfer.video_io import MAX_FRAMES, MAX_SIDE, read_video
-
 
 #: How chunk k + 1 gets chunk k's overlap frames (docs/long_video.md).
 CHUNK_CONDITIONING = ("roundtrip", "latent")
@@ -85,27 +85,27 @@ class ModelLimits:
     def cond_latent_frames(self, num_conditional_frames: int) -> int:
         return 0 if num_conditional_frames <= 0 else self.latent_frames(num_conditional_frames)
 
-    def check_settings(self, s: GenerationSettings) -> None:
+    def check_settings(self, s: GenerationSettings, where: str = "") -> None:
         f, tf = s.num_frames_per_chunk, self.temporal_factor
         if f < tf + 1 or (f - 1) % tf:
-            raise TransferError(f"--num_frames_per_chunk must be 1 + {tf}k and at least {tf + 1}, got {f}")
+            raise TransferError(where + f"--num_frames_per_chunk must be 1 + {tf}k and at least {tf + 1}, got {f}")
         if self.latent_frames(f) // self.patch_size[0] > self.max_rope_positions:
             raise TransferError(
-                f"--num_frames_per_chunk {f} is too long for the model (at most "
+                where + f"--num_frames_per_chunk {f} is too long for the model (at most "
                 f"{(self.max_rope_positions * self.patch_size[0] - 1) * tf + 1} frames)"
             )
         if not 0 <= s.num_conditional_frames < f:
             raise TransferError(
-                f"--num_conditional_frames must be in [0, num_frames_per_chunk), got {s.num_conditional_frames}"
+                where + f"--num_conditional_frames must be in [0, num_frames_per_chunk), got {s.num_conditional_frames}"
             )
         if s.num_steps < 1:
-            raise TransferError(f"--num_steps must be >= 1, got {s.num_steps}")
+            raise TransferError(where + f"--num_steps must be >= 1, got {s.num_steps}")
         if s.chunk_conditioning not in CHUNK_CONDITIONING:
-            raise TransferError(f"--chunk_conditioning must be one of {', '.join(CHUNK_CONDITIONING)}, got {s.chunk_conditioning!r}")
+            raise TransferError(where + f"--chunk_conditioning must be one of {', '.join(CHUNK_CONDITIONING)}, got {s.chunk_conditioning!r}")
         C = s.num_conditional_frames
         if s.chunk_conditioning == "latent" and C > 0 and (C - 1) % tf:
             raise TransferError(
-                f"--chunk_conditioning latent needs --num_conditional_frames 0 or 1 + {tf}k (1, {1 + tf}, {1 + 2 * tf}, ...), "
+                where + f"--chunk_conditioning latent needs --num_conditional_frames 0 or 1 + {tf}k (1, {1 + tf}, {1 + 2 * tf}, ...), "
                 f"got {C}: a reused latent frame stands for {tf} frames, so the overlap must end on a latent frame boundary"
             )
 
@@ -148,19 +148,58 @@ class PreparedRequest:
     """A request with its videos decoded and checked against the model's limits."""
 
     request: Request
-    controls: dict[str, np.ndarray]  # modality -> uint8 [N, H, W, 3], the input's size and length
+    controls: dict[str, np.ndarray]  # modality -> uint8 [N, H, W, 3], the generation size and length
     num_frames: int
     height: int
     width: int
+    weights: dict[str, torch.Tensor] | None = None
+    """Spatial control weights (``transfer.control_weights``): modality -> float64 ``[N, h, w]`` at the token grid,
+    for every control, when any control of the request has a map or mask; None: scalar weights."""
+    masks: dict[str, np.ndarray] | None = None
+    """Transfer2.5 masks actually used (modality -> 0/1 uint8 ``[N, H, W]``), written beside the output."""
+    output_size: tuple[int, int] | None = None
+    """``(height, width)`` the written video has when it differs from the generation size (``keep_input_resolution``)."""
+    input_frames: np.ndarray | None = None
+    """The input video at the generation size (only when the request shows it beside the output)."""
 
 
-def prepare_request(request: Request, limits: ModelLimits, make_control=None) -> PreparedRequest:
+def generation_size(height: int, width: int, resolution: int, limits: ModelLimits, where: str,
+                    info=logger.info) -> tuple[int, int]:
+    """Transfer2.5's ``resolution`` (the short side, in pixels) for a ``height`` x ``width`` input: the aspect ratio
+    kept, both sides rounded to the model's unit (16 for the Wan VAE and patch 2); a model whose largest size is
+    smaller generates at its largest, said in one log line."""
+    unit = limits.spatial_factor * limits.patch_size[1]
+    biggest = limits.max_rope_positions * unit
+    short, long_ = sorted((height, width))
+    s, l = float(resolution), resolution * long_ / short
+    if l > biggest:
+        s, l = s * biggest / l, float(biggest)
+        info(f"{where}: the model's largest side is {biggest} px, smaller than resolution {resolution}: "
+                    f"generating at its largest size")
+    s, l = (max(unit, min(biggest, int(round(v / unit)) * unit)) for v in (s, l))
+    return (s, l) if height <= width else (l, s)
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 ``[N, H, W, C]`` (or ``[N, H, W]``) resized to ``height`` x ``width`` (area down, linear up)."""
+    if frames.shape[1:3] == (height, width):
+        return frames
+    down = height * width < frames.shape[1] * frames.shape[2]
+    method = cv2.INTER_AREA if down else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(f, (width, height), interpolation=method) for f in frames])
+
+
+def prepare_request(request: Request, limits: ModelLimits, make_control=None, log: bool = True) -> PreparedRequest:
     """Decode the input and control videos, computing missing controls with ``make_control`` (a
-    ``preprocessors.ControlMaker``); raise ``TransferError`` for anything the model cannot take."""
+    ``preprocessors.ControlMaker``); raise ``TransferError`` for anything the model cannot take. ``log`` False: the
+    resize notes go to debug (a second preparation, for writing the Transfer2.5 layout's files)."""
     where = request.source or request.name
+    info = logger.info if log else logger.debug
     reference, fps = None, 0.0
     if request.input_video_path is not None:
         reference, fps = read_video(request.input_video_path, "input video", limits.max_frames, limits.max_side)
+        if request.max_frames is not None:
+            reference = reference[: request.max_frames]
     controls_u8 = {}
     for modality, control in request.controls.items():
         if control.input_control is None:
@@ -170,9 +209,28 @@ def prepare_request(request: Request, limits: ModelLimits, make_control=None) ->
         else:
             controls_u8[modality], _ = read_video(control.input_control, f"control video for {modality!r}",
                                                   limits.max_frames, limits.max_side)
+    masks = {}
+    for modality, control in request.controls.items():
+        if control.mask_path is not None:
+            video, _ = read_video(control.mask_path, f"mask video for {modality!r}", limits.max_frames, limits.max_side)
+            masks[modality] = control_weights.binarise(video)
+        elif control.mask_prompt is not None:
+            if make_control is None:
+                raise TransferError(f"{where}: control {modality!r} has a mask_prompt and no preprocessor is set up")
+            seg = replace(request, controls={"seg": ControlSpec("seg", 1.0, None, prompt=control.mask_prompt)})
+            masks[modality] = (make_control("seg", seg, reference, fps).max(-1) > 0).astype(np.uint8)
     if reference is None:
         reference = next(iter(controls_u8.values()))
+        if request.max_frames is not None:
+            reference = reference[: request.max_frames]
     num_frames, height, width = reference.shape[:3]
+    output_size = None
+    if request.resolution is not None:
+        size = generation_size(height, width, request.resolution, limits, where, info)
+        if size != (height, width):
+            info(f"{where}: generating at {size[1]}x{size[0]} (input {width}x{height})")
+            output_size = (height, width) if request.keep_input_resolution else None
+            height, width = size
     limits.check_resolution(height, width, where)
     controls = {}
     for modality, frames in controls_u8.items():
@@ -182,10 +240,34 @@ def prepare_request(request: Request, limits: ModelLimits, make_control=None) ->
             )
         frames = frames[:num_frames]
         if frames.shape[1:3] != (height, width):
-            logger.info(f"{where}: resizing {modality} control from {frames.shape[2]}x{frames.shape[1]} to {width}x{height}")
-            frames = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in frames])
+            info(f"{where}: resizing {modality} control from {frames.shape[2]}x{frames.shape[1]} to {width}x{height}")
+            frames = resize_frames(frames, height, width)
         controls[modality] = frames
-    return PreparedRequest(request, controls, num_frames, height, width)
+    weights = None
+    if request.spatial:
+        grid = control_weights.token_grid(limits, height, width)
+        weights = {}
+        for modality, control in request.controls.items():
+            what = f"mask for {modality!r}"
+            if modality in masks:
+                masks[modality] = control_weights.fit_mask(masks[modality], num_frames, height, width, where, what)
+                weights[modality] = control_weights.mask_weights(masks[modality], control.weight, grid)
+            elif control.weight_map is not None:
+                weights[modality] = control_weights.load_map(control.weight_map, num_frames, grid, where)
+            else:
+                weights[modality] = torch.full((num_frames, *grid), control.weight, dtype=torch.float64)
+    shown = None
+    if "input" in request.show:
+        shown = resize_frames(reference[:num_frames], height, width)
+    return PreparedRequest(request, controls, num_frames, height, width, weights, masks or None, output_size, shown)
+
+
+def chunk_scales(prepared: PreparedRequest, window: tuple[int, int], limits: ModelLimits, settings) -> dict:
+    """The control scales the DiT gets for one chunk: the request's scalar weights, or its token-weight maps."""
+    if prepared.weights is None:
+        return prepared.request.scales()
+    return control_weights.chunk_weights(prepared.weights, window, settings.num_frames_per_chunk,
+                                         limits.latent_frames(settings.num_frames_per_chunk))
 
 
 class NoiseSource(Protocol):
@@ -217,14 +299,14 @@ class TransferPipeline:
         self.text_encoder, self.vae, self.dit, self.limits, self.settings = text_encoder, vae, dit, limits, settings
 
     def generate(self, prepared: PreparedRequest, noise: NoiseSource | None = None, progress: bool = True) -> GenerationResult:
-        s, req = self.settings, prepared.request
+        req = prepared.request
+        s = req.settings or self.settings
         noise = noise or SeededNoise(req.seed)
         F, C = s.num_frames_per_chunk, s.num_conditional_frames
         chunks = plan_chunks(prepared.num_frames, F, C)
         shape = latent_shape(self.limits, self.dit, F, prepared.height, prepared.width)
         prompt_embeds = self.text_encoder.encode(req.prompt)
         negative_embeds = self.text_encoder.encode(req.negative_prompt) if s.guidance > 1.0 else None
-        scales = req.scales()
         videos = {m: to_model_video(frames) for m, frames in prepared.controls.items()}
 
         latent_mode = s.chunk_conditioning == "latent"
@@ -242,7 +324,8 @@ class TransferPipeline:
                 else:
                     cond = roundtrip_condition(self.vae, decoded[-1], C)
             latents = self.dit.denoise(
-                noise(k, shape), cond, num_cond, controls, scales, prompt_embeds, negative_embeds,
+                noise(k, shape), cond, num_cond, controls, chunk_scales(prepared, window, self.limits, s), prompt_embeds,
+                negative_embeds,
                 s.num_steps, s.guidance, (prepared.height, prepared.width), on_step=lambda _: (bar.update(), check_stop()),
             )
             if not latent_mode:
@@ -251,7 +334,10 @@ class TransferPipeline:
         bar.close()
         if latent_mode:
             decoded = [self.vae.decode(latents) for latents in latents_out]
-        return assemble(decoded, latents_out, C, prepared.num_frames)
+        result = assemble(decoded, latents_out, C, prepared.num_frames)
+        if prepared.output_size is not None:  # keep_input_resolution: back to the input's size
+            result.frames = resize_frames(result.frames, *prepared.output_size)
+        return result
 
 
 def latent_shape(limits: ModelLimits, dit, frames_per_chunk: int, height: int, width: int) -> tuple[int, ...]:

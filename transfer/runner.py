@@ -37,6 +37,7 @@ def run(args, guards=None) -> Outcome:
     try:
         return run_job(job, gate)
     finally:
+        job.finish_run_files()
         job.manifest.release_folder()
         if job.residency is not None:
             job.residency.close()  # offloaded weights' temp files

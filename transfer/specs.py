@@ -1,14 +1,21 @@
-"""Requests: cosmos-transfer1 spec JSON and batch JSONL, parsed and validated up front.
+"""Requests: cosmos-transfer1 and cosmos-transfer2.5 spec files, parsed and validated up front into one model.
 
-A spec::
+A cosmos-transfer1 spec (``--controlnet_specs``, ``--batch_input_path``)::
 
     {"prompt": "...", "negative_prompt": "...", "input_video_path": "in.mp4",
      "edge": {"control_weight": 0.7, "input_control": "edge.mp4"},
      "vis": {"control_weight": 0.3}}
 
 A batch line carries the same fields (plus optional ``name`` and ``seed``); upstream's
-``visual_input`` and ``control_overrides`` are accepted too. Everything here raises
-``TransferError`` with one line naming the problem.
+``visual_input`` and ``control_overrides`` are accepted too; ``control_weight`` may be a ``.pt`` map.
+
+A cosmos-transfer2.5 sample (``-i FILE.json`` / ``.jsonl``, one sample a line; ``transfer.transfer25``)::
+
+    {"name": "robot_edge", "prompt_path": "../robot_prompt.txt", "video_path": "../robot_input.mp4",
+     "guidance": 3, "edge": {"control_path": "robot_edge.mp4", "control_weight": 1.0, "mask_path": "m.mp4"}}
+
+Each format is recognised from its keys (``spec_form``); a spec mixing them is refused, naming the key. Both become
+the same ``Request``. Everything here raises ``TransferError`` with one line naming the problem.
 """
 
 from __future__ import annotations
@@ -16,11 +23,21 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from configs.models import MODALITIES
 from transfer.errors import TransferError
+
+#: Keys only a cosmos-transfer1 spec has (request level, control level).
+T1_ONLY = ("input_video_path", "visual_input", "control_overrides")
+T1_CONTROL_ONLY = ("input_control", "input_control_prompt")
+#: Keys only a cosmos-transfer2.5 sample has (request level, control level).
+T25_ONLY = ("prompt_path", "video_path", "guidance", "num_steps", "num_video_frames_per_chunk", "num_conditional_frames",
+            "resolution", "keep_input_resolution", "max_frames", "sigma_max", "show_control_condition", "show_input",
+            "context_frame_index", "image_context_path")
+T25_CONTROL_ONLY = ("control_path", "mask_path", "mask_prompt", "preset_edge_threshold", "preset_blur_strength",
+                    "control_prompt")
 
 #: Spec keys cosmos-transfer1 knows but this fork has no model for.
 UNSUPPORTED_CONTROLS = ("upscale", "hdmap", "lidar")
@@ -46,6 +63,19 @@ class ControlSpec:
     input_control: Path | None
     prompt: str | None = None
     """``input_control_prompt``: what to segment when ``seg`` is computed (default: the request's prompt)."""
+    weight_map: Path | None = None
+    """cosmos-transfer1: ``control_weight`` given as a ``.pt`` map ([T, H, W] or [H, W]); ``weight`` is then 1."""
+    mask_path: Path | None = None
+    """cosmos-transfer2.5: a mask video; the control acts where it is white (``transfer.control_weights``)."""
+    mask_prompt: str | None = None
+    """cosmos-transfer2.5: the mask is what the seg preprocessor finds for this text."""
+    preset: str | None = None
+    """cosmos-transfer2.5: this control's ``preset_edge_threshold`` / ``preset_blur_strength`` (else the flag's)."""
+
+    @property
+    def spatial(self) -> bool:
+        """Whether this control's weight varies over the video (a map or a mask)."""
+        return self.weight_map is not None or self.mask_path is not None or self.mask_prompt is not None
 
 
 @dataclass
@@ -60,11 +90,32 @@ class Request:
     seed: int
     source: str = ""
     """Where the request came from (``spec.json`` or ``batch.jsonl:3``), for error messages."""
+    form: str = "transfer1"
+    """The spec format it was written in: ``transfer1`` or ``transfer2.5``."""
+    settings: object = None
+    """``pipeline.GenerationSettings`` of this request when its spec sets them (Transfer2.5 per-sample fields);
+    None: the run's."""
+    resolution: int | None = None
+    """Transfer2.5 ``resolution``: generate at this height (short side); None: the input's size."""
+    keep_input_resolution: bool = True
+    """Transfer2.5: the output has the input's size (and frame count) even when generated at another size."""
+    max_frames: int | None = None
+    """Transfer2.5 ``max_frames``: use at most this many frames of the input video."""
+    show: tuple[str, ...] = ()
+    """Transfer2.5 ``show_input`` / ``show_control_condition``: ``input`` and/or ``control``, shown left of the
+    output in the written video."""
+    record: dict = field(default_factory=dict)
+    """The resolved arguments written to ``<name>.json`` (Transfer2.5 layout)."""
 
     def scales(self) -> dict[str, float]:
         """Scalar control weights divided by max(sum, 1), as cosmos-transfer1 does."""
         total = sum(c.weight for c in self.controls.values())
         return {m: c.weight / max(total, 1.0) for m, c in self.controls.items()}
+
+    @property
+    def spatial(self) -> bool:
+        """Whether any control's weight varies over the video (then every weight is a map: ``control_weights``)."""
+        return any(c.spatial for c in self.controls.values())
 
 
 def check_name(name: str, what: str = "output name") -> str:
@@ -83,21 +134,43 @@ def _resolve(path, base_dir: Path | None, where: str, key: str) -> Path:
     return p
 
 
-def _weight(value, where: str, modality: str) -> float:
+def _weight(value, where: str, modality: str, upper: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TransferError(
-            f"{where}: control {modality!r}: control_weight must be a number (spatial weight maps are not supported), "
-            f"got {value!r}"
+            f"{where}: control {modality!r}: control_weight must be a number or a .pt weight map, got {value!r}"
         )
-    if not math.isfinite(value) or value < 0:
-        raise TransferError(f"{where}: control {modality!r}: control_weight must be a finite number >= 0, got {value!r}")
+    if not math.isfinite(value) or value < 0 or value > upper:
+        bound = "a finite number >= 0" if upper == math.inf else f"between 0 and {upper:g}"
+        raise TransferError(f"{where}: control {modality!r}: control_weight must be {bound}, got {value!r}")
     return float(value)
+
+
+def spec_form(obj: dict, where: str) -> str | None:
+    """``transfer1`` or ``transfer2.5`` from the keys of a spec object; None when its keys fit both (then the flag
+    it came with decides). A spec with keys of both formats is refused, naming the first key of the minority."""
+    t1 = [k for k in obj if k in T1_ONLY]
+    t25 = [k for k in obj if k in T25_ONLY]
+    for key in MODALITIES:
+        control = obj.get(key)
+        if isinstance(control, dict):
+            t1 += [f"{key}.{k}" for k in control if k in T1_CONTROL_ONLY]
+            t25 += [f"{key}.{k}" for k in control if k in T25_CONTROL_ONLY]
+    if t1 and t25:
+        odd, other = (t25, t1) if len(t1) >= len(t25) else (t1, t25)
+        form = "cosmos-transfer2.5" if odd is t25 else "cosmos-transfer1"
+        raise TransferError(f"{where}: key {odd[0]!r} is {form} spec format, but {other[0]!r} is the other format: "
+                            "write the spec in one format")
+    return "transfer1" if t1 else "transfer2.5" if t25 else None
 
 
 def parse_request(obj: dict, *, where: str, name: str, defaults: dict, base_dir: Path | None) -> Request:
     """Validate one spec object (keys, types, weights, paths syntax) into a ``Request``."""
     if not isinstance(obj, dict):
         raise TransferError(f"{where}: a spec must be a JSON object, got {type(obj).__name__}")
+    if spec_form(obj, where) == "transfer2.5":  # recognised from its keys: upstream's fields and defaults
+        from transfer.spec25 import parse_sample
+
+        return parse_sample(obj, where=where, base_dir=base_dir or Path("."), flags={})
     obj = {BATCH_ALIASES.get(k, k): v for k, v in obj.items()}
     overrides = obj.pop("control_overrides", None) or {}
     if not isinstance(overrides, dict):
@@ -126,11 +199,15 @@ def parse_request(obj: dict, *, where: str, name: str, defaults: dict, base_dir:
         control_prompt = value.get("input_control_prompt")
         if control_prompt is not None and (not isinstance(control_prompt, str) or not control_prompt.strip()):
             raise TransferError(f"{where}: {key}.input_control_prompt must be a non-empty string")
+        weight, weight_map = value.get("control_weight", 1.0), None
+        if isinstance(weight, str) and weight.endswith(".pt"):  # a spatial / spatio-temporal weight map
+            weight, weight_map = 1.0, _resolve(weight, base_dir, where, f"{key}.control_weight")
         controls[key] = ControlSpec(
             modality=key,
-            weight=_weight(value.get("control_weight", 1.0), where, key),
+            weight=_weight(weight, where, key),
             input_control=None if control_path is None else _resolve(control_path, base_dir, where, f"{key}.input_control"),
             prompt=control_prompt,
+            weight_map=weight_map,
         )
     if not controls:
         raise TransferError(f"{where}: the spec names no control (one of {', '.join(MODALITIES)})")

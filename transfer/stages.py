@@ -81,31 +81,60 @@ class DiT(OnDevice):
         )
         return (text_embeds, img)
 
-    def velocity(
+    def control_residuals(
         self,
         in_latents: torch.Tensor,
         in_timestep: torch.Tensor,
         context,
         control_latents: Mapping[str, torch.Tensor],
-        control_scales: Mapping[str, float],
+        control_scales: Mapping[str, "float | torch.Tensor"],
         cond_mask: torch.Tensor,
         padding_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """One guidance branch: every active ControlNet's weighted residuals, summed, then the DiT."""
-        self.resident()
+    ):
+        """Every active ControlNet's weighted residuals, summed per block (None without controls). A scale is a
+        float (the ControlNet multiplies by it) or a token-weight map ``[T, h, w]`` (``transfer.control_weights``):
+        the ControlNet runs at scale 1 and each residual ``[B, tokens, C]`` is multiplied token by token, in float32
+        as the float-scale multiply computes (so a constant map equals the float scale bit for bit). Under sequence
+        parallelism ``shard_tokens`` cuts the map to this rank's tokens, the partition its residuals have."""
         blocks = None
         for modality, latents in control_latents.items():
+            scale = control_scales[modality]
+            weights = None
+            if isinstance(scale, torch.Tensor):
+                weights = self.shard_tokens(scale.reshape(1, -1, 1)).to(self.device, torch.float32)
             residuals = self.controlnets[modality](
                 controls_latents=latents,
                 latents=in_latents,
                 timestep=in_timestep,
                 encoder_hidden_states=context,
                 condition_mask=cond_mask,
-                conditioning_scale=control_scales[modality],
+                conditioning_scale=1.0 if weights is not None else scale,
                 padding_mask=padding_mask,
                 return_dict=False,
             )[0]
+            if weights is not None:
+                residuals = [(r.float() * weights).to(r.dtype) for r in residuals]
             blocks = residuals if blocks is None else [a + b for a, b in zip(blocks, residuals)]
+        return blocks
+
+    #: Cuts a ``[1, tokens, 1]`` weight map to this rank's share of the sequence (identity without sequence
+    #: parallelism; ``transfer.distributed.sequence_parallel.enable`` sets it).
+    shard_tokens = staticmethod(lambda t: t)
+
+    def velocity(
+        self,
+        in_latents: torch.Tensor,
+        in_timestep: torch.Tensor,
+        context,
+        control_latents: Mapping[str, torch.Tensor],
+        control_scales: Mapping[str, "float | torch.Tensor"],
+        cond_mask: torch.Tensor,
+        padding_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One guidance branch: every active ControlNet's weighted residuals, summed, then the DiT."""
+        self.resident()
+        blocks = self.control_residuals(in_latents, in_timestep, context, control_latents, control_scales, cond_mask,
+                                        padding_mask)
         return self.transformer(
             hidden_states=in_latents,
             timestep=in_timestep,
@@ -156,7 +185,7 @@ class DiT(OnDevice):
                           positive, negative, gt_velocity)
 
     @torch.no_grad()
-    def predict(self, state: "ChunkState", step: int, sigma: float, control_scales: Mapping[str, float],
+    def predict(self, state: "ChunkState", step: int, sigma: float, control_scales: Mapping[str, "float | torch.Tensor"],
                 guidance: float, split=None) -> torch.Tensor:
         """The guided velocity of one step at noise level ``sigma`` (float32, the shape of the latents).
 
@@ -192,7 +221,7 @@ class DiT(OnDevice):
         cond_latents: torch.Tensor | None,
         num_cond_latent_frames: int,
         control_latents: Mapping[str, torch.Tensor],
-        control_scales: Mapping[str, float],
+        control_scales: Mapping[str, "float | torch.Tensor"],
         prompt_embeds: torch.Tensor,
         negative_embeds: torch.Tensor | None,
         num_steps: int,

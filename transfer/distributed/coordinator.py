@@ -17,7 +17,13 @@ import torch
 from loguru import logger
 
 from transfer.distributed.transport import Message
-from transfer.pipeline import GenerationResult, join_chunks, plan_chunks
+from transfer.pipeline import (
+    GenerationResult,
+    chunk_scales,
+    join_chunks,
+    plan_chunks,
+    resize_frames,
+)
 
 #: Requests handed out beyond one per DiT group: their text and control latents are made while the DiT works on
 #: earlier requests; later ones wait at the coordinator, so memory does not grow with the batch.
@@ -90,16 +96,21 @@ class CoordinatorRole:
 
     def hand_out(self, j: int, prepared) -> None:
         """Send request ``j`` to the text stage, its DiT group and the VAE."""
-        s, request = self.settings, self.job.requests[j]
+        request = self.job.requests[j]
+        s = request.settings
         chunks = plan_chunks(prepared.num_frames, s.num_frames_per_chunk, s.num_conditional_frames)
         leader = self.placement.dit_group_for(j).leader
         self.results[j] = {"request": request, "num_frames": prepared.num_frames, "frames": {}, "latents": {},
-                           "chunks": len(chunks)}
+                           "chunks": len(chunks), "output_size": prepared.output_size}
         self.transport.send(self.placement.text, "text", {"j": j, "leader": leader, "prompt": request.prompt,
                                                           "negative": request.negative_prompt})
+        weights = {}  # spatial control weights: each control's token weights, chunk after chunk
+        if prepared.weights is not None:
+            per_chunk = [chunk_scales(prepared, window, self.job.limits, s) for window in chunks]
+            weights = {f"weights.{m}": torch.stack([w[m] for w in per_chunk]) for m in request.controls}
         self.transport.send(leader, "job", {"j": j, "seed": request.seed, "chunks": chunks,
                                             "height": prepared.height, "width": prepared.width,
-                                            "scales": request.scales()})
+                                            "scales": request.scales()}, weights)
         u8 = {m: torch.from_numpy(np.ascontiguousarray(v)) for m, v in prepared.controls.items()}
         self.transport.send(self.placement.vae, "controls", {"j": j, "leader": leader, "chunks": chunks}, u8)
 
@@ -111,9 +122,11 @@ class CoordinatorRole:
         if len(state["frames"]) < state["chunks"]:
             return
         order = range(state["chunks"])
-        frames = join_chunks([state["frames"][i] for i in order], self.settings.num_conditional_frames,
-                             state["num_frames"], dim=0)
-        result = GenerationResult(frames.numpy(), torch.cat([state["latents"][i] for i in order]).float())
+        frames = join_chunks([state["frames"][i] for i in order], state["request"].settings.num_conditional_frames,
+                             state["num_frames"], dim=0).numpy()
+        if state["output_size"] is not None:  # keep_input_resolution: back to the input's size
+            frames = resize_frames(frames, *state["output_size"])
+        result = GenerationResult(frames, torch.cat([state["latents"][i] for i in order]).float())
         with self.tracer.span("coordinator", "release", request=j):  # on: video check + write; async: queued
             self.gate.release(j, state["request"], result)
         del self.results[j]

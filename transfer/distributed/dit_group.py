@@ -61,7 +61,8 @@ class DiTGroupRole:
     ``cfg_context``, made by ``RankLoop.__init__``)."""
 
     def on_job(self, msg: Message) -> None:
-        self.dit_jobs[msg.meta["j"]] = {**msg.meta, "noise": SeededNoise(msg.meta["seed"]), "next": 0}
+        self.dit_jobs[msg.meta["j"]] = {**msg.meta, "noise": SeededNoise(msg.meta["seed"]), "next": 0,
+                                        "weights": {k.removeprefix("weights."): t for k, t in msg.tensors.items()}}
 
     def on_embeds(self, msg: Message) -> None:
         self.dit_inputs[("embeds", msg.meta["j"])] = msg.tensors
@@ -74,7 +75,7 @@ class DiTGroupRole:
 
     def _ready(self, j: int, k: int) -> bool:
         need = [("embeds", j), ("controls", j, k)]
-        if k > 0 and self.settings.reencodes_condition:
+        if k > 0 and self.job.requests[j].settings.reencodes_condition:
             need.append(("cond", j, k))  # latent mode: the DiT holds the previous chunk's latents itself
         return all(key in self.dit_inputs for key in need)
 
@@ -92,7 +93,7 @@ class DiTGroupRole:
                     break
 
     def denoise_chunk(self, j: int, job: dict) -> None:
-        s, k = self.settings, job["next"]
+        s, k = self.job.requests[j].settings, job["next"]
         embeds = self.dit_inputs[("embeds", j)]
         controls = self.dit_inputs.pop(("controls", j, k))
         num_cond = self.job.limits.cond_latent_frames(s.num_conditional_frames) if k > 0 else 0
@@ -105,7 +106,8 @@ class DiTGroupRole:
         tensors = {"noise": job["noise"](k, shape), "prompt": embeds["prompt"],
                    **({"negative": embeds["negative"]} if "negative" in embeds else {}),
                    **({"cond": cond} if cond is not None else {}),
-                   **{f"control.{m}": c for m, c in controls.items()}}
+                   **{f"control.{m}": c for m, c in controls.items()},
+                   **{f"weights.{m}": w[k] for m, w in job["weights"].items()}}
         group = self.placement.dit_group_for(j)
         for r in self.working_ranks(group, "negative" in embeds):
             if r != self.rank:
@@ -137,6 +139,8 @@ class DiTGroupRole:
         if group.cfg == 2 and "negative" in tensors:
             split = BranchExchange(self, group.counterpart(self.rank), self.rank in group.branches()[0], j, k)
         controls = {key.removeprefix("control."): t for key, t in tensors.items() if key.startswith("control.")}
+        maps = {key.removeprefix("weights."): t for key, t in tensors.items() if key.startswith("weights.")}
+        s = self.job.requests[j].settings
         steps = []
         t_step = [time.time()]
 
@@ -150,8 +154,8 @@ class DiTGroupRole:
             if self.sequence_parallel is not None:  # the processors still parallel-aware; the Ulysses path for the size
                 self.sequence_parallel.before_chunk(tensors["noise"].shape)
             latents = self.dit.denoise(
-                tensors["noise"], tensors.get("cond"), chunk["num_cond"], controls, chunk["scales"], tensors["prompt"],
-                tensors.get("negative"), self.settings.num_steps, self.settings.guidance, tuple(chunk["pixel"]),
+                tensors["noise"], tensors.get("cond"), chunk["num_cond"], controls, maps or chunk["scales"],
+                tensors["prompt"], tensors.get("negative"), s.num_steps, s.guidance, tuple(chunk["pixel"]),
                 on_step=on_step, split=split,
             )
         for i, start, end in steps:

@@ -13,7 +13,12 @@ from __future__ import annotations
 import torch
 
 from transfer.distributed.transport import Message
-from transfer.pipeline import encode_controls, roundtrip_condition, to_model_video, to_uint8_frames
+from transfer.pipeline import (
+    encode_controls,
+    roundtrip_condition,
+    to_model_video,
+    to_uint8_frames,
+)
 
 
 class EncoderRoles:
@@ -29,7 +34,7 @@ class EncoderRoles:
         j = msg.meta["j"]
         with self.tracer.span("text", "encode", request=j):
             tensors = {"prompt": self.text_encoder.encode(msg.meta["prompt"])}
-            if self.settings.guidance > 1.0:
+            if self.job.requests[j].settings.guidance > 1.0:
                 tensors["negative"] = self.text_encoder.encode(msg.meta["negative"])
         self.transport.send(msg.meta["leader"], "embeds", {"j": j}, tensors)
 
@@ -45,7 +50,8 @@ class EncoderRoles:
         start, end = state["chunks"][k]
         with self.tracer.span("vae", "encode_controls", request=j, chunk=k):
             videos = {m: to_model_video(v[start:end].numpy()) for m, v in state["frames"].items()}
-            latents = encode_controls(self.vae, videos, (0, end - start), self.settings.num_frames_per_chunk, self.dit_dtype)
+            frames_per_chunk = self.job.requests[j].settings.num_frames_per_chunk
+            latents = encode_controls(self.vae, videos, (0, end - start), frames_per_chunk, self.dit_dtype)
         self.transport.send(state["leader"], "control_latents", {"j": j, "k": k}, latents)
         state["left"] -= 1
         if state["left"] == 0:
@@ -58,8 +64,9 @@ class EncoderRoles:
         frames = torch.from_numpy(to_uint8_frames(video))
         self.transport.send(self.placement.coordinator, "decoded", {"j": j, "k": k},
                             {"frames": frames, "latents": msg.tensors["latents"].cpu()})
-        if not last and self.settings.reencodes_condition:
+        s = self.job.requests[j].settings
+        if not last and s.reencodes_condition:
             with self.tracer.span("vae", "reencode", request=j, chunk=k + 1):
-                cond = roundtrip_condition(self.vae, video, self.settings.num_conditional_frames)
+                cond = roundtrip_condition(self.vae, video, s.num_conditional_frames)
             self.transport.send(msg.src, "cond", {"j": j, "k": k + 1}, {"cond": cond})
 

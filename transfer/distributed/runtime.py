@@ -27,17 +27,26 @@ from collections import deque
 
 import torch
 import torch.distributed as dist
-
-import guardrails
 from loguru import logger
 
+import guardrails
+from transfer.distributed import sequence_parallel
 from transfer.distributed.coordinator import CoordinatorRole
 from transfer.distributed.dit_group import DiTGroupRole, RequestDropped
 from transfer.distributed.encoders import EncoderRoles
-from transfer.distributed import sequence_parallel
-from transfer.distributed.placement import Placement, PresetChoice, choose_preset, from_file
+from transfer.distributed.placement import (
+    Placement,
+    PresetChoice,
+    choose_preset,
+    from_file,
+)
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
-from transfer.distributed.transport import Message, PeerFailure, Transport, direction_groups
+from transfer.distributed.transport import (
+    Message,
+    PeerFailure,
+    Transport,
+    direction_groups,
+)
 from transfer.errors import Terminated, TransferError, check_stop, raise_on_stop_signals
 from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.loading import load_stages
@@ -68,7 +77,6 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
         self.stages = placement.stages_of(rank)
         self.deferred: deque[Message] = deque()
         self.running = True
-        self.settings = job.settings
         device = default_device()
         dtype = dtype_for(device, job.dtype)
         modalities = sorted({m for r in job.requests for m in r.controls})
@@ -83,6 +91,7 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
         if group is not None and group.sp > 1:
             models = {"transformer": self.dit.transformer, **{f"controlnet/{m}": c for m, c in self.dit.controlnets.items()}}
             self.sequence_parallel = sequence_parallel.enable(models, branches[group.branch_of(rank)])
+            self.dit.shard_tokens = self.sequence_parallel.shard_tokens  # weight maps cut like the residuals
         self.dit_dtype = dtype
         # guards: built on the coordinator only; an asynchronous release wakes this loop with a "released" message
         self.gate = make_gate(args, job, notify=lambda: transport.send(rank, "released")) if "coordinator" in self.stages else None
@@ -336,4 +345,8 @@ def run_distributed(args) -> None:
                 print(f"rank {r}: {describe(report)}", file=sys.stderr)
         loop.residency.close()
     transport.flush(60)
-    _exit(loop.job.failures.finish() if rank == placement.coordinator else 0)
+    if rank == placement.coordinator:
+        status = loop.job.failures.finish()
+        loop.job.finish_run_files()  # Transfer2.5 layout: config.yaml, console.log
+        _exit(status)
+    _exit(0)

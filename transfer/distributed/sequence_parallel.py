@@ -32,7 +32,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from diffusers.models._modeling_parallel import ContextParallelConfig, ContextParallelInput
+from diffusers.hooks.context_parallel import (
+    EquipartitionSharder,
+    PartitionAnythingSharder,
+)
+from diffusers.models._modeling_parallel import (
+    ContextParallelConfig,
+    ContextParallelInput,
+)
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
@@ -182,6 +189,15 @@ class SequenceParallelDiT:
             p_t, p_h, p_w = model.config.patch_size
             tokens = (latent_shape[-3] // p_t) * (latent_shape[-2] // p_h) * (latent_shape[-1] // p_w)
             self.configs[name].ulysses_anything = bool(tokens % self.sp or model.config.num_attention_heads % self.sp)
+
+    def shard_tokens(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a per-token tensor ``[B, tokens, ...]`` (a control's weight map), cut as diffusers cuts
+        the ControlNets' sequence for this chunk (``before_chunk``'s path), so it lines up with their residuals."""
+        name = next(n for n in self.models if n.startswith("controlnet/"))
+        config = self.configs[name]
+        if config.ulysses_anything:
+            return PartitionAnythingSharder.shard_anything(tensor, 1, config._flattened_mesh)
+        return EquipartitionSharder.shard(tensor, 1, config._flattened_mesh)
 
 
 def enable(models: dict[str, torch.nn.Module], branch: Branch, plan=cp_plan) -> SequenceParallelDiT:
