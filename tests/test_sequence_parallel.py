@@ -26,15 +26,22 @@ from transfer.video_io import write_mp4
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
-    """9 frames (2 chunks of 5), 112 x 144 pixels: 2 x 7 x 9 = 126 tokens per chunk, which 4 ranks do not divide."""
+    """9 frames (2 chunks of 5), 112 x 144 pixels: 2 x 7 x 9 = 126 tokens per chunk, which 4 ranks do not divide.
+    The vis control's weight is a spatial map (transfer1's .pt: 1 on the left, 0.25 on the right), so every rank must
+    cut the token weights exactly as diffusers cuts the residuals (``SequenceParallelDiT.shard_tokens``)."""
+    import torch
+
     d = tmp_path_factory.mktemp("sp")
     for name in ("example_input.mp4", "example_edge.mp4", "example_vis.mp4"):
         frames = example_frames(name, 9)
         write_mp4(d / name, np.stack([cv2.resize(f, (144, 112)) for f in frames]), 24)
+    weight_map = torch.full((112, 144), 0.25)
+    weight_map[:, :72] = 1.0
+    torch.save(weight_map, d / "vis_map.pt")
     (d / "spec.json").write_text(json.dumps({
         "prompt": "two controls, two chunks", "input_video_path": str(d / "example_input.mp4"),
         "edge": {"control_weight": 1.0, "input_control": str(d / "example_edge.mp4")},
-        "vis": {"control_weight": 0.5, "input_control": str(d / "example_vis.mp4")}}))
+        "vis": {"control_weight": str(d / "vis_map.pt"), "input_control": str(d / "example_vis.mp4")}}))
     return d
 
 

@@ -1,8 +1,15 @@
 """A/B report between two runs: ``python -m transfer.ab RUN_A RUN_B --out REPORT_DIR``.
 
-RUN_A and RUN_B are output folders (ours, ``python -m transfer.upstream``'s, or any folder of mp4s
-with matching names) or single video files. Videos are matched by file stem; computed control
-files (``*_input_control_*``) are ignored. For each pair:
+RUN_A and RUN_B are output folders (ours in either layout, ``python -m transfer.upstream``'s, cosmos-transfer1's
+``--video_save_folder``, cosmos-transfer2.5's ``-o`` folder, or any folder of mp4s with matching names) or single
+video files. Videos are matched by file stem (a sample's name); computed control files (``*_input_control_*``) and
+Transfer2.5's ``<name>_control_<key>.mp4`` / ``<name>_mask_<key>.mp4`` are not outputs and are ignored.
+
+Before pixels, each pair's settings are read from each side -- ``<name>.json`` (Transfer2.5's resolved
+arguments, also written by this fork's ``-i`` form), else this fork's ``manifest.json``, else ``<name>.txt`` (the
+prompt, all cosmos-transfer1 writes) -- and a pair whose seed, steps, guidance, resolution, controls (weights) or
+prompt differ where both sides say is reported as ``settings differ`` with the differences (its pixels are still
+compared, but the difference is expected). For each pair:
 
 - frame count and size (a mismatch is reported and the pair is not compared further);
 - PSNR (per frame and over the video; ``inf`` when identical), SSIM (scikit-image, per frame and
@@ -26,6 +33,7 @@ import argparse
 import html
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -35,15 +43,63 @@ from transfer.errors import TransferError
 from transfer.video_io import atomic_path, read_video, write_text
 
 CONTROL_MARK = "_input_control_"
+#: Transfer2.5's per-sample side files: ``<name>_control_<key>.mp4``, ``<name>_mask_<key>.mp4``.
+SIDE_FILE = re.compile(r"^(?P<name>.+)_(control|mask)_(edge|depth|vis|seg|keypoint)$")
+#: The settings compared before pixels (``sample_settings``).
+COMPARED = ("seed", "num_steps", "guidance", "resolution", "controls", "prompt")
 
 
 def collect(run: Path) -> dict[str, Path]:
-    """Video files of a run, by stem."""
+    """Video files of a run, by stem (side files of a Transfer2.5 layout left out)."""
     if run.is_file():
         return {run.stem: run}
     if not run.is_dir():
         raise TransferError(f"{run}: no such file or folder")
-    return {p.stem: p for p in sorted(run.glob("*.mp4")) if CONTROL_MARK not in p.name and not p.name.startswith(".")}
+    videos = {p.stem: p for p in sorted(run.glob("*.mp4")) if CONTROL_MARK not in p.name and not p.name.startswith(".")}
+    side = {n for n in videos if (m := SIDE_FILE.match(n)) and m["name"] in videos}
+    return {n: p for n, p in videos.items() if n not in side}
+
+
+def sample_settings(video: Path) -> dict:
+    """What a run says about how ``video`` was made (the ``COMPARED`` keys it knows; absent ones are unknown)."""
+    folder, name = video.parent, video.stem
+    record = folder / f"{name}.json"
+    if record.is_file():  # Transfer2.5 layout: the resolved arguments
+        try:
+            d = json.loads(record.read_text())
+        except ValueError as e:
+            raise TransferError(f"{record}: not valid JSON: {e}") from None
+        if isinstance(d, dict):
+            controls = {k: float(v.get("control_weight", 1.0)) for k, v in d.items()
+                        if k in ("edge", "depth", "vis", "seg", "keypoint") and isinstance(v, dict)}
+            out = {k: d.get(k) for k in COMPARED if k != "controls"}
+            if out.get("resolution") is not None:
+                out["resolution"] = str(out["resolution"])
+            return {**out, "controls": controls or None}
+    manifest = folder / "manifest.json"
+    if manifest.is_file():  # this fork's transfer1 layout
+        entry = json.loads(manifest.read_text()).get("requests", {}).get(name, {}).get("settings")
+        if entry:
+            gen = entry.get("generation", {})
+            resolution = (entry.get("transfer2.5") or {}).get("resolution")
+            return {"seed": entry.get("seed"), "num_steps": gen.get("num_steps"), "guidance": gen.get("guidance"),
+                    "resolution": None if resolution is None else str(resolution), "prompt": entry.get("prompt"),
+                    "controls": {m: float(c["weight"]) for m, c in entry.get("controls", {}).items()}}
+    prompt = folder / f"{name}.txt"
+    return {"prompt": prompt.read_text().strip()} if prompt.is_file() else {}
+
+
+def settings_differences(a: dict, b: dict) -> list[str]:
+    """``key: A -> B`` for every compared setting both sides know and that differs."""
+    out = []
+    for key in COMPARED:
+        va, vb = a.get(key), b.get(key)
+        if key == "prompt" and isinstance(va, str) and isinstance(vb, str):
+            va, vb = va.strip(), vb.strip()
+        if va is not None and vb is not None and va != vb:
+            short = [json.dumps(v)[:60] for v in (va, vb)]
+            out.append(f"{key}: {short[0]} vs {short[1]}")
+    return out
 
 
 def load_frames(video: Path, lossless: bool) -> np.ndarray:
@@ -144,8 +200,10 @@ def plot(out: Path, series: dict[str, list[float]], xlabel: str, ylabel: str, ma
 def compare(name: str, a_path: Path, b_path: Path, out: Path, vae, per_chunk: int, cond: int) -> dict:
     lossless = has_npz(a_path) and has_npz(b_path)
     a, b = load_frames(a_path, lossless), load_frames(b_path, lossless)
+    settings = {"a": sample_settings(a_path), "b": sample_settings(b_path)}
     entry = {"a": str(a_path), "b": str(b_path), "frames_from": "npz" if lossless else "mp4",
-             "shape_a": list(a.shape), "shape_b": list(b.shape)}
+             "shape_a": list(a.shape), "shape_b": list(b.shape), "settings": settings,
+             "settings_differ": settings_differences(settings["a"], settings["b"])}
     if a.shape != b.shape:
         entry["error"] = f"shape differs: A {tuple(a.shape)} vs B {tuple(b.shape)}"
         return entry
@@ -175,6 +233,9 @@ def render_html(report: dict) -> str:
     e = html.escape
     rows = []
     for name, v in report["videos"].items():
+        if v.get("settings_differ"):
+            rows.append(f"<tr><td>{e(name)}</td><td colspan=6><b>settings differ</b>: "
+                        f"{e('; '.join(v['settings_differ']))}</td></tr>")
         if "error" in v:
             rows.append(f"<tr><td>{e(name)}</td><td colspan=6>{e(v['error'])}</td></tr>")
             continue
@@ -238,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     write_text(args.out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     write_text(args.out / "report.html", render_html(report))
     for n, v in report["videos"].items():
+        if v["settings_differ"]:
+            print(f"{n}: settings differ: {'; '.join(v['settings_differ'])}")
         line = v.get("error") or f"PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}, max |A-B| {v['max_abs_diff']}"
         print(f"{n}: {line}")
     for side in ("only_in_a", "only_in_b"):

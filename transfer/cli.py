@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "--num_conditional_frames 0 or 1 + 4k (docs/long_video.md) (default: roundtrip)")
 
     run = p.add_argument_group("runtime")
-    run.add_argument("--num_gpus", type=int, default=1,
-                     help="number of processes (torchrun --nproc_per_node); must equal WORLD_SIZE (default: 1). "
-                     "Stages are placed by the preset for that many ranks (docs/parallelism.md)")
+    run.add_argument("--num_gpus", type=int,
+                     help="number of processes (torchrun --nproc_per_node); must equal WORLD_SIZE (default: WORLD_SIZE, "
+                     "1 without torchrun; with --plan, the GPUs to plan for). Stages are placed by the preset for that "
+                     "many ranks (docs/parallelism.md)")
     run.add_argument("--placement", help="JSON file overriding the stage placement: "
                      '{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}')
     run.add_argument("--context_parallel_size", "--context-parallel-size", type=int, metavar="N",
@@ -223,6 +224,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 setattr(args, dest, value)
     if args.output_dir:
         args.video_save_folder = args.output_dir
+    if args.num_gpus is None:  # upstream's torchrun commands have no such flag: the processes started
+        args.num_gpus = int(os.environ.get("WORLD_SIZE", "1"))
     return args
 
 

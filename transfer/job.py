@@ -63,6 +63,15 @@ def check_form_flags(args) -> None:
     if getattr(args, "input_files", None) and (args.controlnet_specs or args.batch_input_path):
         raise TransferError("give -i/--input-files (Transfer2.5 form) or --controlnet_specs / --batch_input_path "
                             "(transfer1 form), not both")
+    given = getattr(args, "given", set())
+    for dest in ("sigma_max", "image_context_path", "context_frame_index"):
+        if dest in given:
+            raise TransferError(f"--{dest} needs a model this fork does not have (docs/usage.md, Transfer2.5 flags)")
+    if not getattr(args, "input_files", None):
+        only25 = sorted(given & {"resolution", "keep_input_resolution", "show_input", "show_control_condition",
+                                 "prompt_path", "video_path", "keep_going", "model", "output_dir"})
+        if only25:
+            raise TransferError(f"--{only25[0]} belongs to the Transfer2.5 form: give the specs with -i (docs/usage.md)")
 
 
 def requests_from_args(args, failures: list | None = None) -> list[Request]:
@@ -86,11 +95,19 @@ def requests_from_args(args, failures: list | None = None) -> list[Request]:
                 raise TransferError(f"{request.source} ({request.name}): control {other[0]!r} but --model {model}: drop "
                                     "--model to use every control the sample names")
         return requests
+    from transfer.spec25 import parse_sample
+
+    def transfer25(obj, where, base_dir):  # a Transfer2.5 sample given to the transfer1 flags: its fields, defaults
+        return parse_sample(obj, where=where, base_dir=base_dir, flags={}, chunk_conditioning=args.chunk_conditioning)
+
     if args.batch_input_path:
-        return load_batch(args.batch_input_path, defaults=defaults, base_spec=args.controlnet_specs, failures=failures)
+        return load_batch(args.batch_input_path, defaults=defaults, base_spec=args.controlnet_specs, failures=failures,
+                          parse_other=transfer25)
     if not args.controlnet_specs:
-        raise TransferError("give --controlnet_specs SPEC.json or --batch_input_path BATCH.jsonl")
-    return [load_spec(args.controlnet_specs, name=check_name(args.video_save_name, "--video_save_name"), defaults=defaults)]
+        raise TransferError("give --controlnet_specs SPEC.json or --batch_input_path BATCH.jsonl (transfer1 form), or "
+                            "-i SPEC.json (Transfer2.5 form)")
+    return [load_spec(args.controlnet_specs, name=check_name(args.video_save_name, "--video_save_name"),
+                      defaults=defaults, parse_other=transfer25)]
 
 
 def default_device() -> torch.device:
@@ -344,7 +361,7 @@ FAILED_REQUESTS_EXIT = 3
 
 def plan_job(args) -> Job:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.num_gpus != world:
+    if args.num_gpus is not None and args.num_gpus != world:
         raise TransferError(f"--num_gpus {args.num_gpus} does not match the {world} process(es) started (WORLD_SIZE)")
     cp = getattr(args, "context_parallel_size", None)
     if cp is not None and not 1 <= cp <= world:

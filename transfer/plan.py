@@ -183,7 +183,7 @@ def run_plan(args) -> str:
         raise TransferError(f"--frames must be 1 + {tf}k and at least {tf + 1}, got {frames}")
     limits.check_resolution(args.height, args.width, "--height/--width")
     heads = info.transformer["num_attention_heads"]
-    placement = placement_from_args(args, args.num_gpus, 1, heads).placement
+    placement = placement_from_args(args, args.num_gpus or 1, 1, heads).placement
     dtype = DTYPES[args.plan_dtype]
     by_stage = component_bytes(info, modalities, dtype)
     calls = estimate_calls(info, Request(args.height, args.width, frames, tuple(modalities), args.guidance), dtype,

@@ -163,14 +163,16 @@ def spec_form(obj: dict, where: str) -> str | None:
     return "transfer1" if t1 else "transfer2.5" if t25 else None
 
 
-def parse_request(obj: dict, *, where: str, name: str, defaults: dict, base_dir: Path | None) -> Request:
-    """Validate one spec object (keys, types, weights, paths syntax) into a ``Request``."""
+def parse_request(obj: dict, *, where: str, name: str, defaults: dict, base_dir: Path | None,
+                  parse_other=None) -> Request:
+    """Validate one spec object (keys, types, weights, paths syntax) into a ``Request``. A cosmos-transfer2.5 sample
+    (recognised from its keys) goes to ``parse_other(obj, where, base_dir)`` (``transfer.spec25``)."""
     if not isinstance(obj, dict):
         raise TransferError(f"{where}: a spec must be a JSON object, got {type(obj).__name__}")
-    if spec_form(obj, where) == "transfer2.5":  # recognised from its keys: upstream's fields and defaults
-        from transfer.spec25 import parse_sample
-
-        return parse_sample(obj, where=where, base_dir=base_dir or Path("."), flags={})
+    if spec_form(obj, where) == "transfer2.5":
+        if parse_other is None:
+            raise TransferError(f"{where}: a cosmos-transfer2.5 sample: give it with -i")
+        return parse_other(obj, where, base_dir or Path("."))
     obj = {BATCH_ALIASES.get(k, k): v for k, v in obj.items()}
     overrides = obj.pop("control_overrides", None) or {}
     if not isinstance(overrides, dict):
@@ -269,15 +271,15 @@ def _load_json(path: Path, what: str):
     return parse_json(text, f"{what} {path}", invalid=f"{what} {path} is not valid JSON")
 
 
-def load_spec(path: str | Path, *, name: str, defaults: dict) -> Request:
+def load_spec(path: str | Path, *, name: str, defaults: dict, parse_other=None) -> Request:
     """One request from a ``--controlnet_specs`` JSON file."""
     path = Path(path)
     return parse_request(_load_json(path, "controlnet spec"), where=str(path), name=name, defaults=defaults,
-                         base_dir=path.parent)
+                         base_dir=path.parent, parse_other=parse_other)
 
 
 def load_batch(path: str | Path, *, defaults: dict, base_spec: str | Path | None = None,
-               failures: list | None = None) -> list[Request]:
+               failures: list | None = None, parse_other=None) -> list[Request]:
     """Requests from a JSONL file; each line is a spec (merged over ``base_spec`` when given). With a
     ``failures`` list, a bad line is appended there (``{"line", "source", "error"}``) and the others go on;
     without, the first bad line raises."""
@@ -301,7 +303,7 @@ def load_batch(path: str | Path, *, defaults: dict, base_spec: str | Path | None
             if not isinstance(obj, dict):
                 raise TransferError(f"{where}: each line must be a JSON object")
             request = parse_request({**base, **obj}, where=where, name=f"video_{lineno - 1}", defaults=defaults,
-                                    base_dir=path.parent)
+                                    base_dir=path.parent, parse_other=parse_other)
             if request.name in names:
                 raise TransferError(f"{where}: output name {request.name!r} is used by an earlier line")
         except TransferError as e:
