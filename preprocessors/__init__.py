@@ -81,14 +81,23 @@ class ControlMaker:
     def missing(request) -> list[str]:
         return [m for m, c in request.controls.items() if c.input_control is None]
 
+    @staticmethod
+    def needs(request) -> list[str]:
+        """The preprocessors ``request`` uses: its missing controls', and seg for any ``mask_prompt``."""
+        seg = ["seg"] if any(getattr(c, "mask_prompt", None) for c in request.controls.values()) else []
+        return sorted({*ControlMaker.missing(request), *seg})
+
     def precompute(self, request) -> None:
         """Compute and write every control ``request`` lacks (on the preprocess rank)."""
         from transfer.video_io import read_video
 
-        if self.missing(request):
+        masks = [c.mask_prompt for c in request.controls.values() if getattr(c, "mask_prompt", None)]
+        if self.missing(request) or masks:
             frames, fps = read_video(request.input_video_path, "input video")
             for modality in self.missing(request):
                 self(modality, request, frames, fps)
+            for text in masks:  # a mask_prompt's mask: the seg preprocessor on that text
+                self("seg", request.mask_request(text), frames, fps)
 
     def check(self, modalities) -> None:
         """Fail fast, before anything loads, on a modality whose weights are missing."""

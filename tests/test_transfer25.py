@@ -18,7 +18,7 @@ import torch
 
 from tests.conftest import example_frames
 from tests.test_distributed import launch
-from transfer.video_io import read_video, write_mp4
+from transfer.video_io import file_digest, read_video, write_mp4
 
 PROMPT = "A yellow ball rolls back and forth while a blue box slides across the floor."
 STEPS = ["--num-steps", "2", "--num-video-frames-per-chunk", "5"]  # upstream's dash spelling
@@ -241,3 +241,28 @@ def test_transfer25_flags_without_i_are_refused(folder, tmp_path, capsys):
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("transfer.py: error:")]
     assert len(err) == 1 and "--resolution belongs to the Transfer2.5 form" in err[0], err
     assert not out.exists()
+
+
+def test_mask_prompt_is_what_the_seg_preprocessor_finds(folder, tiny_ckpt, tmp_path):
+    """mask_prompt: the seg preprocessor runs on that text (its own cached control file, keyed by the text) and the
+    control's mask is the union of what it found; the control's weights are that mask, resized to the token grid."""
+    from preprocessors import ControlMaker
+    from preprocessors.tiny import write_tiny_preprocessors
+    from transfer.checkpoint import inspect_checkpoint
+    from transfer.control_weights import mask_weights, token_grid
+    from transfer.pipeline import ModelLimits, prepare_request
+    from transfer.spec25 import parse_sample
+
+    limits = ModelLimits.from_info(inspect_checkpoint(tiny_ckpt))
+    sample = {"name": "mp", "prompt": "a ball and a box", "video_path": str(folder / "in.mp4"), "resolution": "96",
+              "edge": {"control_path": str(folder / "edge.mp4"), "mask_prompt": "yellow ball", "control_weight": 0.8}}
+    request = parse_sample(sample, where="test", base_dir=folder, flags={"num_video_frames_per_chunk": 5})
+    maker = ControlMaker(tmp_path / "out", {"model_dir": str(write_tiny_preprocessors(tmp_path / "models"))})
+    assert maker.needs(request) == ["seg"]
+    prepared = prepare_request(request, limits, maker)
+    video, _ = read_video(folder / "in.mp4")
+    seg_request = request.mask_request("yellow ball")
+    assert maker.cache_path(maker.path_for("seg", seg_request, file_digest(folder / "in.mp4"))).is_file()
+    seg = maker("seg", seg_request, video, 24)  # read back from that cache
+    assert np.array_equal(prepared.masks["edge"], (seg.max(-1) > 0).astype(np.uint8))
+    assert torch.equal(prepared.weights["edge"], mask_weights(prepared.masks["edge"], 0.8, token_grid(limits, 96, 160)))

@@ -408,5 +408,5 @@ def control_maker(args, info, requests):
     if options["model_dir"] is None and info.root is not None and (Path(info.root) / "preprocessors").is_dir():
         options["model_dir"] = str(Path(info.root) / "preprocessors")  # weights shipped beside the checkpoint
     maker = ControlMaker(Path(args.video_save_folder), options)
-    maker.check(sorted({m for r in requests for m, c in r.controls.items() if c.input_control is None}))
+    maker.check(sorted({m for r in requests for m in maker.needs(r)}))  # weights checked before anything loads
     return maker

@@ -14,7 +14,7 @@ last frame and the output trimmed back. Chunk k > 0 is conditioned on the last
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import cv2
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from transfer import control_weights
 from transfer.checkpoint import CheckpointInfo
 from transfer.errors import TransferError, check_stop
-from transfer.specs import ControlSpec, Request
+from transfer.specs import Request
 from transfer.video_io import MAX_FRAMES, MAX_SIDE, read_video
 
 #: How chunk k + 1 gets chunk k's overlap frames (docs/long_video.md).
@@ -217,8 +217,8 @@ def prepare_request(request: Request, limits: ModelLimits, make_control=None, lo
         elif control.mask_prompt is not None:
             if make_control is None:
                 raise TransferError(f"{where}: control {modality!r} has a mask_prompt and no preprocessor is set up")
-            seg = replace(request, controls={"seg": ControlSpec("seg", 1.0, None, prompt=control.mask_prompt)})
-            masks[modality] = (make_control("seg", seg, reference, fps).max(-1) > 0).astype(np.uint8)
+            seg = make_control("seg", request.mask_request(control.mask_prompt), reference, fps)
+            masks[modality] = (seg.max(-1) > 0).astype(np.uint8)
     if reference is None:
         reference = next(iter(controls_u8.values()))
         if request.max_frames is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from configs.models import MODALITIES
@@ -116,6 +116,11 @@ class Request:
     def spatial(self) -> bool:
         """Whether any control's weight varies over the video (then every weight is a map: ``control_weights``)."""
         return any(c.spatial for c in self.controls.values())
+
+    def mask_request(self, text: str) -> "Request":
+        """This request with one computed ``seg`` control for ``text``: what the seg preprocessor runs on to make a
+        ``mask_prompt``'s mask (cached like any computed control)."""
+        return replace(self, controls={"seg": ControlSpec("seg", 1.0, None, prompt=text)})
 
 
 def check_name(name: str, what: str = "output name") -> str:

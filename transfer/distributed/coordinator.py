@@ -44,10 +44,10 @@ class CoordinatorRole:
         if remote:  # another rank computes missing controls, in request order; we read its files
             self.job.controls = replace(self.job.controls, rank=self.placement.preprocess_rank, compute=False, built={})
             for j, request in requests:
-                if self.job.controls.missing(request):
+                if self.job.controls.needs(request):
                     self.transport.send(self.placement.preprocess_rank, "precompute", {"j": j})
         for j, request in requests:
-            if remote and self.job.controls.missing(request):
+            if remote and self.job.controls.needs(request):
                 with self.tracer.span("coordinator", "wait for controls", request=j):
                     done = self.wait_for(lambda m: m.kind in ("precomputed", "failed") and m.meta["j"] == j)
                 if done.kind == "failed":  # e.g. its input video cannot be read
