@@ -1,0 +1,46 @@
+"""The demo world (issue 20's data) and its quality metrics: deterministic scenes, metrics that separate the true
+video from noise."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from demo.metrics import background_accuracy, color_accuracy, edge_f1, edges, seam_ratio
+from demo.world import COLORS, HELD_OUT_SEEDS, TRAIN_SEEDS, Scene, render
+
+
+def edge_video(frames: np.ndarray) -> np.ndarray:
+    return np.repeat((edges(frames) * 255).astype(np.uint8)[..., None], 3, -1)
+
+
+def test_scenes_are_functions_of_their_seed_and_prompts_name_them():
+    assert not set(TRAIN_SEEDS) & set(HELD_OUT_SEEDS)
+    a, b = render(Scene.from_seed(1_000_007), 9), render(Scene.from_seed(1_000_007), 9)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    scene = Scene.from_seed(1_000_007)
+    assert all(f"{s.color} {s.kind}" in scene.prompt for s in scene.shapes)
+    assert scene.prompt.endswith(f"on a {scene.background} background")
+    assert all(s.color in COLORS for s in scene.shapes) and scene.background not in [s.color for s in scene.shapes]
+
+
+def test_metrics_separate_the_true_video_from_noise():
+    rng = np.random.default_rng(0)
+    for seed in list(HELD_OUT_SEEDS)[:5]:
+        scene = Scene.from_seed(seed)
+        frames, masks = render(scene, 9)
+        control = edge_video(frames)
+        assert edge_f1(frames, control) == 1.0
+        assert color_accuracy(frames, scene, masks) == 1.0 and background_accuracy(frames, scene, masks) == 1.0
+        noise = rng.integers(0, 256, frames.shape).astype(np.uint8)
+        assert edge_f1(noise, control) < 0.4 and color_accuracy(noise, scene, masks) < 0.5
+        assert background_accuracy(np.full_like(frames, 128) if scene.background != "gray" else frames * 0, scene,
+                                   masks) == 0.0
+
+
+def test_seam_ratio_sees_a_jump_at_chunk_boundaries():
+    frames, _ = render(Scene.from_seed(1_000_001), 21)
+    smooth = seam_ratio(frames, [5, 9, 13, 17])
+    jumpy = frames.copy()
+    for t in (9, 17):  # every later chunk brightened: a visible jump where it starts
+        jumpy[t:] = np.clip(jumpy[t:].astype(np.int16) + 12, 0, 255).astype(np.uint8)
+    assert 0.5 < smooth < 2.0 and seam_ratio(jumpy, [9, 17]) > 3 * seam_ratio(frames, [9, 17])
