@@ -55,9 +55,10 @@ def folder(tmp_path_factory, tiny_ckpt) -> Path:
              {"name": "clip_b2", "prompt": "a box", "video_path": "../in.mp4", "resolution": "96", "seed": 7,
               "edge": {"control_path": "../edge.mp4", "mask_path": "../half.mp4"}, "vis": {"control_weight": 0.5}}]
     (d / "specs" / "b.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    sizes = [{"name": "keep", "prompt": "a ball", "video_path": "../in.mp4", "edge": {"control_path": "../edge.mp4"}},
+    sizes = [{"name": "keep", "prompt": "a ball", "video_path": "../in.mp4", "edge": {"control_path": "../edge.mp4"},
+              "show_input": True},
              {"name": "own_size", "prompt": "a ball", "video_path": "../in.mp4", "keep_input_resolution": False,
-              "edge": {"control_path": "../edge.mp4"}}]  # upstream's default resolution, 720
+              "edge": {"control_path": "../edge.mp4"}, "show_control_condition": True}]  # upstream's default: 720
     (d / "specs" / "sizes.jsonl").write_text("".join(json.dumps(x) + "\n" for x in sizes))
     t1 = {"prompt": PROMPT, "input_video_path": str(d / "in.mp4"),
           "edge": {"control_weight": 0.7, "input_control": str(d / "edge.mp4")}, "vis": {"control_weight": 0.3}}
@@ -116,13 +117,17 @@ def test_transfer25_command_writes_upstream_layout(runs, folder):
     assert (out / "clip_a.txt").read_text().strip() == PROMPT
 
 
-def test_resolution_larger_than_the_model(runs):
+def test_resolution_larger_than_the_model(runs, folder):
     """resolution 720 on the embedded checkpoint (512 px at most): generated at its largest size, said in one log
-    line; keep_input_resolution (default) writes the input's size and frame count, false the generation size."""
+    line; keep_input_resolution (default) writes the input's size and frame count, false the generation size.
+    show_input / show_control_condition put the input / the control left of the output."""
     out = runs["sizes"]
     assert "the model's largest side is 512 px, smaller than resolution 720" in (out / "stderr.txt").read_text()
-    assert read_video(out / "keep.mp4")[0].shape == (9, 96, 160, 3)
-    assert read_video(out / "own_size.mp4")[0].shape == (9, 304, 512, 3)
+    keep = read_video(out / "keep.mp4")[0]
+    assert keep.shape == (9, 96, 2 * 160, 3)  # input | output, each at the input's size
+    source = read_video(folder / "in.mp4")[0].astype(np.int16)
+    assert np.abs(keep[:, :, :160].astype(np.int16) - source).mean() < 6  # the input (through two lossy encodes)
+    assert read_video(out / "own_size.mp4")[0].shape == (9, 304, 2 * 512, 3)  # control | output
     assert read_video(out / "own_size_control_edge.mp4")[0].shape == (9, 304, 512, 3)
 
 

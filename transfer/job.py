@@ -248,7 +248,8 @@ def make_gate(args, job: "Job", notify=None, guards=None):
         job.run_record = RunRecord(args, folder)
 
     def write(request, result):
-        prepared = job.prepare(request, log=False) if layout25 else None  # decoded again: the coordinator keeps no inputs
+        # decoded again (the coordinator keeps no inputs; computed controls come from their lossless cache)
+        prepared = prepare_request(request, job.limits, job.controls, log=False) if layout25 else None
         paths = write_outputs(folder, request, result, args.fps, args.save_raw, prepared)
         job.manifest.record(request, job.controls, "written", paths)
         return paths[-1]
