@@ -1,17 +1,18 @@
 """Train the demo checkpoint on the demo world (``demo.world``): the same classes the product loads.
 
-Work in progress (issue 20): only the ``vae`` stage exists yet; ``dit`` and ``export`` below are the plan.
+Work in progress (issue 20): the ``vae`` and ``dit`` stages exist; ``export`` below is the plan.
 
 Stages, each resumable from its own checkpoint in ``--work`` (model, optimizer, step, loss log):
 
 * ``vae``: ``AutoencoderKLWan`` on rendered clips: L1 + MSE reconstruction of the decoder's output *before*
   diffusers' final clamp (the clamp passes no gradient where it bites) on the deterministic latents
   (``latent_dist.mode()``), plus a small KL term (warmed up over the first steps).
-* ``dit`` (to do): ``CosmosTransformer3DModel`` + a ``CosmosControlNetModel`` for edge, rectified flow: ``x_t = (1 - t) x0 +
+* ``dit``: ``CosmosTransformer3DModel`` + a ``CosmosControlNetModel`` for edge, rectified flow: ``x_t = (1 - t) x0 +
   t eps``, the target velocity ``eps - x0`` (what ``UniPCMultistepScheduler``'s ``flow_prediction`` integrates),
-  ``t`` drawn from the sigmas the inference scheduler visits; a random number of leading latent frames held clean
-  (timestep 0.1, as chunk conditioning does) and excluded from the loss; the prompt dropped 10% of the time (for
-  guidance); the text encoder frozen.
+  ``t`` logit-normal over (0, 1); for half the clips the first latent frame held clean (timestep 0.1, as chunk
+  conditioning does) and excluded from the loss; the prompt replaced by the default negative prompt 10% of the time
+  (for guidance); the embedded tiny checkpoint's character-level T5 as the frozen text encoder; the velocity comes
+  from the product's own ``transfer.stages.DiT.velocity`` (the inference arithmetic, ControlNet residuals included).
 * ``export`` (to do): the trained models, the frozen text encoder, tokenizer and scheduler in the diffusers layout
   (``--out``), loaded by the same code as any checkpoint.
 
@@ -19,10 +20,12 @@ Every random draw is seeded from (``--seed``, stage, step), so a resumed run con
 would have been. Not imported by the inference path.
 
     python scripts/train_demo.py --work runs/demo --stage vae --steps 2000
+    python scripts/train_demo.py --work runs/demo --stage dit --steps 4000
 
 Measured (2-core CPU, idle, batch 4 of 9-frame 64 x 64 clips, one step = encode + unclamped decode + backward):
 base_dim 32 (7.3M parameters) ~43 s/step (with the test suite beside it); base_dim 8 (0.49M, this config) 1.1 s;
-base_dim 16 with dim_mult [1, 2, 2] (0.65M) 1.5 s; base_dim 8 without temporal downsampling 1.2 s.
+base_dim 16 with dim_mult [1, 2, 2] (0.65M) 1.5 s; base_dim 8 without temporal downsampling 1.2 s. The dit stage
+(4 layers x 128 channels + a 4-block ControlNet): ~1.6 s/step at batch 2 with 1 thread (the VAE training beside it).
 """
 
 from __future__ import annotations
@@ -130,10 +133,107 @@ def train_vae(args) -> None:
     bar.close()
 
 
+#: The demo DiT and its edge ControlNet: 4 heads x 32 channels, 4 layers, the tiny T5's 32-channel text embeddings.
+def demo_dit_configs() -> tuple[dict, dict]:
+    from configs.models import _tiny_dit
+
+    transformer, controlnet = _tiny_dit(text_dim=32, crossattn_in=None, heads=4)
+    for cfg in (transformer, controlnet):
+        cfg.update(attention_head_dim=32, img_context_dim_out=128, max_size=(16, 32, 32))
+    transformer.update(num_layers=4)
+    controlnet.update(n_controlnet_blocks=4, model_channels=128)
+    return transformer, controlnet
+
+
+def load_vae(work: Path):
+    """The trained demo VAE (frozen), with its latents' per-channel mean and std (measured once, kept in the work
+    folder: they go into the exported config, as real checkpoints carry theirs)."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(**DEMO_VAE)
+    vae.load_state_dict(torch.load(work / "vae" / "state.pt", weights_only=False)["models"]["vae"])
+    vae.requires_grad_(False).eval()
+    stats = work / "vae" / "latent_stats.json"
+    if not stats.is_file():
+        with torch.no_grad():
+            z = torch.cat([vae.encode(clips(12345, k, 4)[0]).latent_dist.mode() for k in range(8)])
+        mean, std = z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4))
+        stats.write_text(json.dumps({"mean": mean.tolist(), "std": std.tolist()}))
+    data = json.loads(stats.read_text())
+    vae.register_to_config(latents_mean=data["mean"], latents_std=data["std"])
+    return vae
+
+
+def train_dit(args) -> None:
+    """Rectified flow on the demo world, through the product's own ``stages.DiT.velocity`` (the inference arithmetic)."""
+    from diffusers import CosmosControlNetModel, CosmosTransformer3DModel, UniPCMultistepScheduler
+
+    from configs.models import TRANSFER25_SCHEDULER
+    from preprocessors import edge
+    from transfer.checkpoint import inspect_checkpoint, load_text_encoder
+    from transfer.specs import DEFAULT_NEGATIVE_PROMPT
+    from transfer.stages import CONDITIONAL_FRAME_TIMESTEP, DiT, VideoVAE
+    from transfer.tiny import ensure_tiny_checkpoint
+
+    cpu = torch.device("cpu")
+    vae = VideoVAE(load_vae(args.work), cpu)
+    text = load_text_encoder(inspect_checkpoint(ensure_tiny_checkpoint("tiny")), cpu, torch.float32)
+    torch.manual_seed(args.seed + 1)
+    t_cfg, c_cfg = demo_dit_configs()
+    transformer, controlnet = CosmosTransformer3DModel(**t_cfg), CosmosControlNetModel(**c_cfg)
+    dit = DiT(transformer, {"edge": controlnet}, UniPCMultistepScheduler(**TRANSFER25_SCHEDULER), cpu)
+    stage = Stage(args.work, "dit", {"transformer": transformer, "controlnet": controlnet}, lr=args.lr or 3e-4)
+    canny = edge.Preprocessor(edge.Config())
+    embeds: dict[str, torch.Tensor] = {}
+
+    def embed(prompt: str) -> torch.Tensor:
+        if prompt not in embeds:
+            with torch.no_grad():
+                embeds[prompt] = text.encode(prompt)
+        return embeds[prompt]
+
+    t0 = time.time()
+    bar = tqdm(total=args.steps, initial=stage.step, desc="dit", unit="step")
+    while stage.step < args.steps:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + stage.step)
+        x, scenes = clips(args.seed, stage.step, args.batch)
+        frames = ((x.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        control = torch.from_numpy(np.stack([canny(f) for f in frames])).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3)
+        with torch.no_grad():
+            z0, zc = vae.encode(x, torch.float32), vae.encode(control, torch.float32)
+        B, _, T, h, w = z0.shape
+        t = torch.sigmoid(torch.randn(B, generator=g)).view(B, 1, 1, 1, 1)  # logit-normal over (0, 1)
+        noise = torch.randn(z0.shape, generator=g)
+        x_t = (1 - t) * z0 + t * noise
+        cond = (torch.rand(B, generator=g) < 0.5).float().view(B, 1, 1, 1, 1)  # half the clips: frame 0 given
+        cond_mask = torch.zeros(B, 1, T, 1, 1)
+        cond_mask[:, :, :1] = cond
+        in_latents = cond_mask * z0 + (1 - cond_mask) * x_t
+        timestep = cond_mask * CONDITIONAL_FRAME_TIMESTEP + (1 - cond_mask) * t.view(B, 1, 1, 1, 1)
+        drop = torch.rand(B, generator=g) < 0.1  # the negative prompt in place of the prompt: guidance learns
+        context = dit.context(torch.cat([embed(DEFAULT_NEGATIVE_PROMPT if d else s.prompt) for d, s in zip(drop, scenes)]))
+        full_mask = cond_mask.expand(B, 1, T, h, w)
+        padding = torch.zeros(1, 1, h * vae.spatial_factor, w * vae.spatial_factor)
+        velocity = dit.velocity(in_latents, timestep, context, {"edge": zc}, {"edge": 1.0}, full_mask, padding)
+        weight = 1 - full_mask
+        loss = (((velocity - (noise - z0)) ** 2) * weight).sum() / (weight.sum() * z0.shape[1])
+        stage.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for m in stage.models.values() for p in m.parameters()], 1.0)
+        stage.optimizer.step()
+        stage.step += 1
+        stage.log({"loss": loss.item(), "minutes": (time.time() - t0) / 60})
+        bar.update()
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+        if stage.step % args.save_every == 0 or stage.step == args.steps:
+            stage.save()
+    bar.close()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="training folder (checkpoints and loss logs per stage)")
-    p.add_argument("--stage", choices=("vae",), required=True)
+    p.add_argument("--stage", choices=("vae", "dit"), required=True)
     p.add_argument("--steps", type=int, required=True, help="train until this many steps in all (resumes)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float)
@@ -143,7 +243,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"vae": train_vae}[args.stage](args)
+    {"vae": train_vae, "dit": train_dit}[args.stage](args)
     return 0
 
 

@@ -1,0 +1,35 @@
+"""scripts/train_demo.py: each stage runs a few steps, and a stopped-then-resumed training equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from tests.conftest import ROOT
+
+SCRIPT = ROOT / "scripts" / "train_demo.py"
+
+
+def train(work, stage: str, steps: int, batch: int = 1):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--work", str(work), "--stage", stage, "--steps", str(steps),
+                           "--batch", str(batch), "--save_every", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_vae_resume_equals_uninterrupted_and_dit_stage_runs(tmp_path, cache_dir):
+    train(tmp_path / "a", "vae", 3)
+    train(tmp_path / "b", "vae", 2)
+    train(tmp_path / "b", "vae", 3)  # resumed from its step-2 checkpoint
+    a, b = (torch.load(tmp_path / w / "vae" / "state.pt", weights_only=False) for w in ("a", "b"))
+    assert a["step"] == b["step"] == 3
+    assert all(torch.equal(a["models"]["vae"][k], b["models"]["vae"][k]) for k in a["models"]["vae"])
+    logs = [json.loads(x) for x in (tmp_path / "b" / "vae" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3]
+    train(tmp_path / "a", "dit", 1, batch=2)  # on the trained VAE (its latent statistics measured first)
+    log = (tmp_path / "a" / "dit" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 1 and json.loads(log[0])["loss"] > 0
+    assert len(json.loads((tmp_path / "a" / "vae" / "latent_stats.json").read_text())["mean"]) == 16
