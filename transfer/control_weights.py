@@ -109,7 +109,3 @@ def chunk_weights(maps: dict[str, torch.Tensor], window: tuple[int, int], frames
     total = total.clamp(min=1.0)
     return {m: (w / total).to(torch.float32) for m, w in resized.items()}
 
-
-def token_weights(grid_weights: torch.Tensor) -> torch.Tensor:
-    """``[T, h, w]`` token weights -> ``[1, T*h*w, 1]``, the order of the DiT's patchified sequence."""
-    return grid_weights.reshape(1, -1, 1)

@@ -20,13 +20,7 @@ from transfer.acceleration import check_acceleration, offload_mode
 from transfer.checkpoint import info_from_preset, inspect_checkpoint, require_modalities
 from transfer.errors import TransferError
 from transfer.manifest import Manifest, run_settings
-from transfer.pipeline import (
-    GenerationResult,
-    GenerationSettings,
-    ModelLimits,
-    prepare_request,
-    resize_frames,
-)
+from transfer.pipeline import GenerationResult, GenerationSettings, ModelLimits, prepare_request, resize_frames
 from transfer.specs import Request, check_name, load_batch, load_spec, parse_request
 from transfer.video_io import write_mp4, write_npz, write_text
 

@@ -175,7 +175,7 @@ def generation_size(height: int, width: int, resolution: int, limits: ModelLimit
     if l > biggest:
         s, l = s * biggest / l, float(biggest)
         info(f"{where}: the model's largest side is {biggest} px, smaller than resolution {resolution}: "
-                    f"generating at its largest size")
+             "generating at its largest size")
     s, l = (max(unit, min(biggest, int(round(v / unit)) * unit)) for v in (s, l))
     return (s, l) if height <= width else (l, s)
 

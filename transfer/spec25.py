@@ -17,7 +17,7 @@ from pathlib import Path
 from configs.models import MODALITIES
 from transfer.errors import TransferError
 from transfer.specs import (
-    DEFAULT_NEGATIVE_PROMPT, T1_ONLY, T25_CONTROL_ONLY, T25_ONLY, ControlSpec, Request, _load_json, _weight, check_name,
+    DEFAULT_NEGATIVE_PROMPT, T1_ONLY, T25_ONLY, ControlSpec, Request, _load_json, _weight, check_name,
     parse_json, spec_form,
 )
 
@@ -214,6 +214,3 @@ def load_inputs(paths: list[str], *, flags: dict, chunk_conditioning: str, parse
     if not requests:
         raise TransferError(f"no samples in {', '.join(paths)}")
     return requests
-
-
-__all__ = ["DEFAULTS", "FLAG_FIELDS", "T25_CONTROL_ONLY", "load_inputs", "parse_sample"]

@@ -17,13 +17,7 @@ import torch
 from loguru import logger
 
 from transfer.distributed.transport import Message
-from transfer.pipeline import (
-    GenerationResult,
-    chunk_scales,
-    join_chunks,
-    plan_chunks,
-    resize_frames,
-)
+from transfer.pipeline import GenerationResult, chunk_scales, join_chunks, plan_chunks, resize_frames
 
 #: Requests handed out beyond one per DiT group: their text and control latents are made while the DiT works on
 #: earlier requests; later ones wait at the coordinator, so memory does not grow with the batch.

@@ -13,12 +13,7 @@ from __future__ import annotations
 import torch
 
 from transfer.distributed.transport import Message
-from transfer.pipeline import (
-    encode_controls,
-    roundtrip_condition,
-    to_model_video,
-    to_uint8_frames,
-)
+from transfer.pipeline import encode_controls, roundtrip_condition, to_model_video, to_uint8_frames
 
 
 class EncoderRoles:

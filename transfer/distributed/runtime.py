@@ -27,26 +27,17 @@ from collections import deque
 
 import torch
 import torch.distributed as dist
-from loguru import logger
 
 import guardrails
-from transfer.distributed import sequence_parallel
+from loguru import logger
+
 from transfer.distributed.coordinator import CoordinatorRole
 from transfer.distributed.dit_group import DiTGroupRole, RequestDropped
 from transfer.distributed.encoders import EncoderRoles
-from transfer.distributed.placement import (
-    Placement,
-    PresetChoice,
-    choose_preset,
-    from_file,
-)
+from transfer.distributed import sequence_parallel
+from transfer.distributed.placement import Placement, PresetChoice, choose_preset, from_file
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
-from transfer.distributed.transport import (
-    Message,
-    PeerFailure,
-    Transport,
-    direction_groups,
-)
+from transfer.distributed.transport import Message, PeerFailure, Transport, direction_groups
 from transfer.errors import Terminated, TransferError, check_stop, raise_on_stop_signals
 from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.loading import load_stages

@@ -32,14 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from diffusers.hooks.context_parallel import (
-    EquipartitionSharder,
-    PartitionAnythingSharder,
-)
-from diffusers.models._modeling_parallel import (
-    ContextParallelConfig,
-    ContextParallelInput,
-)
+from diffusers.hooks.context_parallel import EquipartitionSharder, PartitionAnythingSharder
+from diffusers.models._modeling_parallel import ContextParallelConfig, ContextParallelInput
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
