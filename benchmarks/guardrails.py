@@ -106,7 +106,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFER_LOG_LEVEL": "WARNING",
            "SLOW_TEXT": str(args.text_delay), "SLOW_VIDEO": str(args.video_delay)}
     common = ["--batch_input_path", str(work / "batch.jsonl"), "--num_steps", str(args.num_steps),
-              "--num_frames_per_chunk", "29", "--save_raw"]
+              "--num_frames_per_chunk", "29", "--save_raw", "--checkpoint_preset", "tiny"]
     guard_s = args.requests * (2 * args.text_delay + args.video_delay)
     rows = []
     for nproc in (1, args.nproc):

@@ -8,6 +8,7 @@ models (the tiny embedded checkpoint) or describe real ones (planning).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 #: Control modalities a checkpoint may carry a ControlNet for (cosmos-transfer1 spec keys).
 MODALITIES = ("vis", "edge", "depth", "seg", "keypoint")
@@ -37,6 +38,8 @@ class CheckpointConfig:
     modalities: tuple[str, ...] = MODALITIES
     embedded: bool = True
     """True: small enough to build with random weights on first use. False: configs only (``--plan``)."""
+    shipped: Path | None = None
+    """Trained weights shipped in the repository (the ``demo`` preset): used as they are, never rebuilt."""
 
     def text_config(self, **overrides):
         """The text encoder's ``transformers`` config object (``overrides`` e.g. a tokenizer's ids)."""
@@ -136,6 +139,33 @@ def tiny_reason() -> CheckpointConfig:
     )
 
 
+#: The demo VAE (``scripts/train_demo.py``): 4x spatial, 2x temporal compression, 16 latent channels, 0.49M
+#: parameters; the shipped config carries the latents' measured per-channel mean and std in place of 0 / 1.
+DEMO_VAE = dict(
+    base_dim=8,
+    z_dim=16,
+    dim_mult=[1, 2, 4],
+    num_res_blocks=1,
+    temperal_downsample=[False, True],
+    latents_mean=[0.0] * 16,
+    latents_std=[1.0] * 16,
+)
+#: Where the trained demo checkpoint is shipped (diffusers layout, written by ``train_demo.py --stage export``).
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo" / "checkpoint"
+
+
+def demo() -> CheckpointConfig:
+    """The trained demo checkpoint (the default): a DiT (4 layers, 4 heads x 32) and an edge ControlNet (4 blocks)
+    trained on the demo world (``demo.world``: colored shapes at 64 x 64), the tiny preset's T5 frozen."""
+    transformer, controlnet = _tiny_dit(text_dim=32, crossattn_in=None, heads=4)
+    for cfg in (transformer, controlnet):
+        cfg.update(attention_head_dim=32, img_context_dim_out=128, max_size=(16, 32, 32))
+    transformer.update(num_layers=4)
+    controlnet.update(n_controlnet_blocks=4, model_channels=128)
+    return CheckpointConfig("demo", "t5", tiny().text_encoder, transformer, controlnet, dict(DEMO_VAE),
+                            modalities=("edge",), shipped=DEMO_CHECKPOINT)
+
+
 #: Wan2.1 VAE (AutoencoderKLWan defaults): 8x spatial, 4x temporal, 16 latent channels.
 WAN21_VAE = dict(
     base_dim=96,
@@ -226,7 +256,7 @@ def transfer25_2b_small() -> CheckpointConfig:
                             embedded=False)
 
 
-PRESETS = {"tiny": tiny, "tiny-4head": tiny_4head, "tiny-reason": tiny_reason, "transfer2.5-2b": transfer25_2b,
+PRESETS = {"demo": demo, "tiny": tiny, "tiny-4head": tiny_4head, "tiny-reason": tiny_reason, "transfer2.5-2b": transfer25_2b,
            "transfer2.5-2b-t5-11b": transfer25_2b_t5, "transfer2.5-2b-small": transfer25_2b_small}
 
 

@@ -1,37 +1,42 @@
 """Train the demo checkpoint on the demo world (``demo.world``): the same classes the product loads.
 
-Work in progress (issue 20): the ``vae`` and ``dit`` stages exist; ``export`` below is the plan.
+Stages, each resumable from its own checkpoint in ``--work`` (models, optimizer, step, loss log):
 
-Stages, each resumable from its own checkpoint in ``--work`` (model, optimizer, step, loss log):
+* ``vae``: ``AutoencoderKLWan`` (``configs.models.DEMO_VAE``) on rendered clips: L1 + MSE reconstruction of the
+  decoder's output *before* diffusers' final clamp (the clamp passes no gradient where it bites) on the
+  deterministic latents (``latent_dist.mode()``), plus a small KL term (warmed up over the first 500 steps).
+* ``dit``: ``CosmosTransformer3DModel`` + a ``CosmosControlNetModel`` for edge (``configs.models.demo``) and the
+  embedded tiny checkpoint's character-level T5 (trained along: it starts from the tiny preset's random weights),
+  rectified flow: ``x_t = (1 - t) x0 + t eps``, the target velocity ``eps - x0`` (what
+  ``UniPCMultistepScheduler``'s ``flow_prediction`` integrates), ``log(t / (1 - t))`` uniform over the inference scheduler's noise range (``flow_times``); for half the clips
+  the first latent frame held clean (timestep 0.1, as chunk conditioning does) and excluded from the loss; the
+  prompt replaced by the default negative prompt 10% of the time (for guidance); the edge control is the project's
+  edge preprocessor on the clip; the velocity comes from the product's own ``transfer.stages.DiT.velocity`` (the
+  inference arithmetic, ControlNet residuals included).
+* ``export``: the trained models, the tokenizer and the scheduler in the diffusers layout (``--out``, default the
+  shipped ``demo/checkpoint``), with ``transfer_defaults.json`` (the checkpoint's own generation defaults) and
+  ``training.json``; loaded by the same code as any checkpoint.
 
-* ``vae``: ``AutoencoderKLWan`` on rendered clips: L1 + MSE reconstruction of the decoder's output *before*
-  diffusers' final clamp (the clamp passes no gradient where it bites) on the deterministic latents
-  (``latent_dist.mode()``), plus a small KL term (warmed up over the first steps).
-* ``dit``: ``CosmosTransformer3DModel`` + a ``CosmosControlNetModel`` for edge, rectified flow: ``x_t = (1 - t) x0 +
-  t eps``, the target velocity ``eps - x0`` (what ``UniPCMultistepScheduler``'s ``flow_prediction`` integrates),
-  ``t`` logit-normal over (0, 1); for half the clips the first latent frame held clean (timestep 0.1, as chunk
-  conditioning does) and excluded from the loss; the prompt replaced by the default negative prompt 10% of the time
-  (for guidance); the embedded tiny checkpoint's character-level T5 as the frozen text encoder; the velocity comes
-  from the product's own ``transfer.stages.DiT.velocity`` (the inference arithmetic, ControlNet residuals included).
-* ``export`` (to do): the trained models, the frozen text encoder, tokenizer and scheduler in the diffusers layout
-  (``--out``), loaded by the same code as any checkpoint.
+Learning rate: constant, then a cosine down to a tenth over the last quarter of ``--steps``. Every random draw is
+seeded from (``--seed``, stage, step), so a resumed run continues exactly where a stopped one would have been
+(give the same ``--steps``). Not imported by the inference path. The shipped weights (docs/demo.md):
 
-Every random draw is seeded from (``--seed``, stage, step), so a resumed run continues exactly where a stopped one
-would have been. Not imported by the inference path.
+    python scripts/train_demo.py --work runs/demo --stage vae --steps 3200 --threads 2
+    python scripts/train_demo.py --work runs/demo --stage dit --steps 3800 --threads 2
+    python scripts/train_demo.py --work runs/demo --stage export
+    python benchmarks/quality.py
 
-    python scripts/train_demo.py --work runs/demo --stage vae --steps 2000
-    python scripts/train_demo.py --work runs/demo --stage dit --steps 4000
-
-Measured (2-core CPU, idle, batch 4 of 9-frame 64 x 64 clips, one step = encode + unclamped decode + backward):
-base_dim 32 (7.3M parameters) ~43 s/step (with the test suite beside it); base_dim 8 (0.49M, this config) 1.1 s;
-base_dim 16 with dim_mult [1, 2, 2] (0.65M) 1.5 s; base_dim 8 without temporal downsampling 1.2 s. The dit stage
-(4 layers x 128 channels + a 4-block ControlNet): ~1.6 s/step at batch 2 with 1 thread (the VAE training beside it).
+Measured (2-core CPU, idle, batch 4 of 9-frame 64 x 64 clips): the vae stage ~1.05 s/step (3200 steps: 54 min),
+the dit stage ~1.25 s/step (3800 steps: 80 min). Trying VAE sizes: base_dim 32 (7.3M parameters) ~43 s/step (with
+the test suite beside it); base_dim 8 (0.49M, this config) 1.1 s; base_dim 16 with dim_mult [1, 2, 2] (0.65M) 1.5 s;
+base_dim 8 without temporal downsampling 1.2 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -43,11 +48,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from configs.models import DEMO_CHECKPOINT, DEMO_VAE, demo  # noqa: E402
 from demo.world import TRAIN_SEEDS, Scene, render  # noqa: E402
 
-#: The demo VAE: 4x spatial, 2x temporal (the pipeline reads both from the config), 16 latent channels.
-DEMO_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
-                latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
 FRAMES = 9  # pixel frames per training clip (1 + 4k: whole latent frames)
 
 
@@ -73,10 +76,20 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, 2)
 
 
+def lr_at(step: int, total: int, base: float) -> float:
+    """Constant ``base`` for the first three quarters of ``total`` steps, then a cosine down to ``base / 10`` (a
+    function of the step and ``--steps``: resume with the same ``--steps`` to reproduce a run)."""
+    start = 0.75 * total
+    if step < start:
+        return base
+    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - start) / (total - start)))))
+
+
 class Stage:
     """A resumable training stage: ``state.pt`` (models, optimizer, step) and ``log.jsonl`` (one line per step)."""
 
     def __init__(self, work: Path, name: str, models: dict, lr: float):
+        self.lr = lr
         self.dir = work / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.models = models
@@ -90,6 +103,14 @@ class Stage:
                 model.load_state_dict(data["models"][key])
             self.optimizer.load_state_dict(data["optimizer"])
             self.step = data["step"]
+        log = self.dir / "log.jsonl"
+        if log.is_file():  # steps logged after the last save are trained again: drop their lines
+            lines = log.read_text().splitlines()
+            log.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= self.step))
+
+    def set_lr(self, total: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, total, self.lr)
 
     def save(self) -> None:
         tmp = self.dir / "state.pt.tmp"
@@ -110,8 +131,9 @@ def train_vae(args) -> None:
     stage = Stage(args.work, "vae", {"vae": vae}, lr=args.lr or 1e-3)
     t0 = time.time()
     bar = tqdm(total=args.steps, initial=stage.step, desc="vae", unit="step")
-    while stage.step < args.steps:
+    while stage.step < min(args.steps, args.stop_at or args.steps):
         torch.manual_seed(args.seed * 1_000_003 + stage.step)
+        stage.set_lr(args.steps)
         x, _ = clips(args.seed, stage.step, args.batch)
         posterior = vae.encode(x).latent_dist
         recon = decode_unclamped(vae, posterior.mode())
@@ -128,21 +150,15 @@ def train_vae(args) -> None:
         stage.log({"loss": float(loss), "l1": float(l1), "kl": float(kl), "psnr": psnr, "minutes": (time.time() - t0) / 60})
         bar.update()
         bar.set_postfix(loss=f"{float(loss):.4f}", psnr=f"{psnr:.1f}")
-        if stage.step % args.save_every == 0 or stage.step == args.steps:
+        if stage.step % args.save_every == 0 or stage.step in (args.steps, args.stop_at):
             stage.save()
     bar.close()
 
 
-#: The demo DiT and its edge ControlNet: 4 heads x 32 channels, 4 layers, the tiny T5's 32-channel text embeddings.
 def demo_dit_configs() -> tuple[dict, dict]:
-    from configs.models import _tiny_dit
-
-    transformer, controlnet = _tiny_dit(text_dim=32, crossattn_in=None, heads=4)
-    for cfg in (transformer, controlnet):
-        cfg.update(attention_head_dim=32, img_context_dim_out=128, max_size=(16, 32, 32))
-    transformer.update(num_layers=4)
-    controlnet.update(n_controlnet_blocks=4, model_channels=128)
-    return transformer, controlnet
+    """The demo DiT and its edge ControlNet (``configs.models.demo``)."""
+    cfg = demo()
+    return cfg.transformer, cfg.controlnet
 
 
 def load_vae(work: Path):
@@ -164,6 +180,17 @@ def load_vae(work: Path):
     return vae
 
 
+def flow_times(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Noise levels ``t`` for training: ``log(t / (1 - t))`` uniform over the inference scheduler's range (Transfer2.5's
+    Karras sigmas from ``sigma_min`` 0.01 to ``sigma_max`` 200, as flow sigmas ``t = s / (1 + s)``: 0.0099 .. 0.995).
+    Half of a 20-step schedule lies above t = 0.93, where the control and prompt must carry the whole image; a
+    logit-normal t (mean 0, std 1) almost never reaches it, and a model trained so samples grey mush (measured)."""
+    from configs.models import TRANSFER25_SCHEDULER
+
+    lo, hi = math.log(TRANSFER25_SCHEDULER["sigma_min"]), math.log(TRANSFER25_SCHEDULER["sigma_max"])
+    return torch.sigmoid(lo + (hi - lo) * torch.rand(n, generator=generator))
+
+
 def train_dit(args) -> None:
     """Rectified flow on the demo world, through the product's own ``stages.DiT.velocity`` (the inference arithmetic)."""
     from diffusers import CosmosControlNetModel, CosmosTransformer3DModel, UniPCMultistepScheduler
@@ -182,27 +209,22 @@ def train_dit(args) -> None:
     t_cfg, c_cfg = demo_dit_configs()
     transformer, controlnet = CosmosTransformer3DModel(**t_cfg), CosmosControlNetModel(**c_cfg)
     dit = DiT(transformer, {"edge": controlnet}, UniPCMultistepScheduler(**TRANSFER25_SCHEDULER), cpu)
-    stage = Stage(args.work, "dit", {"transformer": transformer, "controlnet": controlnet}, lr=args.lr or 3e-4)
+    models = {"transformer": transformer, "controlnet": controlnet, "text_encoder": text.model.train()}
+    stage = Stage(args.work, "dit", models, lr=args.lr or 3e-4)
     canny = edge.Preprocessor(edge.Config())
-    embeds: dict[str, torch.Tensor] = {}
-
-    def embed(prompt: str) -> torch.Tensor:
-        if prompt not in embeds:
-            with torch.no_grad():
-                embeds[prompt] = text.encode(prompt)
-        return embeds[prompt]
 
     t0 = time.time()
     bar = tqdm(total=args.steps, initial=stage.step, desc="dit", unit="step")
-    while stage.step < args.steps:
+    while stage.step < min(args.steps, args.stop_at or args.steps):
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + stage.step)
+        stage.set_lr(args.steps)
         x, scenes = clips(args.seed, stage.step, args.batch)
         frames = ((x.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
         control = torch.from_numpy(np.stack([canny(f) for f in frames])).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3)
         with torch.no_grad():
             z0, zc = vae.encode(x, torch.float32), vae.encode(control, torch.float32)
         B, _, T, h, w = z0.shape
-        t = torch.sigmoid(torch.randn(B, generator=g)).view(B, 1, 1, 1, 1)  # logit-normal over (0, 1)
+        t = flow_times(B, g).view(B, 1, 1, 1, 1)
         noise = torch.randn(z0.shape, generator=g)
         x_t = (1 - t) * z0 + t * noise
         cond = (torch.rand(B, generator=g) < 0.5).float().view(B, 1, 1, 1, 1)  # half the clips: frame 0 given
@@ -211,7 +233,8 @@ def train_dit(args) -> None:
         in_latents = cond_mask * z0 + (1 - cond_mask) * x_t
         timestep = cond_mask * CONDITIONAL_FRAME_TIMESTEP + (1 - cond_mask) * t.view(B, 1, 1, 1, 1)
         drop = torch.rand(B, generator=g) < 0.1  # the negative prompt in place of the prompt: guidance learns
-        context = dit.context(torch.cat([embed(DEFAULT_NEGATIVE_PROMPT if d else s.prompt) for d, s in zip(drop, scenes)]))
+        prompts = [DEFAULT_NEGATIVE_PROMPT if d else s.prompt for d, s in zip(drop, scenes)]
+        context = dit.context(torch.cat([text._encode_t5(p) for p in prompts]))  # with gradients: T5 trains too
         full_mask = cond_mask.expand(B, 1, T, h, w)
         padding = torch.zeros(1, 1, h * vae.spatial_factor, w * vae.spatial_factor)
         velocity = dit.velocity(in_latents, timestep, context, {"edge": zc}, {"edge": 1.0}, full_mask, padding)
@@ -225,25 +248,92 @@ def train_dit(args) -> None:
         stage.log({"loss": loss.item(), "minutes": (time.time() - t0) / 60})
         bar.update()
         bar.set_postfix(loss=f"{float(loss):.4f}")
-        if stage.step % args.save_every == 0 or stage.step == args.steps:
+        if stage.step % args.save_every == 0 or stage.step in (args.steps, args.stop_at):
             stage.save()
     bar.close()
+
+
+#: The demo checkpoint's own generation defaults (``transfer_defaults.json``; a flag or spec field overrides them):
+#: its training clip length, and the steps / guidance that measured best (benchmarks/quality.py).
+DEMO_DEFAULTS = {"num_frames_per_chunk": 9, "num_steps": 20, "guidance": 1.0, "resolution": "64"}
+
+
+def export(args) -> None:
+    """The trained models in the diffusers layout at ``--out`` (written beside it, then moved into place): the
+    dit stage's transformer, edge ControlNet and T5, the vae stage's VAE (with its latent statistics), the tiny
+    preset's tokenizer, the Transfer2.5 scheduler, the checkpoint's defaults and a training record."""
+    import shutil
+
+    from diffusers import CosmosControlNetModel, CosmosTransformer3DModel, UniPCMultistepScheduler
+
+    from configs.models import TRANSFER25_SCHEDULER
+    from transfer.checkpoint import inspect_checkpoint, load_text_encoder
+    from transfer.tiny import ensure_tiny_checkpoint
+
+    tiny = ensure_tiny_checkpoint("tiny")
+    data = torch.load(args.work / "dit" / "state.pt", weights_only=False)
+    out = args.out.resolve()
+    staging = out.parent / f".{out.name}.export"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(tiny / "tokenizer", staging / "tokenizer")
+    text = load_text_encoder(inspect_checkpoint(tiny), torch.device("cpu"), torch.float32).model
+    t_cfg, c_cfg = demo_dit_configs()
+    for name, model, folder in (("text_encoder", text, "text_encoder"),
+                                ("transformer", CosmosTransformer3DModel(**t_cfg), "transformer"),
+                                ("controlnet", CosmosControlNetModel(**c_cfg), "controlnet/edge")):
+        model.load_state_dict(data["models"][name])
+        model.save_pretrained(staging / folder, safe_serialization=True)
+    load_vae(args.work).save_pretrained(staging / "vae", safe_serialization=True)
+    UniPCMultistepScheduler(**TRANSFER25_SCHEDULER).save_pretrained(staging / "scheduler")
+    (staging / "transfer_defaults.json").write_text(json.dumps(DEMO_DEFAULTS, indent=2) + "\n")
+    record = {"seed": args.seed, "command": "scripts/train_demo.py"}
+    for stage in ("vae", "dit"):
+        last = json.loads((args.work / stage / "log.jsonl").read_text().splitlines()[-1])
+        record[stage] = {"steps": last["step"], "final_loss": round(last["loss"], 4)}
+    (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    print(f"exported the demo checkpoint to {out}")
+
+
+def curve(args) -> None:
+    """The loss curves of ``--work`` as a markdown table: mean loss per ``--every`` steps (default 400) and minutes."""
+    every = args.every
+    print("| stage | steps | mean loss over the last %d steps | minutes |\n|---|---:|---:|---:|" % every)
+    for stage in ("vae", "dit"):
+        path = args.work / stage / "log.jsonl"
+        if not path.is_file():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        minutes = 0.0
+        for start in range(0, len(rows), every):
+            part = rows[start:start + every]
+            minutes += sum(b["minutes"] - a["minutes"] for a, b in zip(part, part[1:]) if b["minutes"] > a["minutes"])
+            loss = sum(r["loss"] for r in part) / len(part)
+            print(f"| {stage} | {part[-1]['step']} | {loss:.4f} | {minutes:.0f} |")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="training folder (checkpoints and loss logs per stage)")
-    p.add_argument("--stage", choices=("vae", "dit"), required=True)
-    p.add_argument("--steps", type=int, required=True, help="train until this many steps in all (resumes)")
+    p.add_argument("--stage", choices=("vae", "dit", "export", "curve"), required=True)
+    p.add_argument("--steps", type=int, help="train until this many steps in all (resumes; the lr schedule follows it)")
+    p.add_argument("--stop_at", type=int, help="stop after this step, as an interrupted run would (resume with --steps)")
+    p.add_argument("--out", type=Path, help="export: the checkpoint folder to write (default: the shipped demo/checkpoint)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_every", type=int, default=50)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--every", type=int, default=400, help="curve: steps per row (default: 400)")
     args = p.parse_args(argv)
+    if args.stage in ("vae", "dit") and args.steps is None:
+        p.error(f"--stage {args.stage} needs --steps")
+    if args.out is None:
+        args.out = DEMO_CHECKPOINT
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"vae": train_vae, "dit": train_dit}[args.stage](args)
+    {"vae": train_vae, "dit": train_dit, "export": export, "curve": curve}[args.stage](args)
     return 0
 
 

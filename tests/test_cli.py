@@ -34,10 +34,12 @@ def write_spec(folder: Path, **spec) -> Path:
     return path
 
 
-def test_readme_main_command_writes_matching_mp4(tiny_ckpt, tmp_path):
-    """The README's main-job command, verbatim apart from the output folder."""
+def test_readme_tiny_command_writes_matching_mp4(tiny_ckpt, tmp_path):
+    """The README's tiny-checkpoint command, verbatim apart from the output folder (the main command, with the demo
+    checkpoint: tests/test_demo_checkpoint.py)."""
     out = tmp_path / "outputs"
-    proc = run_cli("--controlnet_specs", "assets/example_spec.json", "--video_save_folder", str(out))
+    proc = run_cli("--checkpoint_preset", "tiny", "--controlnet_specs", "assets/example_spec.json",
+                   "--video_save_folder", str(out))
     assert proc.returncode == 0, proc.stderr
     frames, fps = read_video(out / "output.mp4")
     source, _ = read_video(ASSETS / "example_input.mp4")

@@ -15,16 +15,24 @@ DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 DESCRIPTION = """Cosmos-Transfer control-to-video generation (pipeline-parallel fork).
 
 Turns control videos (vis, edge, depth, seg, keypoint) plus a prompt into a new video.
-With no --checkpoint_dir it runs the embedded tiny random-weight checkpoint (noise-like
-output, for trying the tool on a CPU); point --checkpoint_dir at a diffusers-layout
-directory (text_encoder/ tokenizer/ transformer/ vae/ scheduler/ controlnet/<modality>/)
-for real weights.
+With no --checkpoint_dir it runs the shipped demo checkpoint (a small model trained on a
+world of colored shapes at 64 x 64, edge control only; runs in seconds on a CPU) or another
+--checkpoint_preset (tiny: random weights, every control); point --checkpoint_dir at a
+diffusers-layout directory (text_encoder/ tokenizer/ transformer/ vae/ scheduler/
+controlnet/<modality>/) for real weights. A checkpoint's transfer_defaults.json sets its own
+defaults for --num_steps, --guidance, --num_frames_per_chunk and --resolution.
 
 Two command forms, one engine (docs/usage.md, "Coming from Transfer2.5 / transfer1"):
   cosmos-transfer1:   transfer.py --controlnet_specs SPEC.json [--batch_input_path B.jsonl] --video_save_folder DIR
   cosmos-transfer2.5: transfer.py -i SPEC.json [MORE.jsonl ...] -o DIR   (outputs NAME.mp4/.json/.txt,
                       NAME_control_KEY.mp4, config.yaml, console.log, as upstream writes them)
 Every flag takes dashes or underscores (--num-steps = --num_steps)."""
+
+#: Flags a checkpoint may give its own default for, in ``transfer_defaults.json`` at its root (the demo's: its
+#: training clip length, steps, guidance and 64 px); a flag given on the command line or a spec field wins.
+CHECKPOINT_DEFAULT_FLAGS = ("num_steps", "guidance", "num_frames_per_chunk", "resolution")
+#: The default ``--checkpoint_preset``; ``$TRANSFER_CHECKPOINT_PRESET`` changes it (the test suite runs ``tiny``).
+DEFAULT_PRESET = "demo"
 
 #: Generation flags whose default differs in the cosmos-transfer2.5 form (``transfer.spec25.DEFAULTS``).
 T25_DEFAULTS = {"seed": 2025, "num_steps": 35}
@@ -47,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="-i form: a sample that fails is recorded in failures.jsonl and the others run (default)")
     t25.add_argument("--no_keep_going", dest="keep_going", action="store_false",
                      help="-i form: the first sample that fails ends the run")
-    t25.add_argument("--resolution", help="-i form: generation height in pixels, e.g. 720 or 480 (default: 720; "
-                     "a smaller model generates at its largest size)")
+    t25.add_argument("--resolution", help="-i form: generation height in pixels, e.g. 720 or 480 (default: 720, or "
+                     "the checkpoint's own: 64 for demo; a smaller model generates at its largest size)")
     t25.add_argument("--keep_input_resolution", dest="keep_input_resolution", action="store_true", default=None,
                      help="-i form: write the output at the input's size (default)")
     t25.add_argument("--no_keep_input_resolution", dest="keep_input_resolution", action="store_false",
@@ -87,23 +95,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = p.add_argument_group("model")
     model.add_argument("--checkpoint_dir", help="diffusers-layout checkpoint directory "
-                       "(default: the embedded tiny random-weight checkpoint, built on first use)")
+                       "(default: the --checkpoint_preset's)")
     model.add_argument("--random_weights", action="store_true",
                        help="build the --checkpoint_preset's models (e.g. transfer2.5-2b) from their configs with random "
                        "weights, directly on each rank's device in the run dtype, and run the whole pipeline: real-size "
                        "time and memory without a download; outputs are marked as made with random weights")
-    model.add_argument("--checkpoint_preset", default="tiny", choices=sorted(PRESETS),
-                       help="which embedded random-weight checkpoint to use without --checkpoint_dir (default: tiny); "
+    model.add_argument("--checkpoint_preset", default=os.environ.get("TRANSFER_CHECKPOINT_PRESET", DEFAULT_PRESET),
+                       choices=sorted(PRESETS),
+                       help="the checkpoint without --checkpoint_dir (default: demo, or $TRANSFER_CHECKPOINT_PRESET): "
+                       "demo = the shipped trained demo model (edge control, 64 x 64 shapes world); tiny, tiny-4head, "
+                       "tiny-reason = random weights built on first use (every control; noise-like output); "
                        "transfer2.5-2b and transfer2.5-2b-t5-11b are real-size configs without weights, for --plan and "
                        "--random_weights")
 
     gen = p.add_argument_group("generation")
-    gen.add_argument("--num_steps", type=int, default=36, help="denoising steps per chunk (default: 36; 35 in the -i form)")
-    gen.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: 3.0)")
+    gen.add_argument("--num_steps", type=int, default=36,
+                     help="denoising steps per chunk (default: 36; 35 in the -i form; the checkpoint's own if it sets one)")
+    gen.add_argument("--guidance", type=float, default=3.0,
+                     help="classifier-free guidance scale (default: 3.0, or the checkpoint's own)")
     gen.add_argument("--seed", type=int, default=1,
                      help="seed; each request has its own generator (default: 1; 2025 in the -i form)")
     gen.add_argument("--num_frames_per_chunk", "--num_video_frames_per_chunk", type=int, default=93,
-                     help="frames per chunk, 1 + 4k (default: 93)")
+                     help="frames per chunk, 1 + (VAE temporal factor) x k (default: 93, or the checkpoint's own)")
     gen.add_argument("--num_conditional_frames", type=int, default=1,
                      help="frames of overlap conditioning each later chunk (default: 1)")
     gen.add_argument("--chunk_conditioning", choices=("roundtrip", "latent"), default="roundtrip",
@@ -207,6 +220,32 @@ def normalise_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[st
     return out
 
 
+def checkpoint_defaults(args, error) -> dict:
+    """The run's checkpoint's ``transfer_defaults.json`` (``--checkpoint_dir`` or a shipped preset's), less the flags
+    given on the command line: ``{dest: value}``. ``error``: reports a malformed file (one line, exits)."""
+    import json
+    from pathlib import Path
+
+    from configs.models import preset
+
+    if args.checkpoint_dir:
+        root = Path(args.checkpoint_dir)
+    elif getattr(args, "random_weights", False) or preset(args.checkpoint_preset).shipped is None:
+        return {}
+    else:
+        root = preset(args.checkpoint_preset).shipped
+    path = root / "transfer_defaults.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        error(f"cannot read the checkpoint's defaults {path}: {e}")
+    if not isinstance(data, dict) or set(data) - set(CHECKPOINT_DEFAULT_FLAGS):
+        error(f"{path}: expected an object with keys among {', '.join(CHECKPOINT_DEFAULT_FLAGS)}")
+    return {dest: value for dest, value in data.items() if dest not in args.given}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse (both spellings), note which flags were given (``args.given``: a Transfer2.5 flag overrides the field in
     every sample) and fill the form's defaults."""
@@ -222,6 +261,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for dest, value in T25_DEFAULTS.items():
             if dest not in args.given:
                 setattr(args, dest, value)
+    def error(message: str):  # one line, no usage: these are not command-line mistakes
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+    if args.checkpoint_preset not in PRESETS:
+        error(f"$TRANSFER_CHECKPOINT_PRESET={args.checkpoint_preset!r} is not a checkpoint preset "
+              f"({', '.join(sorted(PRESETS))})")
+    args.checkpoint_defaults = checkpoint_defaults(args, error)
+    for dest, value in args.checkpoint_defaults.items():
+        setattr(args, dest, value)
     if args.output_dir:
         args.video_save_folder = args.output_dir
     if args.num_gpus is None:  # upstream's torchrun commands have no such flag: the processes started

@@ -45,6 +45,15 @@ def transfer25_flags(args) -> dict:
     return flags
 
 
+def transfer25_defaults(args) -> dict:
+    """The checkpoint's own defaults (``transfer_defaults.json``) for the Transfer2.5 per-sample fields, by field name:
+    they replace upstream's defaults; a sample's field or a flag overrides them."""
+    from transfer.spec25 import FLAG_FIELDS
+
+    own = getattr(args, "checkpoint_defaults", {})
+    return {field: own[dest] for field, dest in FLAG_FIELDS.items() if dest in own}
+
+
 def check_form_flags(args) -> None:
     """Flags of the cosmos-transfer2.5 form that this fork refuses, each with one line saying why."""
     if getattr(args, "benchmark", False):
@@ -80,7 +89,7 @@ def requests_from_args(args, failures: list | None = None) -> list[Request]:
             return parse_request(obj, where=where, name=Path(where.split(":")[0]).stem, defaults=defaults,
                                  base_dir=base_dir)
 
-        requests = load_inputs(args.input_files, flags=transfer25_flags(args),
+        requests = load_inputs(args.input_files, flags=transfer25_flags(args), defaults=transfer25_defaults(args),
                                chunk_conditioning=args.chunk_conditioning, parse_t1=transfer1)
         model = getattr(args, "model", None)
         for request in requests:
@@ -92,7 +101,8 @@ def requests_from_args(args, failures: list | None = None) -> list[Request]:
     from transfer.spec25 import parse_sample
 
     def transfer25(obj, where, base_dir):  # a Transfer2.5 sample given to the transfer1 flags: its fields, defaults
-        return parse_sample(obj, where=where, base_dir=base_dir, flags={}, chunk_conditioning=args.chunk_conditioning)
+        return parse_sample(obj, where=where, base_dir=base_dir, flags={}, defaults=transfer25_defaults(args),
+                            chunk_conditioning=args.chunk_conditioning)
 
     if args.batch_input_path:
         return load_batch(args.batch_input_path, defaults=defaults, base_spec=args.controlnet_specs, failures=failures,

@@ -61,9 +61,10 @@ def _bool(value, where: str, key: str) -> bool:
 
 
 def parse_sample(obj: dict, *, where: str, base_dir: Path, flags: dict, chunk_conditioning: str = "roundtrip",
-                 names: set | None = None) -> Request:
+                 names: set | None = None, defaults: dict | None = None) -> Request:
     """One Transfer2.5 sample; ``flags``: the per-sample fields given on the command line (override the sample's);
-    ``names``: the names taken so far in this run (a duplicate is refused)."""
+    ``names``: the names taken so far in this run (a duplicate is refused); ``defaults``: the checkpoint's own
+    defaults for some fields (they replace ``DEFAULTS``; the sample's fields override them)."""
     from preprocessors import edge, vis
     from transfer.pipeline import GenerationSettings
 
@@ -84,7 +85,7 @@ def parse_sample(obj: dict, *, where: str, base_dir: Path, flags: dict, chunk_co
             hint = " (a cosmos-transfer1 key)" if key in T1_ONLY else ""
             raise TransferError(f"{where}: unknown key {key!r}{hint} (fields: {', '.join(SAMPLE_FIELDS)}; controls: "
                                 f"{', '.join(UPSTREAM_CONTROLS)})")
-    values = {**DEFAULTS, **{k: v for k, v in obj.items() if v is not None}, **flags}
+    values = {**DEFAULTS, **(defaults or {}), **{k: v for k, v in obj.items() if v is not None}, **flags}
 
     for key, what in (("sigma_max", "partial denoising from the input video (SDEdit)"),
                       ("image_context_path", "an image encoder for the image context"),
@@ -183,7 +184,8 @@ def parse_sample(obj: dict, *, where: str, base_dir: Path, flags: dict, chunk_co
                    max_frames=max_frames, show=show, record=record)
 
 
-def load_inputs(paths: list[str], *, flags: dict, chunk_conditioning: str, parse_t1=None) -> list[Request]:
+def load_inputs(paths: list[str], *, flags: dict, chunk_conditioning: str, parse_t1=None,
+                defaults: dict | None = None) -> list[Request]:
     """Every sample of the ``-i`` files, in order (a ``.json`` holds one sample, a ``.jsonl`` one per line). A
     sample written in cosmos-transfer1 format (recognised from its keys) goes to ``parse_t1(obj, where, base_dir)``."""
     requests, names = [], set()
@@ -208,7 +210,7 @@ def load_inputs(paths: list[str], *, flags: dict, chunk_conditioning: str, parse
                     raise TransferError(f"{where}: name {request.name!r} is used by an earlier sample")
                 names.add(request.name)
             else:
-                request = parse_sample(obj, where=where, base_dir=path.parent, flags=flags,
+                request = parse_sample(obj, where=where, base_dir=path.parent, flags=flags, defaults=defaults,
                                        chunk_conditioning=chunk_conditioning, names=names)
             requests.append(request)
     if not requests:

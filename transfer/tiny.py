@@ -112,8 +112,14 @@ def write_checkpoint(cfg: CheckpointConfig, out: Path, seed: int = 0) -> Path:
 
 
 def ensure_tiny_checkpoint(name: str = "tiny") -> Path:
-    """Return the cached checkpoint directory for a tiny preset, building it on first use."""
+    """Return the cached checkpoint directory for a tiny preset, building it on first use; a shipped preset's
+    (``demo``) directory as it is."""
     cfg = preset(name)
+    if cfg.shipped is not None:
+        if not (cfg.shipped / "transformer").is_dir():
+            raise TransferError(f"checkpoint preset {name!r}: its shipped weights are missing from {cfg.shipped} "
+                                "(a checkout without them: run scripts/train_demo.py, or --checkpoint_preset tiny)")
+        return cfg.shipped
     if not cfg.embedded:
         raise TransferError(f"checkpoint preset {name!r} is configs only (for --plan); "
                             "give --checkpoint_dir with real weights to generate")

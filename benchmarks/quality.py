@@ -1,0 +1,82 @@
+"""Quality of the shipped demo checkpoint on held-out scenes of its world, the random-weight tiny one as the floor.
+
+    python benchmarks/quality.py                    # 16 scenes x 9 frames; 4 scenes x 41 frames (5 chunks) per mode
+    python benchmarks/quality.py --sweep            # also other steps and guidance for the demo (its defaults)
+
+Each row is one ``transfer.py --batch_input_path`` run (a subprocess, as a user runs it) over held-out scenes
+(``demo.world.HELD_OUT_SEEDS``: never seen in training): the input video rendered, the edge control computed from it
+by the tool, the scene's prompt. Metrics (``demo.metrics``) on the output mp4s, averaged over scenes: edge F1 of the
+output's Canny edges against the control (2 px tolerance), prompt color accuracy (dominant color inside each shape,
+8 colors: chance 12.5%), background color accuracy, and for 5-chunk videos the seam ratio (mean frame-to-frame
+difference across chunk boundaries / within chunks; the input video's own ratio beside it) for ``roundtrip`` and
+``latent`` chunk conditioning. Prints markdown tables (docs/quality.md, docs/long_video.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from demo.evaluate import generate, held_out, mean, score, write_batch  # noqa: E402
+from transfer.pipeline import plan_chunks  # noqa: E402
+
+CHUNK, LONG = 9, 41  # the demo's chunk length; 5 chunks of 9 frames overlapping by 1
+
+
+def run_row(batch, cases, work: Path, preset: str, flags: list[str], threads: int, boundaries=None) -> dict:
+    out = work / f"{preset}-{'_'.join(f.strip('-') for f in flags) or 'defaults'}"
+    start = time.perf_counter()
+    generate(batch, out, preset, *flags, threads=threads)
+    seconds = time.perf_counter() - start
+    return {**mean([score(out, case, boundaries) for case in cases]), "seconds": seconds}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenes", type=int, default=16, help="held-out scenes of one chunk (default: 16)")
+    p.add_argument("--long_scenes", type=int, default=4, help="held-out 5-chunk scenes per mode (default: 4; 0: skip)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also the demo at guidance 1, 2, 5 and at 10 and 35 steps (how its defaults were chosen)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each run")
+    args = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    batch, cases = write_batch(work / "short", held_out(args.scenes), CHUNK)
+    rows = [("demo", "defaults", run_row(batch, cases, work, "demo", [], args.threads)),
+            ("tiny (random weights)", "--num_frames_per_chunk 9",
+             run_row(batch, cases, work, "tiny", ["--num_frames_per_chunk", "9"], args.threads))]
+    if args.sweep:
+        for flags in (["--guidance", "1"], ["--guidance", "2"], ["--guidance", "5"], ["--num_steps", "10"],
+                      ["--num_steps", "35"]):
+            rows.append(("demo", " ".join(flags), run_row(batch, cases, work, "demo", flags, args.threads)))
+
+    print(f"\n{args.scenes} held-out scenes x {CHUNK} frames at 64 x 64 ({os.cpu_count()} CPU cores, "
+          f"{args.threads} threads)\n")
+    print("| checkpoint | flags | edge F1 | color accuracy | background accuracy | run s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, flags, r in rows:
+        print(f"| {name} | {flags} | {r['edge_f1']:.3f} | {r['color']:.1%} | {r['background']:.1%} | {r['seconds']:.0f} |")
+
+    if args.long_scenes:
+        batch, cases = write_batch(work / "long", held_out(args.long_scenes, start=args.scenes), LONG)
+        chunks = plan_chunks(LONG, CHUNK, 1)
+        boundaries = [start + 1 for start, _ in chunks[1:]]
+        print(f"\n{args.long_scenes} held-out scenes x {LONG} frames: {len(chunks)} chunks of {CHUNK} frames, "
+              "1 conditional frame (demo defaults)\n")
+        print("| chunk conditioning | seam ratio (output) | seam ratio (input) | edge F1 | color accuracy | run s |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for mode in ("roundtrip", "latent"):
+            r = run_row(batch, cases, work, "demo", ["--chunk_conditioning", mode], args.threads, boundaries)
+            print(f"| {mode} | {r['seam']:.3f} | {r['seam_input']:.3f} | {r['edge_f1']:.3f} | {r['color']:.1%} "
+                  f"| {r['seconds']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
