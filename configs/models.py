@@ -156,7 +156,8 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo" / "checkpoint"
 
 def demo() -> CheckpointConfig:
     """The trained demo checkpoint (the default): a DiT (4 layers, 4 heads x 32) and an edge ControlNet (4 blocks)
-    trained on the demo world (``demo.world``: colored shapes at 64 x 64), the tiny preset's T5 frozen."""
+    trained on the demo world (``demo.world``: colored shapes at 64 x 64) with the tiny preset's T5 (trained
+    along)."""
     transformer, controlnet = _tiny_dit(text_dim=32, crossattn_in=None, heads=4)
     for cfg in (transformer, controlnet):
         cfg.update(attention_head_dim=32, img_context_dim_out=128, max_size=(16, 32, 32))

@@ -230,12 +230,10 @@ def checkpoint_defaults(args, error) -> dict:
 
     if args.checkpoint_dir:
         root = Path(args.checkpoint_dir)
-    elif getattr(args, "random_weights", False) or preset(args.checkpoint_preset).shipped is None:
-        return {}
-    else:
-        root = preset(args.checkpoint_preset).shipped
-    path = root / "transfer_defaults.json"
-    if not path.is_file():
+    else:  # random weights come from configs: no shipped folder, no defaults
+        root = None if getattr(args, "random_weights", False) else preset(args.checkpoint_preset).shipped
+    path = root / "transfer_defaults.json" if root is not None else None
+    if path is None or not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text())
