@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                    # 16 scenes x 9 frames; 4 scenes x 41 frames (5 chunks) per mode
     python benchmarks/quality.py --sweep            # also other steps and guidance for the demo (its defaults)
+    python benchmarks/quality.py --checkpoint_dir DIR ...   # also other checkpoints (training snapshots: the curve)
 
 Each row is one ``transfer.py --batch_input_path`` run (a subprocess, as a user runs it) over held-out scenes
 (``demo.world.HELD_OUT_SEEDS``: never seen in training): the input video rendered, the edge control computed from it
@@ -29,10 +30,11 @@ from transfer.pipeline import plan_chunks  # noqa: E402
 CHUNK, LONG = 9, 41  # the demo's chunk length; 5 chunks of 9 frames overlapping by 1
 
 
-def run_row(batch, cases, work: Path, preset: str, flags: list[str], threads: int, boundaries=None) -> dict:
-    out = work / f"{preset}-{'_'.join(f.strip('-') for f in flags) or 'defaults'}"
+def run_row(batch, cases, work: Path, checkpoint: str | Path, flags: list[str], threads: int, boundaries=None) -> dict:
+    label = checkpoint.name if isinstance(checkpoint, Path) else checkpoint
+    out = work / f"{label}-{'_'.join(f.strip('-') for f in flags) or 'defaults'}"
     start = time.perf_counter()
-    generate(batch, out, preset, *flags, threads=threads)
+    generate(batch, out, checkpoint, *flags, threads=threads)
     seconds = time.perf_counter() - start
     return {**mean([score(out, case, boundaries) for case in cases]), "seconds": seconds}
 
@@ -42,7 +44,9 @@ def main() -> int:
     p.add_argument("--scenes", type=int, default=16, help="held-out scenes of one chunk (default: 16)")
     p.add_argument("--long_scenes", type=int, default=4, help="held-out 5-chunk scenes per mode (default: 4; 0: skip)")
     p.add_argument("--sweep", action="store_true",
-                   help="also the demo at guidance 1, 2, 5 and at 10 and 35 steps (how its defaults were chosen)")
+                   help="also the demo at guidance 2, 3, 5 and at 10 steps (how its defaults were chosen)")
+    p.add_argument("--checkpoint_dir", type=Path, action="append", default=[],
+                   help="also this checkpoint at its own defaults (repeatable: e.g. training snapshots)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each run")
     args = p.parse_args()
 
@@ -51,9 +55,10 @@ def main() -> int:
     rows = [("demo", "defaults", run_row(batch, cases, work, "demo", [], args.threads)),
             ("tiny (random weights)", "--num_frames_per_chunk 9",
              run_row(batch, cases, work, "tiny", ["--num_frames_per_chunk", "9"], args.threads))]
+    for folder in args.checkpoint_dir:
+        rows.append((str(folder), "defaults", run_row(batch, cases, work, folder.resolve(), [], args.threads)))
     if args.sweep:
-        for flags in (["--guidance", "1"], ["--guidance", "2"], ["--guidance", "5"], ["--num_steps", "10"],
-                      ["--num_steps", "35"]):
+        for flags in (["--guidance", "2"], ["--guidance", "3"], ["--guidance", "5"], ["--num_steps", "10"]):
             rows.append(("demo", " ".join(flags), run_row(batch, cases, work, "demo", flags, args.threads)))
 
     print(f"\n{args.scenes} held-out scenes x {CHUNK} frames at 64 x 64 ({os.cpu_count()} CPU cores, "

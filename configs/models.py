@@ -156,14 +156,20 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo" / "checkpoint"
 
 def demo() -> CheckpointConfig:
     """The trained demo checkpoint (the default): a DiT (4 layers, 4 heads x 32) and an edge ControlNet (4 blocks)
-    trained on the demo world (``demo.world``: colored shapes at 64 x 64) with the tiny preset's T5 (trained
-    along)."""
-    transformer, controlnet = _tiny_dit(text_dim=32, crossattn_in=None, heads=4)
+    trained on the demo world (``demo.world``: colored shapes at 64 x 64) with a small T5 (2 layers, d_model 64,
+    trained along) over a word-level tokenizer of the world's words. ``vocab_size`` 128 leaves room for the
+    character tokenizer ``--random_weights`` builds."""
+    transformer, controlnet = _tiny_dit(text_dim=64, crossattn_in=None, heads=4)
+    text_encoder = dict(
+        d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=128,
+        relative_attention_num_buckets=16, relative_attention_max_distance=32,
+        dropout_rate=0.0, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+    )
     for cfg in (transformer, controlnet):
         cfg.update(attention_head_dim=32, img_context_dim_out=128, max_size=(16, 32, 32))
     transformer.update(num_layers=4)
     controlnet.update(n_controlnet_blocks=4, model_channels=128)
-    return CheckpointConfig("demo", "t5", tiny().text_encoder, transformer, controlnet, dict(DEMO_VAE),
+    return CheckpointConfig("demo", "t5", text_encoder, transformer, controlnet, dict(DEMO_VAE),
                             modalities=("edge",), shipped=DEMO_CHECKPOINT)
 
 

@@ -62,14 +62,16 @@ def write_batch(folder: Path, seeds: list[int], num_frames: int) -> tuple[Path, 
     return batch, cases
 
 
-def generate(batch: Path, out: Path, preset: str, *flags: str, threads: int | None = None) -> None:
-    """``transfer.py --batch_input_path batch --video_save_folder out --checkpoint_preset preset FLAGS``; raises
-    with the tool's error output if it fails."""
+def generate(batch: Path, out: Path, checkpoint: str | Path, *flags: str, threads: int | None = None) -> None:
+    """``transfer.py --batch_input_path batch --video_save_folder out --checkpoint_preset checkpoint FLAGS``
+    (``--checkpoint_dir`` when ``checkpoint`` is a Path); raises with the tool's error output if it fails."""
     env = {**os.environ, "TRANSFER_LOG_LEVEL": "WARNING"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    which = (["--checkpoint_dir", str(checkpoint)] if isinstance(checkpoint, Path)
+             else ["--checkpoint_preset", checkpoint])
     cmd = [sys.executable, str(ROOT / "transfer.py"), "--batch_input_path", str(batch), "--video_save_folder", str(out),
-           "--checkpoint_preset", preset, *flags]
+           *which, *flags]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

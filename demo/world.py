@@ -1,10 +1,11 @@
 """The demo checkpoint's small world: one to three shapes in named colours moving over a plain background.
 
-A scene is a function of its seed (``Scene.from_seed``): shapes (circle, square, triangle) in eight named colours,
-on a background of another named colour or gray, each moving in a straight line and bouncing off the borders.
-``render`` draws its frames (uint8 ``[T, H, W, 3]``, OpenCV, no anti-aliasing: every pixel belongs to one shape or the
-background) and each shape's mask; ``Scene.prompt`` names what is in it ("a red circle and a blue square on a gray
-background"). The edge and vis controls are made with the project's own preprocessors (``preprocessors.edge``,
+A scene is a function of its seed (``Scene.from_seed``): shapes (circle, square, triangle; never two of one kind, so
+the prompt says which shape has which colour: two circles named red and blue could be either way round) in eight
+named colours, on a background of another named colour or gray, each moving in a straight line and bouncing off the
+borders. ``render`` draws its frames (uint8 ``[T, H, W, 3]``, OpenCV, no anti-aliasing: every pixel belongs to one
+shape or the background) and each shape's mask; ``Scene.prompt`` names what is in it ("a red circle and a blue
+square on a gray background"). The edge and vis controls are made with the project's own preprocessors (``preprocessors.edge``,
 ``preprocessors.vis``), as a user's computed controls are.
 
 Training uses seeds from ``TRAIN_SEEDS``; held-out evaluation (``benchmarks/quality.py``, the tests) only seeds from
@@ -28,6 +29,8 @@ SHAPES = ("circle", "square", "triangle")
 #: Seeds training may draw from, and the disjoint range kept for evaluation.
 TRAIN_SEEDS = range(0, 1_000_000)
 HELD_OUT_SEEDS = range(1_000_000, 1_001_000)
+#: Every word a prompt of this world uses: the demo checkpoint's word-level tokenizer (``tiny.build_tokenizer``).
+WORDS = ("a", "and", "on", "background", ",", *SHAPES, *BACKGROUNDS)
 #: Least gray-level difference between a shape and the background: the edge control's Canny (medium, 100/200) sees a
 #: step of about 50 levels and more.
 MIN_CONTRAST = 60
@@ -68,12 +71,13 @@ class Scene:
             if backgrounds:
                 break
         background = str(rng.choice(backgrounds))
+        kinds = [str(k) for k in rng.choice(SHAPES, size=count, replace=False)]
         shapes = []
-        for color in colors:
+        for color, kind in zip(colors, kinds):
             half = float(rng.uniform(0.09, 0.17) * size)
             position = tuple(float(v) for v in rng.uniform(half, size - half, 2))
             speed, angle = float(rng.uniform(0.01, 0.03) * size), float(rng.uniform(0, 2 * np.pi))
-            shapes.append(Shape(str(rng.choice(SHAPES)), color, half, position,
+            shapes.append(Shape(kind, color, half, position,
                                 (speed * np.cos(angle), speed * np.sin(angle))))
         return cls(tuple(shapes), background, size)
 

@@ -49,7 +49,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.models import DEMO_CHECKPOINT, DEMO_VAE, demo  # noqa: E402
-from demo.world import TRAIN_SEEDS, Scene, render  # noqa: E402
+from demo.world import TRAIN_SEEDS, WORDS, Scene, render  # noqa: E402
 
 FRAMES = 9  # pixel frames per training clip (1 + 4k: whole latent frames)
 
@@ -118,6 +118,13 @@ class Stage:
                     "optimizer": self.optimizer.state_dict(), "step": self.step}, tmp)
         tmp.replace(self.dir / "state.pt")
 
+    def snapshot(self) -> None:
+        """Keep the models as they are now (``snapshots/<step>.pt``): ``export --snapshot`` writes them out, for a
+        curve of quality against training time."""
+        (self.dir / "snapshots").mkdir(exist_ok=True)
+        torch.save({"models": {k: m.state_dict() for k, m in self.models.items()}, "step": self.step},
+                   self.dir / "snapshots" / f"{self.step}.pt")
+
     def log(self, record: dict) -> None:
         with open(self.dir / "log.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, **record}) + "\n")
@@ -161,6 +168,20 @@ def demo_dit_configs() -> tuple[dict, dict]:
     return cfg.transformer, cfg.controlnet
 
 
+def demo_tokenizer():
+    """The demo's word-level tokenizer over its world's words (``demo.world.WORDS``)."""
+    from transfer.tiny import build_tokenizer
+
+    return build_tokenizer(chat=False, words=WORDS)
+
+
+def demo_text_model():
+    """The demo's T5 encoder (``configs.models.demo``), initialised from the current torch seed."""
+    from transformers import T5EncoderModel
+
+    return T5EncoderModel(demo().text_config())
+
+
 def load_vae(work: Path):
     """The trained demo VAE (frozen), with its latents' per-channel mean and std (measured once, kept in the work
     folder: they go into the exported config, as real checkpoints carry theirs)."""
@@ -197,17 +218,16 @@ def train_dit(args) -> None:
 
     from configs.models import TRANSFER25_SCHEDULER
     from preprocessors import edge
-    from transfer.checkpoint import inspect_checkpoint, load_text_encoder
     from transfer.specs import DEFAULT_NEGATIVE_PROMPT
     from transfer.stages import CONDITIONAL_FRAME_TIMESTEP, DiT, VideoVAE
-    from transfer.tiny import ensure_tiny_checkpoint
+    from transfer.text_encoding import TextEncoder
 
     cpu = torch.device("cpu")
     vae = VideoVAE(load_vae(args.work), cpu)
-    text = load_text_encoder(inspect_checkpoint(ensure_tiny_checkpoint("tiny")), cpu, torch.float32)
     torch.manual_seed(args.seed + 1)
     t_cfg, c_cfg = demo_dit_configs()
     transformer, controlnet = CosmosTransformer3DModel(**t_cfg), CosmosControlNetModel(**c_cfg)
+    text = TextEncoder(demo_text_model(), demo_tokenizer(), cpu, torch.float32)
     dit = DiT(transformer, {"edge": controlnet}, UniPCMultistepScheduler(**TRANSFER25_SCHEDULER), cpu)
     models = {"transformer": transformer, "controlnet": controlnet, "text_encoder": text.model.train()}
     stage = Stage(args.work, "dit", models, lr=args.lr or 3e-4)
@@ -250,6 +270,8 @@ def train_dit(args) -> None:
         bar.set_postfix(loss=f"{float(loss):.4f}")
         if stage.step % args.save_every == 0 or stage.step in (args.steps, args.stop_at):
             stage.save()
+        if args.keep_every and stage.step % args.keep_every == 0:
+            stage.snapshot()
     bar.close()
 
 
@@ -267,18 +289,14 @@ def export(args) -> None:
     from diffusers import CosmosControlNetModel, CosmosTransformer3DModel, UniPCMultistepScheduler
 
     from configs.models import TRANSFER25_SCHEDULER
-    from transfer.checkpoint import inspect_checkpoint, load_text_encoder
-    from transfer.tiny import ensure_tiny_checkpoint
-
-    tiny = ensure_tiny_checkpoint("tiny")
-    data = torch.load(args.work / "dit" / "state.pt", weights_only=False)
+    source = args.work / "dit" / ("state.pt" if args.snapshot is None else f"snapshots/{args.snapshot}.pt")
+    data = torch.load(source, weights_only=False)
     out = args.out.resolve()
     staging = out.parent / f".{out.name}.export"
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(tiny / "tokenizer", staging / "tokenizer")
-    text = load_text_encoder(inspect_checkpoint(tiny), torch.device("cpu"), torch.float32).model
+    demo_tokenizer().save_pretrained(staging / "tokenizer")
     t_cfg, c_cfg = demo_dit_configs()
-    for name, model, folder in (("text_encoder", text, "text_encoder"),
+    for name, model, folder in (("text_encoder", demo_text_model(), "text_encoder"),
                                 ("transformer", CosmosTransformer3DModel(**t_cfg), "transformer"),
                                 ("controlnet", CosmosControlNetModel(**c_cfg), "controlnet/edge")):
         model.load_state_dict(data["models"][name])
@@ -288,7 +306,8 @@ def export(args) -> None:
     (staging / "transfer_defaults.json").write_text(json.dumps(DEMO_DEFAULTS, indent=2) + "\n")
     record = {"seed": args.seed, "command": "scripts/train_demo.py"}
     for stage in ("vae", "dit"):
-        last = json.loads((args.work / stage / "log.jsonl").read_text().splitlines()[-1])
+        rows = [json.loads(line) for line in (args.work / stage / "log.jsonl").read_text().splitlines()]
+        last = [r for r in rows if stage == "vae" or r["step"] <= data["step"]][-1]
         record[stage] = {"steps": last["step"], "final_loss": round(last["loss"], 4)}
     (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
@@ -326,6 +345,8 @@ def main(argv=None) -> int:
     p.add_argument("--save_every", type=int, default=50)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--every", type=int, default=400, help="curve: steps per row (default: 400)")
+    p.add_argument("--keep_every", type=int, help="dit: also keep the models every this many steps (snapshots/)")
+    p.add_argument("--snapshot", type=int, help="export: the models kept at this step instead of the last state")
     args = p.parse_args(argv)
     if args.stage in ("vae", "dit") and args.steps is None:
         p.error(f"--stage {args.stage} needs --steps")

@@ -23,6 +23,13 @@ def test_scenes_are_functions_of_their_seed_and_prompts_name_them():
     assert all(s.color in COLORS for s in scene.shapes) and scene.background not in [s.color for s in scene.shapes]
 
 
+def test_no_scene_has_two_shapes_of_one_kind():
+    """The prompt alone says which shape wears which colour only if no two shapes share a kind."""
+    scenes = [Scene.from_seed(seed) for seed in list(HELD_OUT_SEEDS)[:200]]
+    assert all(len({s.kind for s in scene.shapes}) == len(scene.shapes) for scene in scenes)
+    assert {len(scene.shapes) for scene in scenes} == {1, 2, 3}
+
+
 def test_metrics_separate_the_true_video_from_noise():
     rng = np.random.default_rng(0)
     for seed in list(HELD_OUT_SEEDS)[:5]:

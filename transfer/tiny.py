@@ -40,17 +40,23 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "cosmos-transfer-pp"
 
 
-def build_tokenizer(chat: bool):
-    """A character-level fast tokenizer built locally (no download), saved like any HF tokenizer."""
-    from tokenizers import Tokenizer, pre_tokenizers, processors
+def build_tokenizer(chat: bool, words: tuple[str, ...] | None = None):
+    """A fast tokenizer built locally (no download), saved like any HF tokenizer: one token per character, or with
+    ``words`` one per word (lower-cased, punctuation split off; any other word is ``<unk>``: the demo checkpoint's
+    tokenizer over its world's words, ``demo.world.WORDS``)."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
     specials = [PAD, EOS, UNK, *CHAT_TOKENS] if chat else [PAD, EOS, UNK]
-    chars = sorted(set(string.printable) - set("\x0b\x0c"))
-    vocab = {tok: i for i, tok in enumerate([*specials, *chars])}
+    pieces = list(dict.fromkeys(words)) if words else sorted(set(string.printable) - set("\x0b\x0c"))
+    vocab = {tok: i for i, tok in enumerate([*specials, *pieces])}
     tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    if words:
+        tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     if not chat:  # T5 appends </s> to every sequence
         tok.post_processor = processors.TemplateProcessing(
             single=f"$A {EOS}", special_tokens=[(EOS, vocab[EOS])]
