@@ -10,7 +10,7 @@ by the tool, the scene's prompt. Metrics (``demo.metrics``) on the output mp4s, 
 output's Canny edges against the control (2 px tolerance), prompt color accuracy (dominant color inside each shape,
 8 colors: chance 12.5%), background color accuracy, and for 5-chunk videos the seam ratio (mean frame-to-frame
 difference across chunk boundaries / within chunks; the input video's own ratio beside it) for ``roundtrip`` and
-``latent`` chunk conditioning. Prints markdown tables (docs/quality.md, docs/long_video.md).
+``latent`` chunk conditioning. Prints markdown tables (docs/demo.md, docs/long_video.md).
 """
 
 from __future__ import annotations

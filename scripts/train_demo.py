@@ -5,14 +5,15 @@ Stages, each resumable from its own checkpoint in ``--work`` (models, optimizer,
 * ``vae``: ``AutoencoderKLWan`` (``configs.models.DEMO_VAE``) on rendered clips: L1 + MSE reconstruction of the
   decoder's output *before* diffusers' final clamp (the clamp passes no gradient where it bites) on the
   deterministic latents (``latent_dist.mode()``), plus a small KL term (warmed up over the first 500 steps).
-* ``dit``: ``CosmosTransformer3DModel`` + a ``CosmosControlNetModel`` for edge (``configs.models.demo``) and the
-  embedded tiny checkpoint's character-level T5 (trained along: it starts from the tiny preset's random weights),
-  rectified flow: ``x_t = (1 - t) x0 + t eps``, the target velocity ``eps - x0`` (what
-  ``UniPCMultistepScheduler``'s ``flow_prediction`` integrates), ``log(t / (1 - t))`` uniform over the inference scheduler's noise range (``flow_times``); for half the clips
-  the first latent frame held clean (timestep 0.1, as chunk conditioning does) and excluded from the loss; the
-  prompt replaced by the default negative prompt 10% of the time (for guidance); the edge control is the project's
-  edge preprocessor on the clip; the velocity comes from the product's own ``transfer.stages.DiT.velocity`` (the
-  inference arithmetic, ControlNet residuals included).
+* ``dit``: ``CosmosTransformer3DModel`` + a ``CosmosControlNetModel`` for edge and the demo's T5 over a word-level
+  tokenizer of the world's words (all ``configs.models.demo``; the T5 trained along from random weights), rectified
+  flow: ``x_t = (1 - t) x0 + t eps``, the target velocity ``eps - x0`` (what ``UniPCMultistepScheduler``'s
+  ``flow_prediction`` integrates), ``log(t / (1 - t))`` uniform over the inference scheduler's noise range
+  (``flow_times``); for half the clips the first latent frame held clean (timestep 0.1, as chunk conditioning does)
+  and excluded from the loss; the prompt replaced by the default negative prompt 10% of the time (for guidance);
+  the edge control is the project's edge preprocessor on the clip; the velocity comes from the product's own
+  ``transfer.stages.DiT.velocity`` (the inference arithmetic, ControlNet residuals included). ``--keep_every N``
+  also keeps the models every N steps.
 * ``export``: the trained models, the tokenizer and the scheduler in the diffusers layout (``--out``, default the
   shipped ``demo/checkpoint``), with ``transfer_defaults.json`` (the checkpoint's own generation defaults) and
   ``training.json``; loaded by the same code as any checkpoint.
@@ -22,12 +23,12 @@ seeded from (``--seed``, stage, step), so a resumed run continues exactly where 
 (give the same ``--steps``). Not imported by the inference path. The shipped weights (docs/demo.md):
 
     python scripts/train_demo.py --work runs/demo --stage vae --steps 3200 --threads 2
-    python scripts/train_demo.py --work runs/demo --stage dit --steps 3800 --threads 2
+    python scripts/train_demo.py --work runs/demo --stage dit --steps 4600 --keep_every 1150 --threads 2
     python scripts/train_demo.py --work runs/demo --stage export
     python benchmarks/quality.py
 
 Measured (2-core CPU, idle, batch 4 of 9-frame 64 x 64 clips): the vae stage ~1.05 s/step (3200 steps: 54 min),
-the dit stage ~1.25 s/step (3800 steps: 80 min). Trying VAE sizes: base_dim 32 (7.3M parameters) ~43 s/step (with
+the dit stage ~1.4 s/step (4600 steps: 108 min). Trying VAE sizes: base_dim 32 (7.3M parameters) ~43 s/step (with
 the test suite beside it); base_dim 8 (0.49M, this config) 1.1 s; base_dim 16 with dim_mult [1, 2, 2] (0.65M) 1.5 s;
 base_dim 8 without temporal downsampling 1.2 s.
 """
@@ -114,16 +115,17 @@ class Stage:
 
     def save(self) -> None:
         tmp = self.dir / "state.pt.tmp"
-        torch.save({"models": {k: m.state_dict() for k, m in self.models.items()},
-                    "optimizer": self.optimizer.state_dict(), "step": self.step}, tmp)
+        torch.save({"models": self.model_states(), "optimizer": self.optimizer.state_dict(), "step": self.step}, tmp)
         tmp.replace(self.dir / "state.pt")
 
     def snapshot(self) -> None:
         """Keep the models as they are now (``snapshots/<step>.pt``): ``export --snapshot`` writes them out, for a
         curve of quality against training time."""
         (self.dir / "snapshots").mkdir(exist_ok=True)
-        torch.save({"models": {k: m.state_dict() for k, m in self.models.items()}, "step": self.step},
-                   self.dir / "snapshots" / f"{self.step}.pt")
+        torch.save({"models": self.model_states(), "step": self.step}, self.dir / "snapshots" / f"{self.step}.pt")
+
+    def model_states(self) -> dict:
+        return {k: m.state_dict() for k, m in self.models.items()}
 
     def log(self, record: dict) -> None:
         with open(self.dir / "log.jsonl", "a") as f:
@@ -282,8 +284,8 @@ DEMO_DEFAULTS = {"num_frames_per_chunk": 9, "num_steps": 20, "guidance": 1.0, "r
 
 def export(args) -> None:
     """The trained models in the diffusers layout at ``--out`` (written beside it, then moved into place): the
-    dit stage's transformer, edge ControlNet and T5, the vae stage's VAE (with its latent statistics), the tiny
-    preset's tokenizer, the Transfer2.5 scheduler, the checkpoint's defaults and a training record."""
+    dit stage's transformer, edge ControlNet and T5 (or those of ``--snapshot``), the vae stage's VAE (with its
+    latent statistics), the demo's word-level tokenizer, the Transfer2.5 scheduler, the checkpoint's defaults and a training record."""
     import shutil
 
     from diffusers import CosmosControlNetModel, CosmosTransformer3DModel, UniPCMultistepScheduler
