@@ -10,7 +10,9 @@ by the tool, the scene's prompt. Metrics (``demo.metrics``) on the output mp4s, 
 output's Canny edges against the control (2 px tolerance), prompt color accuracy (dominant color inside each shape,
 8 colors: chance 12.5%), background color accuracy, and for 5-chunk videos the seam ratio (mean frame-to-frame
 difference across chunk boundaries / within chunks; the input video's own ratio beside it) for ``roundtrip`` and
-``latent`` chunk conditioning. Prints markdown tables (docs/demo.md, docs/long_video.md).
+``latent`` chunk conditioning. Color accuracy is also split by the number of shapes in the scene, and a last row
+passes the inputs through the demo VAE alone: the ceiling a DiT on that VAE could reach. Prints markdown tables
+(docs/demo.md, docs/long_video.md).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from demo.evaluate import generate, held_out, mean, score, write_batch  # noqa: E402
+from configs.models import DEMO_CHECKPOINT  # noqa: E402
+from demo.evaluate import generate, held_out, mean, round_trip, score, write_batch  # noqa: E402
 from transfer.pipeline import plan_chunks  # noqa: E402
 
 CHUNK, LONG = 9, 41  # the demo's chunk length; 5 chunks of 9 frames overlapping by 1
@@ -37,6 +40,14 @@ def run_row(batch, cases, work: Path, checkpoint: str | Path, flags: list[str], 
     generate(batch, out, checkpoint, *flags, threads=threads)
     seconds = time.perf_counter() - start
     return {**mean([score(out, case, boundaries) for case in cases]), "seconds": seconds}
+
+
+def ceiling_row(cases, work: Path) -> dict:
+    """The inputs through the demo VAE and back: the best any DiT on this VAE could score."""
+    out = work / "vae-round-trip"
+    start = time.perf_counter()
+    round_trip(out, cases, DEMO_CHECKPOINT)
+    return {**mean([score(out, case) for case in cases]), "seconds": time.perf_counter() - start}
 
 
 def main() -> int:
@@ -60,13 +71,19 @@ def main() -> int:
     if args.sweep:
         for flags in (["--guidance", "2"], ["--guidance", "3"], ["--guidance", "5"], ["--num_steps", "10"]):
             rows.append(("demo", " ".join(flags), run_row(batch, cases, work, "demo", flags, args.threads)))
+    rows.append(("demo VAE round trip of the input (the ceiling)", "", ceiling_row(cases, work)))
+    counts = sorted({len(case.scene.shapes) for case in cases})
 
     print(f"\n{args.scenes} held-out scenes x {CHUNK} frames at 64 x 64 ({os.cpu_count()} CPU cores, "
           f"{args.threads} threads)\n")
-    print("| checkpoint | flags | edge F1 | color accuracy | background accuracy | run s |")
-    print("|---|---|---:|---:|---:|---:|")
+    by_count = " | ".join(f"color, {n} shape{'s' * (n > 1)} ({sum(len(c.scene.shapes) == n for c in cases)} scenes)"
+                          for n in counts)
+    print(f"| checkpoint | flags | edge F1 | color accuracy | background accuracy | {by_count} | run s |")
+    print("|---|---|---:|---:|---:|" + "---:|" * len(counts) + "---:|")
     for name, flags, r in rows:
-        print(f"| {name} | {flags} | {r['edge_f1']:.3f} | {r['color']:.1%} | {r['background']:.1%} | {r['seconds']:.0f} |")
+        split = " | ".join(f"{r[f'color_{n}']:.1%}" for n in counts)
+        print(f"| {name} | {flags} | {r['edge_f1']:.3f} | {r['color']:.1%} | {r['background']:.1%} | {split} "
+              f"| {r['seconds']:.0f} |")
 
     if args.long_scenes:
         batch, cases = write_batch(work / "long", held_out(args.long_scenes, start=args.scenes), LONG)

@@ -6,7 +6,8 @@ Shared by ``benchmarks/quality.py`` (the table) and ``tests/test_demo_checkpoint
   the edge control computed from it (the edge preprocessor, as a user would leave it) and the scene's prompt;
 * ``generate``: one ``transfer.py --batch_input_path`` run (a subprocess) with a checkpoint preset and flags;
 * ``score``: edge F1 against the edges the tool computed from the decoded input, prompt color accuracy and
-  background accuracy of each output mp4 (``demo.metrics``), and the seam ratio at the chunk boundaries.
+  background accuracy of each output mp4 (``demo.metrics``), and the seam ratio at the chunk boundaries;
+* ``round_trip``: the inputs through the checkpoint's VAE alone (the ceiling a perfect DiT could reach).
 """
 
 from __future__ import annotations
@@ -86,12 +87,36 @@ def score(out: Path, case: Case, boundaries: list[int] | None = None) -> dict:
     given, _ = read_video(case.input_path)
     control = np.repeat(edges(given)[..., None], 3, -1).astype(np.uint8) * 255
     result = {"edge_f1": edge_f1(output, control), "color": color_accuracy(output, case.scene, case.masks),
-              "background": background_accuracy(output, case.scene, case.masks)}
+              "background": background_accuracy(output, case.scene, case.masks), "shapes": len(case.scene.shapes)}
     if boundaries:
         result["seam"] = seam_ratio(output, boundaries)
         result["seam_input"] = seam_ratio(given, boundaries)
     return result
 
 
+def round_trip(out: Path, cases: list[Case], checkpoint: Path) -> None:
+    """``out/<name>.mp4``: each case's input through ``checkpoint``'s VAE and back (the same loader and arithmetic
+    as the tool, mp4-encoded as its outputs are): what a perfect DiT could give at best."""
+    import torch
+
+    from transfer.stages import VideoVAE
+    from transfer.video_io import read_video, write_mp4
+    from diffusers import AutoencoderKLWan
+
+    vae = VideoVAE(AutoencoderKLWan.from_pretrained(checkpoint / "vae").eval(), torch.device("cpu"))
+    out.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        frames, fps = read_video(case.input_path)
+        with torch.no_grad():
+            x = torch.from_numpy(frames).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+            y = vae.decode(vae.encode(x, torch.float32))[0].clamp(-1, 1)
+        write_mp4(out / f"{case.name}.mp4", ((y.permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy(), fps)
+
+
 def mean(rows: list[dict]) -> dict:
-    return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+    """Every metric averaged over ``rows`` (scenes), and ``color_<n>``: the color accuracy over the scenes with n
+    shapes (binding a color to its shape is harder with more of them)."""
+    result = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+    for n in sorted({r["shapes"] for r in rows}):
+        result[f"color_{n}"] = float(np.mean([r["color"] for r in rows if r["shapes"] == n]))
+    return result

@@ -13,7 +13,11 @@ Stages, each resumable from its own checkpoint in ``--work`` (models, optimizer,
   and excluded from the loss; the prompt replaced by the default negative prompt 10% of the time (for guidance);
   the edge control is the project's edge preprocessor on the clip; the velocity comes from the product's own
   ``transfer.stages.DiT.velocity`` (the inference arithmetic, ControlNet residuals included). ``--keep_every N``
-  also keeps the models every N steps.
+  also keeps the models every N steps. Options the shipped recipe does not use (tried, docs/demo.md: no gain in
+  shape color at 16-17 minutes): ``--image_steps K`` trains the first K steps on single frames, ``--image_batch``
+  of them per step (about 4x the scenes per second); ``--shape_weight A`` weighs each latent cell's loss by
+  1 + A x its shape coverage; ``--dit_name NAME --init dit`` trains a second run in ``--work/NAME`` starting from the
+  first's models (a fine-tune; export it with ``--dit_name NAME``).
 * ``export``: the trained models, the tokenizer and the scheduler in the diffusers layout (``--out``, default the
   shipped ``demo/checkpoint``), with ``transfer_defaults.json`` (the checkpoint's own generation defaults) and
   ``training.json``; loaded by the same code as any checkpoint.
@@ -55,13 +59,28 @@ from demo.world import TRAIN_SEEDS, WORDS, Scene, render  # noqa: E402
 FRAMES = 9  # pixel frames per training clip (1 + 4k: whole latent frames)
 
 
-def clips(seed: int, step: int, batch: int, frames: int = FRAMES) -> tuple[torch.Tensor, list[Scene]]:
-    """``batch`` rendered clips ``[B, 3, T, 64, 64]`` in [-1, 1] and their scenes, a function of (seed, step)."""
+def clips(seed: int, step: int, batch: int, frames: int = FRAMES) -> tuple[torch.Tensor, list[Scene], torch.Tensor]:
+    """``batch`` rendered clips ``[B, 3, T, 64, 64]`` in [-1, 1], their scenes and where any shape is (bool
+    ``[B, T, 64, 64]``), a function of (seed, step)."""
     rng = np.random.default_rng([seed, step])
     scenes = [Scene.from_seed(int(rng.integers(len(TRAIN_SEEDS))) + TRAIN_SEEDS.start) for _ in range(batch)]
-    videos = np.stack([render(s, frames)[0] for s in scenes])  # [B, T, H, W, 3]
+    rendered = [render(s, frames) for s in scenes]
+    videos = np.stack([frames for frames, _ in rendered])  # [B, T, H, W, 3]
+    shapes = torch.from_numpy(np.stack([masks.any(1) for _, masks in rendered]))
     x = torch.from_numpy(videos).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3)
-    return x.contiguous(), scenes
+    return x.contiguous(), scenes, shapes
+
+
+def latent_coverage(shapes: torch.Tensor, temporal: int, spatial: int) -> torch.Tensor:
+    """``[B, 1, T', h, w]``: the fraction of each latent cell's pixels covered by a shape (``shapes``: bool
+    ``[B, T, H, W]``), a latent frame taking the most covered of the pixel frames it encodes (frame 0 alone, then
+    ``temporal`` frames each: the causal VAE's grouping)."""
+    m = shapes.float()
+    rest = m[:, 1:]
+    if rest.shape[1]:
+        rest = rest.reshape(m.shape[0], -1, temporal, *m.shape[2:]).amax(2)
+    m = torch.cat([m[:, :1], rest], 1)
+    return F.avg_pool2d(m, spatial).unsqueeze(1)  # frames as channels: pools height and width
 
 
 def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
@@ -89,7 +108,8 @@ def lr_at(step: int, total: int, base: float) -> float:
 class Stage:
     """A resumable training stage: ``state.pt`` (models, optimizer, step) and ``log.jsonl`` (one line per step)."""
 
-    def __init__(self, work: Path, name: str, models: dict, lr: float):
+    def __init__(self, work: Path, name: str, models: dict, lr: float, init: str | None = None):
+        """``init``: a fresh stage starts its models from ``work/init/state.pt`` (a fine-tune; not its optimizer)."""
         self.lr = lr
         self.dir = work / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +118,10 @@ class Stage:
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         self.step = 0
         state = self.dir / "state.pt"
+        if init and not state.is_file():
+            data = torch.load(work / init / "state.pt", weights_only=False)
+            for key, model in models.items():
+                model.load_state_dict(data["models"][key])
         if state.is_file():
             data = torch.load(state, weights_only=False)
             for key, model in models.items():
@@ -143,7 +167,7 @@ def train_vae(args) -> None:
     while stage.step < min(args.steps, args.stop_at or args.steps):
         torch.manual_seed(args.seed * 1_000_003 + stage.step)
         stage.set_lr(args.steps)
-        x, _ = clips(args.seed, stage.step, args.batch)
+        x = clips(args.seed, stage.step, args.batch)[0]
         posterior = vae.encode(x).latent_dist
         recon = decode_unclamped(vae, posterior.mode())
         l1, mse = F.l1_loss(recon, x), F.mse_loss(recon, x)
@@ -232,15 +256,17 @@ def train_dit(args) -> None:
     text = TextEncoder(demo_text_model(), demo_tokenizer(), cpu, torch.float32)
     dit = DiT(transformer, {"edge": controlnet}, UniPCMultistepScheduler(**TRANSFER25_SCHEDULER), cpu)
     models = {"transformer": transformer, "controlnet": controlnet, "text_encoder": text.model.train()}
-    stage = Stage(args.work, "dit", models, lr=args.lr or 3e-4)
+    stage = Stage(args.work, args.dit_name, models, lr=args.lr or 3e-4, init=args.init)
     canny = edge.Preprocessor(edge.Config())
 
     t0 = time.time()
-    bar = tqdm(total=args.steps, initial=stage.step, desc="dit", unit="step")
+    bar = tqdm(total=args.steps, initial=stage.step, desc=args.dit_name, unit="step")
     while stage.step < min(args.steps, args.stop_at or args.steps):
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + stage.step)
         stage.set_lr(args.steps)
-        x, scenes = clips(args.seed, stage.step, args.batch)
+        image = stage.step < args.image_steps  # the per-frame phase: single frames, a larger batch
+        x, scenes, shapes = clips(args.seed, stage.step, args.image_batch if image else args.batch,
+                                  1 if image else FRAMES)
         frames = ((x.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
         control = torch.from_numpy(np.stack([canny(f) for f in frames])).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3)
         with torch.no_grad():
@@ -249,7 +275,7 @@ def train_dit(args) -> None:
         t = flow_times(B, g).view(B, 1, 1, 1, 1)
         noise = torch.randn(z0.shape, generator=g)
         x_t = (1 - t) * z0 + t * noise
-        cond = (torch.rand(B, generator=g) < 0.5).float().view(B, 1, 1, 1, 1)  # half the clips: frame 0 given
+        cond = (torch.rand(B, generator=g) < (0.0 if T == 1 else 0.5)).float().view(B, 1, 1, 1, 1)  # frame 0 given
         cond_mask = torch.zeros(B, 1, T, 1, 1)
         cond_mask[:, :, :1] = cond
         in_latents = cond_mask * z0 + (1 - cond_mask) * x_t
@@ -261,6 +287,8 @@ def train_dit(args) -> None:
         padding = torch.zeros(1, 1, h * vae.spatial_factor, w * vae.spatial_factor)
         velocity = dit.velocity(in_latents, timestep, context, {"edge": zc}, {"edge": 1.0}, full_mask, padding)
         weight = 1 - full_mask
+        if args.shape_weight:  # the shapes' cells count more: they are a small part of the frame, and their colour
+            weight = weight * (1 + args.shape_weight * latent_coverage(shapes, vae.temporal_factor, vae.spatial_factor))
         loss = (((velocity - (noise - z0)) ** 2) * weight).sum() / (weight.sum() * z0.shape[1])
         stage.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -291,7 +319,7 @@ def export(args) -> None:
     from diffusers import CosmosControlNetModel, CosmosTransformer3DModel, UniPCMultistepScheduler
 
     from configs.models import TRANSFER25_SCHEDULER
-    source = args.work / "dit" / ("state.pt" if args.snapshot is None else f"snapshots/{args.snapshot}.pt")
+    source = args.work / args.dit_name / ("state.pt" if args.snapshot is None else f"snapshots/{args.snapshot}.pt")
     data = torch.load(source, weights_only=False)
     out = args.out.resolve()
     staging = out.parent / f".{out.name}.export"
@@ -307,10 +335,12 @@ def export(args) -> None:
     UniPCMultistepScheduler(**TRANSFER25_SCHEDULER).save_pretrained(staging / "scheduler")
     (staging / "transfer_defaults.json").write_text(json.dumps(DEMO_DEFAULTS, indent=2) + "\n")
     record = {"seed": args.seed, "command": "scripts/train_demo.py"}
-    for stage in ("vae", "dit"):
-        rows = [json.loads(line) for line in (args.work / stage / "log.jsonl").read_text().splitlines()]
+    for stage, folder in (("vae", "vae"), ("dit", args.dit_name)):
+        rows = [json.loads(line) for line in (args.work / folder / "log.jsonl").read_text().splitlines()]
         last = [r for r in rows if stage == "vae" or r["step"] <= data["step"]][-1]
         record[stage] = {"steps": last["step"], "final_loss": round(last["loss"], 4)}
+        if stage == "dit" and folder != "dit":
+            record[stage]["folder"] = folder
     (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
@@ -349,6 +379,14 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=400, help="curve: steps per row (default: 400)")
     p.add_argument("--keep_every", type=int, help="dit: also keep the models every this many steps (snapshots/)")
     p.add_argument("--snapshot", type=int, help="export: the models kept at this step instead of the last state")
+    p.add_argument("--dit_name", default="dit",
+                   help="dit, export: the dit stage's folder in --work (default: dit; another name: a second run)")
+    p.add_argument("--init", help="dit: start a fresh stage's models from this stage folder's state (a fine-tune)")
+    p.add_argument("--image_steps", type=int, default=0,
+                   help="dit: train the first this many steps on single frames (a per-frame phase; default: 0)")
+    p.add_argument("--image_batch", type=int, default=16, help="dit: frames per step in the per-frame phase")
+    p.add_argument("--shape_weight", type=float, default=0.0,
+                   help="dit: loss weight 1 + this x the shapes' coverage of each latent cell (default: 0, uniform)")
     args = p.parse_args(argv)
     if args.stage in ("vae", "dit") and args.steps is None:
         p.error(f"--stage {args.stage} needs --steps")

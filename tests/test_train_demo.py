@@ -29,9 +29,17 @@ def test_vae_resume_equals_uninterrupted_and_dit_stage_runs_and_exports(tmp_path
     assert all(torch.equal(a["models"]["vae"][k], b["models"]["vae"][k]) for k in a["models"]["vae"])
     logs = [json.loads(x) for x in (tmp_path / "b" / "vae" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3]
-    train(tmp_path / "a", "dit", 1, "--keep_every", "1", batch=2)  # on the trained VAE (latent statistics first)
+    # on the trained VAE (latent statistics first): one per-frame step, then one clip step, shapes weighted
+    train(tmp_path / "a", "dit", 2, "--keep_every", "1", "--image_steps", "1", "--image_batch", "3",
+          "--shape_weight", "3", batch=2)
     log = (tmp_path / "a" / "dit" / "log.jsonl").read_text().splitlines()
-    assert len(log) == 1 and json.loads(log[0])["loss"] > 0
+    assert len(log) == 2 and all(json.loads(line)["loss"] > 0 for line in log)
+    train(tmp_path / "a", "dit", 1, "--dit_name", "ft", "--init", "dit")  # a fine-tune: a second run from those
+    ft = torch.load(tmp_path / "a" / "ft" / "state.pt", weights_only=False)
+    before = torch.load(tmp_path / "a" / "dit" / "state.pt", weights_only=False)
+    moved = (ft["models"]["controlnet"]["patch_embed.proj.weight"]
+             - before["models"]["controlnet"]["patch_embed.proj.weight"]).abs().max()
+    assert ft["step"] == 1 and 0 < moved < 1e-2  # one AdamW step (lr 3e-4) from the first run's weights
     stats = json.loads((tmp_path / "a" / "vae" / "latent_stats.json").read_text())
     assert len(stats["mean"]) == 16
 
@@ -50,3 +58,18 @@ def test_vae_resume_equals_uninterrupted_and_dit_stage_runs_and_exports(tmp_path
     ids = tokenizer("A red circle, a blue square on a gray background")["input_ids"]
     assert len(ids) == 12 and ids[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in ids
     assert tokenizer("a purple circle")["input_ids"][1] == tokenizer.unk_token_id
+
+
+def test_latent_coverage_follows_the_causal_vae_grouping():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_demo", SCRIPT)
+    train_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_demo)
+    shapes = torch.zeros(1, 9, 16, 16, dtype=torch.bool)
+    shapes[0, 0, :4, :4] = True  # frame 0: latent frame 0, cell (0, 0) fully covered
+    shapes[0, 3, 4:6, 4:8] = True  # frame 3: latent frame 2 (frames 3 and 4), cell (1, 1) half covered
+    cover = train_demo.latent_coverage(shapes, temporal=2, spatial=4)
+    assert cover.shape == (1, 1, 5, 4, 4)
+    assert cover[0, 0, 0, 0, 0] == 1.0 and cover[0, 0, 2, 1, 1] == 0.5
+    assert float(cover.sum()) == 1.5  # nothing anywhere else
