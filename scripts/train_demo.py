@@ -23,8 +23,9 @@ Stages, each resumable from its own checkpoint in ``--work`` (models, optimizer,
   ``training.json``; loaded by the same code as any checkpoint.
 
 Learning rate: constant, then a cosine down to a tenth over the last quarter of ``--steps``. Every random draw is
-seeded from (``--seed``, stage, step), so a resumed run continues exactly where a stopped one would have been
-(give the same ``--steps``). Not imported by the inference path. The shipped weights (docs/demo.md):
+seeded from (``--seed``, stage, step) and made on the CPU, so a resumed run continues exactly where a stopped one
+would have been (give the same ``--steps`` and ``--threads``: the sums' order follows the thread count).
+``--device cuda`` trains on a GPU (float32; not bit-identical to the CPU; not yet run on one). Not imported by the inference path. The shipped weights (docs/demo.md):
 
     python scripts/train_demo.py --work runs/demo --stage vae --steps 3200 --threads 2
     python scripts/train_demo.py --work runs/demo --stage dit --steps 4600 --keep_every 1150 --threads 2
@@ -119,11 +120,11 @@ class Stage:
         self.step = 0
         state = self.dir / "state.pt"
         if init and not state.is_file():
-            data = torch.load(work / init / "state.pt", weights_only=False)
+            data = torch.load(work / init / "state.pt", map_location="cpu", weights_only=False)
             for key, model in models.items():
                 model.load_state_dict(data["models"][key])
         if state.is_file():
-            data = torch.load(state, weights_only=False)
+            data = torch.load(state, map_location="cpu", weights_only=False)
             for key, model in models.items():
                 model.load_state_dict(data["models"][key])
             self.optimizer.load_state_dict(data["optimizer"])
@@ -160,14 +161,14 @@ def train_vae(args) -> None:
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(args.seed)
-    vae = AutoencoderKLWan(**DEMO_VAE)
+    vae = AutoencoderKLWan(**DEMO_VAE).to(args.device)
     stage = Stage(args.work, "vae", {"vae": vae}, lr=args.lr or 1e-3)
     t0 = time.time()
     bar = tqdm(total=args.steps, initial=stage.step, desc="vae", unit="step")
     while stage.step < min(args.steps, args.stop_at or args.steps):
         torch.manual_seed(args.seed * 1_000_003 + stage.step)
         stage.set_lr(args.steps)
-        x = clips(args.seed, stage.step, args.batch)[0]
+        x = clips(args.seed, stage.step, args.batch)[0].to(args.device)
         posterior = vae.encode(x).latent_dist
         recon = decode_unclamped(vae, posterior.mode())
         l1, mse = F.l1_loss(recon, x), F.mse_loss(recon, x)
@@ -214,7 +215,7 @@ def load_vae(work: Path):
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan(**DEMO_VAE)
-    vae.load_state_dict(torch.load(work / "vae" / "state.pt", weights_only=False)["models"]["vae"])
+    vae.load_state_dict(torch.load(work / "vae" / "state.pt", map_location="cpu", weights_only=False)["models"]["vae"])
     vae.requires_grad_(False).eval()
     stats = work / "vae" / "latent_stats.json"
     if not stats.is_file():
@@ -248,13 +249,14 @@ def train_dit(args) -> None:
     from transfer.stages import CONDITIONAL_FRAME_TIMESTEP, DiT, VideoVAE
     from transfer.text_encoding import TextEncoder
 
-    cpu = torch.device("cpu")
-    vae = VideoVAE(load_vae(args.work), cpu)
-    torch.manual_seed(args.seed + 1)
+    device = torch.device(args.device)
+    vae = VideoVAE(load_vae(args.work).to(device), device)
+    torch.manual_seed(args.seed + 1)  # the models' initial weights (drawn on the CPU whatever --device)
     t_cfg, c_cfg = demo_dit_configs()
     transformer, controlnet = CosmosTransformer3DModel(**t_cfg), CosmosControlNetModel(**c_cfg)
-    text = TextEncoder(demo_text_model(), demo_tokenizer(), cpu, torch.float32)
-    dit = DiT(transformer, {"edge": controlnet}, UniPCMultistepScheduler(**TRANSFER25_SCHEDULER), cpu)
+    transformer, controlnet = transformer.to(device), controlnet.to(device)
+    text = TextEncoder(demo_text_model().to(device), demo_tokenizer(), device, torch.float32)
+    dit = DiT(transformer, {"edge": controlnet}, UniPCMultistepScheduler(**TRANSFER25_SCHEDULER), device)
     models = {"transformer": transformer, "controlnet": controlnet, "text_encoder": text.model.train()}
     stage = Stage(args.work, args.dit_name, models, lr=args.lr or 3e-4, init=args.init)
     canny = edge.Preprocessor(edge.Config())
@@ -271,12 +273,12 @@ def train_dit(args) -> None:
         control = torch.from_numpy(np.stack([canny(f) for f in frames])).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3)
         with torch.no_grad():
             z0, zc = vae.encode(x, torch.float32), vae.encode(control, torch.float32)
-        B, _, T, h, w = z0.shape
-        t = flow_times(B, g).view(B, 1, 1, 1, 1)
-        noise = torch.randn(z0.shape, generator=g)
+        B, _, T, h, w = z0.shape  # every draw below on the CPU generator, then moved: the same draws on any device
+        t = flow_times(B, g).view(B, 1, 1, 1, 1).to(device)
+        noise = torch.randn(z0.shape, generator=g).to(device)
         x_t = (1 - t) * z0 + t * noise
-        cond = (torch.rand(B, generator=g) < (0.0 if T == 1 else 0.5)).float().view(B, 1, 1, 1, 1)  # frame 0 given
-        cond_mask = torch.zeros(B, 1, T, 1, 1)
+        cond = (torch.rand(B, generator=g) < (0.0 if T == 1 else 0.5)).float().view(B, 1, 1, 1, 1).to(device)
+        cond_mask = torch.zeros(B, 1, T, 1, 1, device=device)  # frame 0 given clean where cond
         cond_mask[:, :, :1] = cond
         in_latents = cond_mask * z0 + (1 - cond_mask) * x_t
         timestep = cond_mask * CONDITIONAL_FRAME_TIMESTEP + (1 - cond_mask) * t.view(B, 1, 1, 1, 1)
@@ -284,11 +286,12 @@ def train_dit(args) -> None:
         prompts = [DEFAULT_NEGATIVE_PROMPT if d else s.prompt for d, s in zip(drop, scenes)]
         context = dit.context(torch.cat([text._encode_t5(p) for p in prompts]))  # with gradients: T5 trains too
         full_mask = cond_mask.expand(B, 1, T, h, w)
-        padding = torch.zeros(1, 1, h * vae.spatial_factor, w * vae.spatial_factor)
+        padding = torch.zeros(1, 1, h * vae.spatial_factor, w * vae.spatial_factor, device=device)
         velocity = dit.velocity(in_latents, timestep, context, {"edge": zc}, {"edge": 1.0}, full_mask, padding)
         weight = 1 - full_mask
         if args.shape_weight:  # the shapes' cells count more: they are a small part of the frame, and their colour
-            weight = weight * (1 + args.shape_weight * latent_coverage(shapes, vae.temporal_factor, vae.spatial_factor))
+            cover = latent_coverage(shapes, vae.temporal_factor, vae.spatial_factor).to(device)
+            weight = weight * (1 + args.shape_weight * cover)
         loss = (((velocity - (noise - z0)) ** 2) * weight).sum() / (weight.sum() * z0.shape[1])
         stage.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -320,7 +323,7 @@ def export(args) -> None:
 
     from configs.models import TRANSFER25_SCHEDULER
     source = args.work / args.dit_name / ("state.pt" if args.snapshot is None else f"snapshots/{args.snapshot}.pt")
-    data = torch.load(source, weights_only=False)
+    data = torch.load(source, map_location="cpu", weights_only=False)
     out = args.out.resolve()
     staging = out.parent / f".{out.name}.export"
     shutil.rmtree(staging, ignore_errors=True)
@@ -376,6 +379,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_every", type=int, default=50)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu",
+                   help="vae, dit: where to train (default: cpu; e.g. cuda: float32, not bit-identical to the CPU)")
     p.add_argument("--every", type=int, default=400, help="curve: steps per row (default: 400)")
     p.add_argument("--keep_every", type=int, help="dit: also keep the models every this many steps (snapshots/)")
     p.add_argument("--snapshot", type=int, help="export: the models kept at this step instead of the last state")
@@ -390,6 +395,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.stage in ("vae", "dit") and args.steps is None:
         p.error(f"--stage {args.stage} needs --steps")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this machine has no CUDA device torch can use")
     if args.out is None:
         args.out = DEMO_CHECKPOINT
     if args.threads:
