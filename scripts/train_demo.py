@@ -25,7 +25,8 @@ Stages, each resumable from its own checkpoint in ``--work`` (models, optimizer,
 Learning rate: constant, then a cosine down to a tenth over the last quarter of ``--steps``. Every random draw is
 seeded from (``--seed``, stage, step) and made on the CPU, so a resumed run continues exactly where a stopped one
 would have been (give the same ``--steps`` and ``--threads``: the sums' order follows the thread count).
-``--device cuda`` trains on a GPU (float32; not bit-identical to the CPU; not yet run on one). Not imported by the inference path. The shipped weights (docs/demo.md):
+``--device cuda`` trains on a GPU (float32; not bit-identical to the CPU; not yet run on one). Not imported by the
+inference path. The shipped weights (docs/demo.md):
 
     python scripts/train_demo.py --work runs/demo --stage vae --steps 3200 --threads 2
     python scripts/train_demo.py --work runs/demo --stage dit --steps 4600 --keep_every 1150 --threads 2
@@ -66,7 +67,7 @@ def clips(seed: int, step: int, batch: int, frames: int = FRAMES) -> tuple[torch
     rng = np.random.default_rng([seed, step])
     scenes = [Scene.from_seed(int(rng.integers(len(TRAIN_SEEDS))) + TRAIN_SEEDS.start) for _ in range(batch)]
     rendered = [render(s, frames) for s in scenes]
-    videos = np.stack([frames for frames, _ in rendered])  # [B, T, H, W, 3]
+    videos = np.stack([video for video, _ in rendered])  # [B, T, H, W, 3]
     shapes = torch.from_numpy(np.stack([masks.any(1) for _, masks in rendered]))
     x = torch.from_numpy(videos).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3)
     return x.contiguous(), scenes, shapes
@@ -119,14 +120,12 @@ class Stage:
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         self.step = 0
         state = self.dir / "state.pt"
-        if init and not state.is_file():
-            data = torch.load(work / init / "state.pt", map_location="cpu", weights_only=False)
+        source = state if state.is_file() else work / init / "state.pt" if init else None
+        if source:
+            data = torch.load(source, map_location="cpu", weights_only=False)
             for key, model in models.items():
                 model.load_state_dict(data["models"][key])
         if state.is_file():
-            data = torch.load(state, map_location="cpu", weights_only=False)
-            for key, model in models.items():
-                model.load_state_dict(data["models"][key])
             self.optimizer.load_state_dict(data["optimizer"])
             self.step = data["step"]
         log = self.dir / "log.jsonl"
