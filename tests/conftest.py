@@ -38,6 +38,14 @@ def tiny_reason_ckpt(cache_dir) -> Path:
     return ensure_tiny_checkpoint("tiny-reason")
 
 
+def failure(proc: subprocess.CompletedProcess) -> str:
+    """What a failed run said: every rank's error lines first (torchrun's summary of the exit codes fills the tail
+    and hid them once), then the last lines of its output."""
+    lines = (proc.stdout + proc.stderr).splitlines()
+    errors = [line for line in lines if "rror" in line and "elastic" not in line][:40]
+    return "\n".join(["errors:", *errors, "tail:", *lines[-40:]])
+
+
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python transfer.py ARGS`` as a user would; returns the completed process."""
     full_env = {**os.environ, "TRANSFER_LOG_LEVEL": "WARNING", **(env or {})}

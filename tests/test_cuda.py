@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import short_edge_spec
+from tests.conftest import failure, short_edge_spec
 from tests.test_distributed import launch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -25,7 +25,7 @@ def spec(tmp_path_factory):
 def run(tmp_path, name: str, nproc: int, spec, *args: str) -> dict:
     out = tmp_path / name
     proc = launch(nproc, "--controlnet_specs", str(spec), "--video_save_folder", str(out), *FAST, *args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     with np.load(out / "output.npz") as z:
         return {"frames": z["frames"], "latents": z["latents"], "stderr": proc.stderr}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, example_frames
+from tests.conftest import example_frames, failure, ROOT
 from transfer.distributed.placement import Placement, preset
 from transfer.errors import TransferError
 from transfer.video_io import read_video, write_mp4
@@ -76,7 +76,7 @@ def test_stage_processes_equal_single_process(tiny_ckpt, batch, single_process, 
     trace = tmp_path / "trace.json"
     proc = launch(nproc, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),
                   "--save_raw", "--trace", str(trace), *FAST)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     for name, chunks in (("single", 1), ("three", 3), ("multi", 3)):
         ref, got = np.load(single_process / f"{name}.npz"), np.load(tmp_path / f"{name}.npz")
         assert ref["latents"].shape[0] == chunks
@@ -97,7 +97,7 @@ def test_direction_groups_transport_equals_single_process(tiny_ckpt, batch, sing
     6 ranks so the CFG pair's per-step traffic takes it too."""
     proc = launch(6, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),
                   "--save_raw", *FAST, env={"TRANSFER_TRANSPORT": "pairs"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     for name in ("single", "three", "multi"):
         ref, got = np.load(single_process / f"{name}.npz"), np.load(tmp_path / f"{name}.npz")
         assert np.array_equal(ref["frames"], got["frames"]) and np.array_equal(ref["latents"], got["latents"]), name

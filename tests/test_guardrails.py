@@ -14,7 +14,7 @@ from guardrails import Blocked, GuardSet, guard_mode
 from guardrails.blocklist import BlocklistGuard
 from guardrails.faces import FacePixelationGuard
 from guardrails.model import ModelTextGuard, parse_guard_answer
-from tests.conftest import ROOT, example_frames, run_cli
+from tests.conftest import example_frames, failure, ROOT, run_cli
 from tests.guard_models import save_classifier, save_guard_llm
 from tests.test_distributed import launch
 from transfer.cli import build_parser
@@ -257,7 +257,7 @@ def test_four_processes_async_equal_and_only_coordinator_loads_guards(tiny_ckpt,
     out, trace = tmp_path / "out", tmp_path / "trace.json"
     proc = launch(4, "--batch_input_path", str(mixed / "batch.jsonl"), "--video_save_folder", str(out), "--save_raw",
                   "--guardrail", "async", "--guard_model", str(model), "--trace", str(trace), *FAST)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     assert outputs(out) == outputs(single_on)
     guards = json.loads(trace.read_text())["otherData"]["guards_by_rank"]
     assert guards == {"0": ["blocklist", "model", "faces"], "1": [], "2": [], "3": []}

@@ -17,7 +17,7 @@ from preprocessors import REGISTRY, ControlMaker
 from preprocessors import edge as edge_module
 from preprocessors import vis as vis_module
 from preprocessors.tiny import write_tiny_preprocessors
-from tests.conftest import ROOT, example_frames
+from tests.conftest import example_frames, failure, ROOT
 from tests.test_distributed import launch
 from transfer.specs import ControlSpec, Request
 from transfer.video_io import read_video, write_mp4
@@ -206,7 +206,7 @@ def test_four_processes_compute_controls_on_the_coordinator_only(tiny_ckpt, all_
     no temp file left. Requests beyond the window are prepared twice: the second time reuses the file."""
     proc = launch(4, "--batch_input_path", str(all_missing / "batch.jsonl"), "--video_save_folder", str(tmp_path),
                   "--save_raw", *FAST)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     for name in ("a", "b"):
         ref, got = np.load(all_missing_single / f"{name}.npz"), np.load(tmp_path / f"{name}.npz")
         assert np.array_equal(ref["frames"], got["frames"]) and np.array_equal(ref["latents"], got["latents"])
@@ -226,7 +226,7 @@ def test_placement_moves_preprocessors_to_another_rank(tiny_ckpt, all_missing, a
     out, trace = tmp_path / "out", tmp_path / "trace.json"
     proc = launch(4, "--batch_input_path", str(all_missing / "batch.jsonl"), "--video_save_folder", str(out), "--save_raw",
                   "--placement", str(placement), "--trace", str(trace), *FAST)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     for name in ("a", "b"):
         ref, got = np.load(all_missing_single / f"{name}.npz"), np.load(out / f"{name}.npz")
         assert np.array_equal(ref["frames"], got["frames"]) and np.array_equal(ref["latents"], got["latents"])

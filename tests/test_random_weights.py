@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from configs.models import preset
-from tests.conftest import run_cli, short_edge_spec
+from tests.conftest import failure, run_cli, short_edge_spec
 from tests.test_distributed import launch
 from transfer.checkpoint import info_from_preset, load_text_encoder, random_model
 
@@ -30,7 +30,7 @@ def test_one_and_four_processes_give_the_same_random_weight_outputs(spec, tmp_pa
     for nproc in (1, 4):
         outs[nproc] = tmp_path / str(nproc)
         proc = launch(nproc, "--controlnet_specs", str(spec), "--video_save_folder", str(outs[nproc]), *SMALL)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.returncode == 0, failure(proc)
         assert "--random_weights: every output of this run is made with random transfer2.5-2b-small weights" in proc.stderr
     one, four = np.load(outs[1] / "output.npz"), np.load(outs[4] / "output.npz")
     assert np.array_equal(one["frames"], four["frames"]) and np.array_equal(one["latents"], four["latents"])
