@@ -94,10 +94,17 @@ def test_stage_processes_equal_single_process(tiny_ckpt, batch, single_process, 
 
 def test_direction_groups_transport_equals_single_process(tiny_ckpt, batch, single_process, tmp_path):
     """Every tensor over the per-direction groups (the path CUDA tensors take with NCCL), here on gloo,
-    6 ranks so the CFG pair's per-step traffic takes it too."""
+    6 ranks so the CFG pair's per-step traffic takes it too. The DiT group is [1, 2, 3, 4] (cfg 2 x sp 2): rank 4
+    gets its chunks from the leader (1) and its velocities from rank 2, so either can come first; the leader sends
+    rank 4's chunks a second late (tests/faults) so the velocity always does, as it sometimes did under load (the run
+    crashed: no handler for it)."""
+    env = {"TRANSFER_TRANSPORT": "pairs", "TRANSFER_TEST_FAULT": "1:late_shard",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT)])}
     proc = launch(6, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),
-                  "--save_raw", *FAST, env={"TRANSFER_TRANSPORT": "pairs"})
+                  "--save_raw", *FAST, env=env)
     assert proc.returncode == 0, failure(proc)
+    assert "DiT groups [1, 2, 3, 4] (cfg 2 x sp 2)" in proc.stderr
+    assert "rank 4: early velocity" in proc.stderr, failure(proc)
     for name in ("single", "three", "multi"):
         ref, got = np.load(single_process / f"{name}.npz"), np.load(tmp_path / f"{name}.npz")
         assert np.array_equal(ref["frames"], got["frames"]) and np.array_equal(ref["latents"], got["latents"]), name

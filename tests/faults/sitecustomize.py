@@ -6,14 +6,40 @@ one request fail inside a stage process and the rest of the batch go on. ``RANK:
 sequence-parallel rank keeps diffusers' stock attention processor on one module (which attends within its shard). ``TRANSFER_TEST_FAULT=0:finalizer`` (one
 process): after the first VAE decode, SIGTERM arrives while Python runs an object's ``__del__``, where the signal
 handler's exception is printed and dropped ("Exception ignored in"), as it was seen to happen inside imageio's reader
-finalizer. Nothing in the product reads this variable.
+finalizer. ``TRANSFER_TEST_FAULT=RANK:late_shard``: that rank (a DiT group's leader) sends each ``shard_chunk`` to
+rank WORLD_SIZE - 2 one second late (6 ranks: the last of the preset's group [1, 2, 3, 4]), so that rank gets its
+counterpart's first velocity before its own chunk; every rank prints ``early velocity`` when that happens. Nothing in the product reads this variable.
 """
 
 import os
 import signal
+import sys
 
 _fault = os.environ.get("TRANSFER_TEST_FAULT", "")
-if _fault and os.environ.get("RANK", "0") == _fault.split(":")[0]:
+if _fault.endswith(":late_shard"):
+    from transfer.distributed import dit_group
+
+    _park = dit_group.DiTGroupRole.on_velocity
+
+    def on_velocity(self, msg):
+        print(f"rank {self.rank}: early velocity {msg.meta}", file=sys.stderr, flush=True)
+        _park(self, msg)
+
+    dit_group.DiTGroupRole.on_velocity = on_velocity
+if _fault.endswith(":late_shard") and os.environ.get("RANK", "0") == _fault.split(":")[0]:
+    import time
+
+    from transfer.distributed import transport
+
+    _send_now = transport.Transport._send_now
+
+    def _send_late(self, dst, kind, meta, tensors):
+        if kind == "shard_chunk" and dst == int(os.environ["WORLD_SIZE"]) - 2:
+            time.sleep(1.0)
+        _send_now(self, dst, kind, meta, tensors)
+
+    transport.Transport._send_now = _send_late
+elif _fault and os.environ.get("RANK", "0") == _fault.split(":")[0]:
     from transfer import stages, text_encoding
 
     POISON_HEIGHT = 128

@@ -127,6 +127,12 @@ class DiTGroupRole:
         """The ranks that denoise a chunk: the whole group, or without guidance only the conditional branch."""
         return group.ranks if guided or group.cfg == 1 else group.branches()[0]
 
+    def on_velocity(self, msg: Message) -> None:
+        """The counterpart's velocity for a step of a chunk this rank has not started: its ``shard_chunk`` comes from
+        the leader, the velocity from the counterpart (another rank, which got its own ``shard_chunk`` first), so
+        either can arrive first. Parked for ``BranchExchange.swap``."""
+        self.parked.append(msg)
+
     def on_shard_chunk(self, msg: Message) -> None:
         """Another rank of the leader's group: the same loop on the same inputs, in lockstep; the result stays here."""
         self.run_chunk(msg.meta, msg.tensors, "shard denoise")

@@ -8,7 +8,8 @@ Flow of one request j with chunks k (``roundtrip`` conditioning)::
                                 vae   <--decode (j,k)---- dit leader
     coordinator <--decoded----- vae   --cond (j,k+1)---> dit leader       (decode, re-encode)
     dit leader  --shard_chunk--> other ranks of its DiT group             (cfg x sp > 1: same loop, in lockstep)
-    dit rank    <--velocity--> counterpart in the other guidance branch   (cfg 2: every step)
+    dit rank    <--velocity--> counterpart in the other guidance branch   (cfg 2: every step; it may come before
+                                                                           that rank's own shard_chunk: parked)
 
 The DiT picks any request whose next chunk is ready (lowest request first), so while request
 j waits for its decode and re-encode, request j+1's chunk runs: the VAE hides behind the DiT
@@ -67,6 +68,9 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
         self.transport, self.tracer = transport, tracer
         self.stages = placement.stages_of(rank)
         self.deferred: deque[Message] = deque()
+        self.parked: deque[Message] = deque()
+        """Messages only a ``wait_for`` takes, never the loop: a counterpart's velocity that came before this rank's
+        own ``shard_chunk`` for that chunk (they come from different ranks, so either may arrive first)."""
         self.running = True
         device = default_device()
         dtype = dtype_for(device, job.dtype)
@@ -104,10 +108,11 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
 
     def wait_for(self, predicate) -> Message:
         """Block until a message matching ``predicate`` arrives; others wait their turn in ``deferred``."""
-        for i, m in enumerate(self.deferred):
-            if predicate(m):
-                del self.deferred[i]
-                return m
+        for waiting in (self.parked, self.deferred):
+            for i, m in enumerate(waiting):
+                if predicate(m):
+                    del waiting[i]
+                    return m
         while True:
             check_stop()
             m = self.transport.get(1.0)
@@ -124,18 +129,22 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
             check_stop()
             msg = self.next_message(0.0 if self.vae_work else 0.5)
             if msg is not None:
-                j = msg.meta.get("j")
-                if j in self.dropped:
-                    continue
-                handler = getattr(self, f"on_{msg.kind}")
-                if msg.kind in REQUEST_WORK:
-                    self.for_request(j, msg.kind, handler, msg)
-                else:
-                    handler(msg)
-                self.run_ready_dit_chunks()
+                self.dispatch(msg)
             elif self.vae_work:
                 j, k = self.vae_work.popleft()
                 self.for_request(j, "encode_controls", self.encode_controls, j, k)
+
+    def dispatch(self, msg: Message) -> None:
+        """Hand one message to its ``on_<kind>`` handler, then denoise whatever chunks became ready."""
+        j = msg.meta.get("j")
+        if j in self.dropped:
+            return
+        handler = getattr(self, f"on_{msg.kind}")
+        if msg.kind in REQUEST_WORK:
+            self.for_request(j, msg.kind, handler, msg)
+        else:
+            handler(msg)
+        self.run_ready_dit_chunks()
 
     # -- a request that fails on a stage --------------------------------------------------------------
     def for_request(self, j: int, what: str, work, *args) -> None:
@@ -175,6 +184,7 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
         for key in [key for key in self.dit_inputs if key[1] == j]:
             del self.dit_inputs[key]
         self.deferred = deque(m for m in self.deferred if m.meta.get("j") != j)
+        self.parked = deque(m for m in self.parked if m.meta.get("j") != j)
 
     def fail_request(self, j: int, error) -> None:
         """Coordinator: record request ``j`` as failed and have every rank drop it."""
