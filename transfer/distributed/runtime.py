@@ -139,7 +139,10 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
         j = msg.meta.get("j")
         if j in self.dropped:
             return
-        handler = getattr(self, f"on_{msg.kind}")
+        handler = getattr(self, f"on_{msg.kind}", None)
+        if handler is None:  # a protocol bug: say what came from where, not just a missing attribute
+            raise RuntimeError(f"rank {self.rank} ({'+'.join(self.stages)}) has no handler for a {msg.kind!r} message "
+                               f"from rank {msg.src} ({msg.meta})")
         if msg.kind in REQUEST_WORK:
             self.for_request(j, msg.kind, handler, msg)
         else:
