@@ -290,7 +290,7 @@ def test_process_groups_only_between_ranks_that_talk():
 
 def test_early_velocity_waits_for_its_step_and_unknown_messages_are_named():
     """The event loop's dispatch, on a rank with no models (one process: the transport delivers to itself): a
-    counterpart's velocity that comes before this rank's chunk is parked and handed to that step's swap, not to
+    counterpart's velocity that comes before this rank's chunk is kept and handed to that step's swap, not to
     the loop; a message kind no stage handles fails naming the kind, its sender and its ids."""
     from collections import deque
 
@@ -301,13 +301,13 @@ def test_early_velocity_waits_for_its_step_and_unknown_messages_are_named():
     from transfer.distributed.transport import Message, Transport
 
     loop = RankLoop.__new__(RankLoop)  # the handlers' state only (__init__ loads the stages' models)
-    loop.rank, loop.stages, loop.dropped, loop.dit = 0, ["dit"], set(), None
-    loop.transport, loop.deferred, loop.parked = Transport(0, 1), deque(), deque()
+    loop.rank, loop.stages, loop.dropped, loop.dit, loop.dit_inputs = 0, ["dit"], set(), None, {}
+    loop.transport, loop.deferred = Transport(0, 1), deque()
     early = torch.arange(4.0)
     loop.dispatch(Message("velocity", 0, {"j": 3, "k": 1, "i": 0}, {"velocity": early}))
-    assert [m.meta for m in loop.parked] == [{"j": 3, "k": 1, "i": 0}] and loop.transport.get(0) is None
+    assert list(loop.dit_inputs) == [("velocity", 3, 1, 0)] and loop.transport.get(0) is None
     swap = BranchExchange(loop, counterpart=0, positive=False, j=3, k=1)
-    assert torch.equal(swap.swap(0, torch.zeros(4)), early) and not loop.parked  # the parked one, not its own echo
+    assert torch.equal(swap.swap(0, torch.zeros(4)), early) and not loop.dit_inputs  # the kept one, not its own echo
     assert loop.transport.get(0).kind == "velocity"  # what this rank sent its counterpart (itself here) is still queued
     with pytest.raises(RuntimeError, match=r"rank 0 \(dit\) has no handler for a 'nonsense' message from rank 2 "
                                            r"\(\{'j': 3\}\)"):

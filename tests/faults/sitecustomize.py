@@ -8,7 +8,8 @@ process): after the first VAE decode, SIGTERM arrives while Python runs an objec
 handler's exception is printed and dropped ("Exception ignored in"), as it was seen to happen inside imageio's reader
 finalizer. ``TRANSFER_TEST_FAULT=RANK:late_shard``: that rank (a DiT group's leader) sends each ``shard_chunk`` to
 rank WORLD_SIZE - 2 one second late (6 ranks: the last of the preset's group [1, 2, 3, 4]), so that rank gets its
-counterpart's first velocity before its own chunk; every rank prints ``early velocity`` when that happens. Nothing in the product reads this variable.
+counterpart's first velocity before its own chunk; every rank prints ``early velocity`` when that happens. Nothing in
+the product reads this variable.
 """
 
 import os
@@ -26,19 +27,19 @@ if _fault.endswith(":late_shard"):
         _park(self, msg)
 
     dit_group.DiTGroupRole.on_velocity = on_velocity
-if _fault.endswith(":late_shard") and os.environ.get("RANK", "0") == _fault.split(":")[0]:
-    import time
+    if os.environ.get("RANK", "0") == _fault.split(":")[0]:
+        import time
 
-    from transfer.distributed import transport
+        from transfer.distributed import transport
 
-    _send_now = transport.Transport._send_now
+        _send_now = transport.Transport._send_now
 
-    def _send_late(self, dst, kind, meta, tensors):
-        if kind == "shard_chunk" and dst == int(os.environ["WORLD_SIZE"]) - 2:
-            time.sleep(1.0)
-        _send_now(self, dst, kind, meta, tensors)
+        def _send_late(self, dst, kind, meta, tensors):
+            if kind == "shard_chunk" and dst == int(os.environ["WORLD_SIZE"]) - 2:
+                time.sleep(1.0)
+            _send_now(self, dst, kind, meta, tensors)
 
-    transport.Transport._send_now = _send_late
+        transport.Transport._send_now = _send_late
 elif _fault and os.environ.get("RANK", "0") == _fault.split(":")[0]:
     from transfer import stages, text_encoding
 

@@ -38,6 +38,9 @@ class BranchExchange:
     def swap(self, step: int, velocity: torch.Tensor) -> torch.Tensor:
         self.loop.transport.send(self.counterpart, "velocity", {"j": self.j, "k": self.k, "i": step},
                                  {"velocity": velocity})
+        early = self.loop.dit_inputs.pop(("velocity", self.j, self.k, step), None)  # came before this chunk did
+        if early is not None:
+            return early.to(velocity.device)
         msg = self.loop.wait_for(lambda m: (m.kind == "velocity" and m.src == self.counterpart
                                             and (m.meta["j"], m.meta["k"], m.meta["i"]) == (self.j, self.k, step))
                                  or (m.kind in ("drop", "failed") and m.meta["j"] == self.j))
@@ -130,8 +133,9 @@ class DiTGroupRole:
     def on_velocity(self, msg: Message) -> None:
         """The counterpart's velocity for a step of a chunk this rank has not started: its ``shard_chunk`` comes from
         the leader, the velocity from the counterpart (another rank, which got its own ``shard_chunk`` first), so
-        either can arrive first. Parked for ``BranchExchange.swap``."""
-        self.parked.append(msg)
+        either can arrive first. Kept with the chunk's other inputs for ``BranchExchange.swap``."""
+        m = msg.meta
+        self.dit_inputs[("velocity", m["j"], m["k"], m["i"])] = msg.tensors["velocity"]
 
     def on_shard_chunk(self, msg: Message) -> None:
         """Another rank of the leader's group: the same loop on the same inputs, in lockstep; the result stays here."""

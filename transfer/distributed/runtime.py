@@ -9,7 +9,7 @@ Flow of one request j with chunks k (``roundtrip`` conditioning)::
     coordinator <--decoded----- vae   --cond (j,k+1)---> dit leader       (decode, re-encode)
     dit leader  --shard_chunk--> other ranks of its DiT group             (cfg x sp > 1: same loop, in lockstep)
     dit rank    <--velocity--> counterpart in the other guidance branch   (cfg 2: every step; it may come before
-                                                                           that rank's own shard_chunk: parked)
+                                                                           that rank's own shard_chunk: kept)
 
 The DiT picks any request whose next chunk is ready (lowest request first), so while request
 j waits for its decode and re-encode, request j+1's chunk runs: the VAE hides behind the DiT
@@ -68,9 +68,6 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
         self.transport, self.tracer = transport, tracer
         self.stages = placement.stages_of(rank)
         self.deferred: deque[Message] = deque()
-        self.parked: deque[Message] = deque()
-        """Messages only a ``wait_for`` takes, never the loop: a counterpart's velocity that came before this rank's
-        own ``shard_chunk`` for that chunk (they come from different ranks, so either may arrive first)."""
         self.running = True
         device = default_device()
         dtype = dtype_for(device, job.dtype)
@@ -108,11 +105,10 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
 
     def wait_for(self, predicate) -> Message:
         """Block until a message matching ``predicate`` arrives; others wait their turn in ``deferred``."""
-        for waiting in (self.parked, self.deferred):
-            for i, m in enumerate(waiting):
-                if predicate(m):
-                    del waiting[i]
-                    return m
+        for i, m in enumerate(self.deferred):
+            if predicate(m):
+                del self.deferred[i]
+                return m
         while True:
             check_stop()
             m = self.transport.get(1.0)
@@ -187,7 +183,6 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
         for key in [key for key in self.dit_inputs if key[1] == j]:
             del self.dit_inputs[key]
         self.deferred = deque(m for m in self.deferred if m.meta.get("j") != j)
-        self.parked = deque(m for m in self.parked if m.meta.get("j") != j)
 
     def fail_request(self, j: int, error) -> None:
         """Coordinator: record request ``j`` as failed and have every rank drop it."""
