@@ -107,6 +107,8 @@ def check_guard_args(args) -> None:
         check_cosmos_dir(args.cosmos_guardrail_dir)
     if args.face_min_size < 1:
         raise TransferError(f"--face_min_size must be at least 1 pixel, got {args.face_min_size}")
+    if not 0.0 < args.face_confidence <= 1.0:
+        raise TransferError(f"--face_confidence is a detector score in (0, 1], got {args.face_confidence}")
 
 
 def build_guards(args, device: str = "cpu") -> GuardSet | None:

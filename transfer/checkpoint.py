@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,14 +155,32 @@ def keeps_fp32(model, name: str) -> bool:
     return any(k in name for k in (getattr(model, "_keep_in_fp32_modules", None) or []))
 
 
+@contextmanager
+def _parameters_on_meta():
+    """Every parameter a module registers inside the block goes to the meta device (its initialisation then costs
+    nothing); buffers are made for real. Plain torch: accelerate's ``init_empty_weights`` does the same but rebuilds
+    each parameter from its ``__dict__``, which fails under ``FakeTensorMode`` with accelerate 1.15 on torch 2.11
+    (``FakeTensor.__new__() got an unexpected keyword argument 'fake_device'``)."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None:
+            param = torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
 def empty_model(make, device: torch.device, dtype: torch.dtype):
     """``make()`` with uninitialised weights on ``device`` in ``dtype`` (fp32 where the class keeps modules in fp32):
     built on the meta device (buffers, which modules compute at construction, are made for real: they are small),
     then each parameter allocated on ``device``. A tied parameter stays tied. Under ``FakeTensorMode`` the
     parameters are fake (``transfer.memory``: shapes, no storage)."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
+    with _parameters_on_meta():
         model = make()
     if hasattr(model, "tie_weights"):  # the meta context gives each registration its own tensor: tie them again
         model.tie_weights()

@@ -180,11 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="local nvidia/Cosmos-Guardrail1 weights: adds the cosmos_guardrail package's text and video "
                        "safety checker (package must be installed)")
     guard.add_argument("--face_pixelation", choices=("on", "off"), default="on",
-                       help="pixelate faces found by OpenCV's Haar face detector (default: on)")
+                       help="pixelate faces found by the YuNet face detector (OpenCV FaceDetectorYN; default: on)")
     guard.add_argument("--face_min_size", type=int, default=20, help="smallest face, in pixels, to pixelate (default: 20)")
-    guard.add_argument("--face_confidence", type=float, default=1.0,
-                       help="detector confidence (cascade level weight) a face needs; higher = fewer false "
-                       "positives (default: 1.0)")
+    guard.add_argument("--face_confidence", type=float, default=0.9,
+                       help="detector score (0-1) a face needs; higher = fewer false positives (default: 0.9)")
 
     plan = p.add_argument_group("memory planning")
     plan.add_argument("--plan", action="store_true",
