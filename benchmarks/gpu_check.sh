@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checklist in one go; prints a markdown report to paste into docs/performance.md (also saved under $OUT or
-# /tmp/gpu_check). Run from anywhere, on a machine with one GPU or more:
-#   benchmarks/gpu_check.sh                 # everything the visible GPUs allow (estimated 6-9 minutes on one H200)
-#   QUICK=1 benchmarks/gpu_check.sh         # tests and --plan only
-# 1. CUDA-only tests (tests/test_cuda.py: bf16 vs fp32 numerics, CUDA vs CPU fp32, NCCL stage processes with >= 2
-#    GPUs); 2. benchmarks/real_size.py: Transfer2.5-2B with random weights, every stage's cost and peak memory at
-#    704x1280 x 93 frames beside --plan's estimate of each call's peak, the projected full-video time next to
-#    upstream's, and the presets the GPUs allow under torchrun (NCCL); 3. --plan for the same placements.
+# /tmp/gpu_check). Sized for 8 minutes on one H200, install included. Run from anywhere, on a machine with one GPU or
+# more:
+#   benchmarks/gpu_check.sh              # everything, each section under its own time limit
+#   QUICK=1 benchmarks/gpu_check.sh      # smoke runs and tests only
+# Sections (each guarded: a failing or timed-out section prints its error and the rest runs):
+#   1. benchmarks/dit_step.py: the DiT step at 93x704x1280 per attention backend, CFG with one and two controls,
+#      --compile torch; FLOPs counted, share of peak, projected 35-step chunk beside upstream's published times;
+#   2. benchmarks/real_size.py --stages text,vae: text encode, VAE encode/decode/re-encode seconds and peak memory
+#      beside --plan's estimate (FakeTensorMode: the stack's check too); with >= 2 GPUs, the torchrun placements;
+#   3. smoke: the main command (demo checkpoint, face pixelation on) and the tiny Transfer2.5 example on this GPU;
+#   4. tests/test_cuda.py (bf16 vs fp32, CUDA vs CPU, NCCL stage processes with >= 2 GPUs);
+#   5. --plan for the 2B preset.
 # On this workplace's lent machine first run benchmarks/gpu_wheels.sh here and carry .whl (the script installs it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +24,18 @@ PY="${PYTHON:-python3}"
 REPORT="${OUT:-/tmp/gpu_check}/gpu_check.md"
 mkdir -p "$(dirname "$REPORT")"
 exec > >(tee "$REPORT") 2>&1
+START=$SECONDS
+section() { echo; echo "## $1 (at $((SECONDS - START)) s)"; echo; }
+# run LIMIT CMD...: the command under a time limit; its failure is reported, never fatal
+run() {
+  local limit=$1; shift
+  timeout "$limit" "$@"
+  local rc=$?
+  [ $rc -eq 124 ] && echo "    (stopped at its ${limit} s limit)"
+  [ $rc -ne 0 ] && [ $rc -ne 124 ] && echo "    (exit $rc)"
+  return 0
+}
+quiet() { grep -v -E "Loading weights|it/s\]|step/s\]|s/it\]|USDT|profiler_st"; }
 
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 MEM_GB=$($PY -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory / 1e9))" 2>/dev/null || echo 80)
@@ -26,20 +43,32 @@ WORLDS=$(for w in 2 4 8; do [ "$w" -le "$GPUS" ] && printf '%s,' "$w"; done)
 echo "# GPU check, $(date -u +%Y-%m-%d), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 echo
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | sed 's/^/    /'
-$PY -c "import torch, diffusers, transformers; print(f'    torch {torch.__version__} (CUDA {torch.version.cuda}, NCCL {\".\".join(map(str, torch.cuda.nccl.version()))}), diffusers {diffusers.__version__}, transformers {transformers.__version__}, {torch.cuda.device_count()} GPU(s)')"
-
-echo; echo "## 1. CUDA tests (tests/test_cuda.py)"; echo
-timeout 900 $PY -m pytest -q -s -p no:cacheprovider tests/test_cuda.py 2>&1 \
-  | grep -E "vs fp32|vs CPU|passed|failed|skipped|Error|assert" | sed 's/^/    /'
+$PY -c "import sys, torch, diffusers, transformers, accelerate, cv2; print(f'    Python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, NCCL {\".\".join(map(str, torch.cuda.nccl.version()))}), diffusers {diffusers.__version__}, transformers {transformers.__version__}, accelerate {accelerate.__version__}, OpenCV {cv2.__version__}, {torch.cuda.device_count()} GPU(s)')"
 
 if [ -z "${QUICK:-}" ]; then
-  echo; echo "## 2. Real size: Transfer2.5-2B, random weights (benchmarks/real_size.py)"; echo
-  timeout 1200 $PY benchmarks/real_size.py --placements "${WORLDS%,}" 2>&1 | grep -v -E "Loading weights|it/s\]|step/s\]"
+  section "1. DiT step at real size: attention backends, CFG, compile (benchmarks/dit_step.py)"
+  run "${DIT_LIMIT:-270}" $PY benchmarks/dit_step.py --compile 2>&1 | quiet
+
+  section "2. Text and VAE calls at real size (benchmarks/real_size.py --stages text,vae)"
+  run "${REAL_LIMIT:-150}" $PY benchmarks/real_size.py --stages text,vae --placements "${WORLDS%,}" 2>&1 | quiet
 fi
 
-echo; echo "## 3. Memory plan (--plan, ${MEM_GB} GB per GPU)"; echo
+section "3. Smoke: the README's main command and the tiny Transfer2.5 example on this GPU"
+SMOKE=$(mktemp -d)
+( cd "$SMOKE" && run 90 $PY "$OLDPWD/transfer.py" --controlnet_specs "$OLDPWD/assets/demo_spec.json" \
+    --video_save_folder main 2>&1 | grep -E "INFO.*(attention|written|guardrails|weights on)|error|Error" | sed 's/^/    /'
+  run 90 $PY "$OLDPWD/transfer.py" --checkpoint_preset tiny -i "$OLDPWD/assets/example_spec25.json" -o t25 2>&1 \
+    | grep -E "INFO.*(attention|written|weights on)|error|Error" | sed 's/^/    /'
+  ls main t25 2>&1 | tr '\n' ' ' | sed 's/^/    files: /'; echo )
+
+section "4. CUDA tests (tests/test_cuda.py)"
+run 90 $PY -m pytest -q -s -p no:cacheprovider tests/test_cuda.py 2>&1 \
+  | grep -E "vs fp32|vs CPU|passed|failed|skipped|Error|assert" | sed 's/^/    /'
+
+section "5. Memory plan (--plan, ${MEM_GB} GB per GPU)"
 for w in 1 ${WORLDS//,/ }; do
-  $PY transfer.py --plan --num_gpus "$w" --checkpoint_preset transfer2.5-2b --gpu_memory_gb "$MEM_GB" 2>&1 | sed 's/^/    /'
+  run 75 $PY transfer.py --plan --num_gpus "$w" --checkpoint_preset transfer2.5-2b --gpu_memory_gb "$MEM_GB" 2>&1 \
+    | sed 's/^/    /'
   echo
 done
-echo "report: $REPORT"
+echo "total $((SECONDS - START)) s; report: $REPORT"

@@ -68,7 +68,7 @@ def stage_costs(args, device: torch.device, dtype: torch.dtype) -> dict:
                  for name, peak in calls.items()}
     inputs = call_inputs(info, request, dtype)
     costs, weights, load = {}, 0, 0.0
-    for stage in ("text", "vae", "dit"):
+    for stage in args.stages.split(","):
         start = time.perf_counter()
         obj = load_stage(info, stage, CONTROLS, device, dtype)
         load += time.perf_counter() - start
@@ -156,6 +156,9 @@ def main() -> None:
     p.add_argument("--full_chunks", type=int, default=5)
     p.add_argument("--placements", default="", help="comma-separated world sizes to run under torchrun, e.g. 4,8")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    p.add_argument("--stages", default="text,vae,dit",
+                   help="stages whose calls part 1 measures (default: text,vae,dit; benchmarks/dit_step.py measures the "
+                   "DiT step per attention backend)")
     p.add_argument("--small", action="store_true",
                    help="CPU check: transfer2.5-2b-small at 9 frames 64x96, 2 steps, placements 1 and 4 (gloo)")
     args = p.parse_args()
@@ -173,13 +176,17 @@ def main() -> None:
     for name, (seconds, peak, estimate) in costs.items():
         ratio = f"{estimate / peak:.3f}" if peak else "-"
         print(f"| {name} | {seconds:.3f} | {peak / 1e6:.2f} | {estimate / 1e6:.2f} | {ratio} |")
-    proj = projection(costs, args.full_steps, args.full_chunks)
-    print(f"\nprojected wall time of a {args.full_chunks}-chunk, 2-control video at {args.full_steps} steps "
+    if "dit" not in args.stages:
+        proj = {}
+    else:
+        proj = projection(costs, args.full_steps, args.full_chunks)
+    if proj:
+        print(f"\nprojected wall time of a {args.full_chunks}-chunk, 2-control video at {args.full_steps} steps "
           "(from the per-call costs above; not measured):\n")
-    print("| placement | projected s |")
-    print("|---|---:|")
-    for name, seconds in proj.items():
-        print(f"| {name} | {seconds:.1f} |")
+        print("| placement | projected s |")
+        print("|---|---:|")
+        for name, seconds in proj.items():
+            print(f"| {name} | {seconds:.1f} |")
     print("\nupstream published (Transfer2.5-2B, edge, 720p, H100 NVL): "
           + ", ".join(f"{n} GPU {s} s" for n, s in UPSTREAM_SECONDS.items()))
 

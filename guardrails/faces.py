@@ -37,10 +37,14 @@ class FacePixelationGuard:
         if not path.is_file():
             raise TransferError(f"face detector model {path} not found (it ships in the guardrails package); "
                                 "reinstall, or turn face pixelation off (--face_pixelation off)")
-        try:
+        level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # OpenCV 5 warns that its new DNN engine
+        try:                                                                # ignores the (default) CPU target
             self.detector = cv2.FaceDetectorYN.create(str(path), "", (DETECT_SIDE, DETECT_SIDE), confidence, 0.3, 5000)
         except cv2.error as e:
             raise TransferError(f"cannot load face detector {path}: {str(e).strip().splitlines()[-1]}") from None
+        finally:
+            cv2.utils.logging.setLogLevel(level)
         self.min_size, self.confidence, self.blocks = min_size, confidence, blocks
 
     def detect(self, frame: np.ndarray) -> list[tuple[int, int, int, int]]:

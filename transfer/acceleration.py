@@ -3,14 +3,21 @@
 ``--compile``
 
 - ``none``: eager.
-- ``torch``: ``nn.Module.compile()`` (TorchInductor) on the unmodified diffusers modules -- the DiT's transformer and
-  ControlNets, the VAE's encoder and decoder -- in place, so weights, state dict keys and offloading are unchanged.
+- ``torch``: ``nn.Module.compile()`` (TorchInductor) on the unmodified diffusers modules -- each repeated block of the
+  DiT's transformer and ControlNets (regional compilation), the VAE's encoder and decoder -- in place, so weights,
+  state dict keys and offloading are unchanged.
   Static shapes: a chunk configuration (frames per chunk, resolution) compiles once. Works on CPU (needs a C++
   compiler) and CUDA.
 - ``tensorrt``: the same modules through torch-tensorrt's ``torch.compile`` backend (``pip install '.[tensorrt]'``,
   CUDA only), static shapes, engines cached on disk under ``{cache}/tensorrt/{model}-{dtype}/`` (torch-tensorrt keys
   each engine by its graph, input shapes and dtypes and settings; weights are refitted on reuse). Not installed, or
   no GPU: a one-line error before anything loads, never a silent fallback.
+
+``--attention_backend``: the attention kernel of the DiT and ControlNets, by diffusers' dispatcher name
+(``diffusers.models.attention_dispatch``): ``native`` is torch's ``scaled_dot_product_attention`` choosing its own
+kernel; ``_native_cudnn`` / ``_native_flash`` / ``_native_efficient`` / ``_native_math`` force one of torch's; ``flash``,
+``_flash_3``, ``sage``, ``xformers`` need their packages. ``auto`` (default) takes ``DEFAULT_ATTENTION`` for the GPU,
+``native`` on the CPU. Each process prints the backend it uses.
 
 ``--offload stages``: in a process holding several stages on one device (the single process holds all three), only
 the stage at work keeps its weights on the device; using a stage first moves the others' weights off it. On CUDA they
@@ -34,6 +41,13 @@ from transfer.errors import TransferError
 from transfer.residency import stage_modules
 
 COMPILE_MODES = ("none", "torch", "tensorrt")
+#: Backends that run on a CPU (the others need CUDA).
+CPU_ATTENTION = ("native", "_native_math", "flex")
+#: ``auto`` per CUDA compute capability: the fastest exact backend that benchmarks/gpu_check.sh measured on such a GPU
+#: (docs/performance.md); anything else, and the CPU, gets ``native`` (torch's SDPA choosing its kernel). A fixed
+#: table, not a timing at start: the backend changes the output's low bits, and an output must never depend on a
+#: timing.
+DEFAULT_ATTENTION: dict[tuple[int, int], str] = {}
 OFFLOAD_MODES = ("none", "stages")
 #: cosmos-transfer1's per-model offload flags; each maps onto ``--offload stages`` (docs/performance.md).
 UPSTREAM_OFFLOAD_FLAGS = ("offload_diffusion_transformer", "offload_text_encoder_model", "offload_tokenizer",
@@ -49,6 +63,7 @@ def offload_mode(args) -> str:
 def check_acceleration(args, cuda: bool | None = None) -> None:
     """Validate ``--compile`` / ``--offload`` on every rank before anything loads (the same error everywhere)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    check_attention_backend(getattr(args, "attention_backend", "auto"), cuda)
     if args.compile == "tensorrt":
         if importlib.util.find_spec("torch_tensorrt") is None:
             raise TransferError("--compile tensorrt needs the torch-tensorrt package, which is not installed: "
@@ -60,6 +75,46 @@ def check_acceleration(args, cuda: bool | None = None) -> None:
                                 "--compile torch or none")
 
 
+def check_attention_backend(name: str, cuda: bool) -> None:
+    """A one-line error, before anything loads, for a backend this machine cannot run."""
+    if name in ("auto", "native"):
+        return
+    if not cuda and name not in CPU_ATTENTION:
+        raise TransferError(f"--attention_backend {name} needs a CUDA GPU and none is visible: use native (or "
+                            f"{', '.join(CPU_ATTENTION[1:])}) on the CPU")
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except RuntimeError as e:
+        raise TransferError(f"--attention_backend {name}: {str(e).splitlines()[0]}") from None
+
+
+def attention_backend_for(requested: str, device: torch.device) -> str:
+    """The backend a process uses on ``device`` for ``--attention_backend requested`` (``auto``: ``DEFAULT_ATTENTION``)."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "native"
+    return DEFAULT_ATTENTION.get(torch.cuda.get_device_capability(device), "native")
+
+
+def set_attention_backend(name: str, stage, backend: str) -> None:
+    """Every attention of the DiT stage's models (transformer, ControlNets, their sequence-parallel processors) through
+    diffusers' dispatcher ``backend``. The VAE's and text encoder's attention are not the dispatcher's."""
+    if name != "dit":
+        return
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "Attention backends are an experimental feature..."
+    try:
+        for module in stage_modules(name, stage).values():
+            module.set_attention_backend(backend)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
 def compiled_modules(name: str, stage) -> dict[str, torch.nn.Module]:
     """What ``--compile`` compiles: the DiT's transformer and ControlNets, the VAE's encoder and decoder."""
     if name == "vae":
@@ -69,6 +124,17 @@ def compiled_modules(name: str, stage) -> dict[str, torch.nn.Module]:
     return {}
 
 
+#: The block lists of diffusers' Cosmos models (``CosmosTransformer3DModel``, ``CosmosControlNetModel``).
+BLOCK_LISTS = ("transformer_blocks", "control_blocks")
+
+
+def repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a DiT-like model, which ``--compile torch`` compiles one by one (regional compilation,
+    as diffusers' ``compile_repeated_blocks``: identical blocks share one compiled graph, so a 28-block DiT compiles
+    about as fast as one block, and the glue between blocks stays eager); empty for other modules."""
+    return [block for attr in BLOCK_LISTS for block in getattr(module, attr, None) or []]
+
+
 def compile_stage(name: str, stage, mode: str, cache_dir: Path | None = None) -> list[str]:
     """Compile ``stage``'s modules in place for ``mode``; returns what was compiled."""
     if mode == "none":
@@ -76,7 +142,8 @@ def compile_stage(name: str, stage, mode: str, cache_dir: Path | None = None) ->
     done = []
     for label, module in compiled_modules(name, stage).items():
         if mode == "torch":
-            module.compile(dynamic=False)
+            for part in repeated_blocks(module) or [module]:
+                part.compile(dynamic=False)
         else:
             dtype = next(module.parameters()).dtype
             engines = Path(cache_dir or tempfile.gettempdir()) / "tensorrt" / f"{label}-{str(dtype).removeprefix('torch.')}"

@@ -11,6 +11,10 @@ from configs.models import PRESETS
 
 #: ``--dtype`` (``transfer.job.dtype_for``).
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+#: diffusers' attention dispatcher backends that run from installed packages (its ``*_hub`` backends download kernels
+#: at run time, which this tool never does); ``auto``: ``transfer.acceleration.DEFAULT_ATTENTION``.
+ATTENTION_CHOICES = ("auto", "native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math", "flex",
+                     "flash", "_flash_3", "sage", "xformers")
 
 DESCRIPTION = """Cosmos-Transfer control-to-video generation (pipeline-parallel fork).
 
@@ -141,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compile the DiT, ControlNets and VAE of the stages a process holds: torch = torch.compile "
                      "(CPU or CUDA); tensorrt = torch-tensorrt engines, cached on disk (pip install '.[tensorrt]', "
                      "CUDA only) (default: none) (docs/performance.md)")
+    run.add_argument("--attention_backend", choices=ATTENTION_CHOICES, default="auto",
+                     help="attention kernel of the DiT and ControlNets, by diffusers' dispatcher name: native = torch "
+                     "SDPA's own choice, _native_cudnn/_native_flash/_native_efficient/_native_math force one of "
+                     "torch's, flash/_flash_3/sage/xformers need their packages; auto = the fastest measured on this "
+                     "GPU model (docs/performance.md), native on CPU (default: auto)")
     run.add_argument("--offload", choices=("none", "stages"), default="none",
                      help="stages: where one process holds several stages, only the one at work keeps its weights on the "
                      "device (the others wait in CPU memory; on a CPU run, in a temp file); a memory report ends the run "

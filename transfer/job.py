@@ -286,6 +286,8 @@ class Job:
     """``--compile``: none, torch or tensorrt (``transfer.acceleration``)."""
     offload: str = "none"
     """``--offload`` (or an upstream ``--offload_*`` flag): none or stages."""
+    attention: str = "auto"
+    """``--attention_backend`` (``transfer.acceleration``)."""
     residency: object = None
     """``transfer.residency.Residency`` of the loaded stages (None until models load)."""
     dtype: str = "auto"
@@ -402,7 +404,7 @@ def plan_job(args) -> Job:
     check_acceleration(args)
     return Job(info, limits, settings, usable, control_maker(args, info, usable), failures, batch,
                Manifest(args.video_save_folder, args.overwrite), args.compile, offload_mode(args),
-               dtype=getattr(args, "dtype", "auto"))
+               dtype=getattr(args, "dtype", "auto"), attention=getattr(args, "attention_backend", "auto"))
 
 
 def control_maker(args, info, requests):

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import torch
 
-from transfer.acceleration import compile_stage
+from loguru import logger
+
+from transfer.acceleration import attention_backend_for, compile_stage, set_attention_backend
 from transfer.checkpoint import load_stage
 from transfer.residency import Residency
 from transfer.tiny import cache_root
 
 
 def load_stages(info, names: list[str], modalities, device: torch.device, dtype: torch.dtype, compile_mode: str = "none",
-                offload: str = "none") -> tuple[dict, Residency]:
-    """Load the stages ``names`` (of text, vae, dit) this process holds, compile them (``--compile``) and register
-    them for ``--offload``. Offloading on CUDA, weights are loaded into CPU memory and reach the GPU on first use."""
+                offload: str = "none", attention: str = "auto") -> tuple[dict, Residency]:
+    """Load the stages ``names`` (of text, vae, dit) this process holds, set the DiT's attention backend
+    (``--attention_backend``), compile them (``--compile``) and register them for ``--offload``. Offloading on CUDA,
+    weights are loaded into CPU memory and reach the GPU on first use."""
     residency = Residency(device, offload == "stages" and len(names) > 1)
     load_on = torch.device("cpu") if residency.offload else device
     cache = cache_root()
@@ -25,6 +28,10 @@ def load_stages(info, names: list[str], modalities, device: torch.device, dtype:
     for name in names:
         stage = stages[name] = load_stage(info, name, modalities, load_on, dtype)
         stage.device = device  # computes there; its weights may wait in CPU memory until it is used
+        if name == "dit":
+            backend = attention_backend_for(attention, device)
+            set_attention_backend(name, stage, backend)
+            logger.info(f"dit: attention backend {backend}" + (" (default for this device)" if attention == "auto" else ""))
         compile_stage(name, stage, compile_mode, cache)
         residency.add(name, stage)
     return stages, residency

@@ -96,5 +96,6 @@ def load_pipeline(job) -> TransferPipeline:
     modalities = sorted({m for r in job.requests for m in r.controls})
     where = job.info.root or "random weights (--random_weights)"
     logger.info(f"checkpoint {where} on {device} ({dtype}), controls: {', '.join(modalities)}")
-    stages, job.residency = load_stages(job.info, ["text", "vae", "dit"], modalities, device, dtype, job.compile, job.offload)
+    stages, job.residency = load_stages(job.info, ["text", "vae", "dit"], modalities, device, dtype, job.compile, job.offload,
+                                        job.attention)
     return TransferPipeline(stages["text"], stages["vae"], stages["dit"], job.limits, job.settings)

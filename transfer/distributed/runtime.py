@@ -75,7 +75,8 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
         held = [s for s in ("text", "vae", "dit") if s in self.stages]
         if held:
             logger.info(f"rank {rank}: {', '.join(held)} on {device} ({dtype})")
-        loaded, self.residency = load_stages(job.info, held, modalities, device, dtype, job.compile, job.offload)
+        loaded, self.residency = load_stages(job.info, held, modalities, device, dtype, job.compile, job.offload,
+                                                    job.attention)
         self.text_encoder, self.vae, self.dit = (loaded.get(s) for s in ("text", "vae", "dit"))
         self.sequence_parallel = None
         """This rank's sequence-parallel DiT (``sequence_parallel.SequenceParallelDiT``) when its group has sp > 1."""
