@@ -31,11 +31,12 @@ run() {
   local limit=$1; shift
   timeout "$limit" "$@"
   local rc=$?
-  [ $rc -eq 124 ] && echo "    (stopped at its ${limit} s limit)"
-  [ $rc -ne 0 ] && [ $rc -ne 124 ] && echo "    (exit $rc)"
+  [ $rc -eq 124 ] && echo "    SECTION stopped at its ${limit} s limit"
+  [ $rc -ne 0 ] && [ $rc -ne 124 ] && echo "    SECTION exit $rc"
   return 0
 }
 quiet() { grep -v -E "Loading weights|it/s\]|step/s\]|s/it\]|USDT|profiler_st"; }
+# run's own SECTION lines pass every filter below
 
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 MEM_GB=$($PY -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory / 1e9))" 2>/dev/null || echo 80)
@@ -56,14 +57,14 @@ fi
 section "3. Smoke: the README's main command and the tiny Transfer2.5 example on this GPU"
 SMOKE=$(mktemp -d)
 ( cd "$SMOKE" && run 90 $PY "$OLDPWD/transfer.py" --controlnet_specs "$OLDPWD/assets/demo_spec.json" \
-    --video_save_folder main 2>&1 | grep -E "INFO.*(attention|written|guardrails|weights on)|error|Error" | sed 's/^/    /'
+    --video_save_folder main 2>&1 | grep -E "INFO.*(attention|written|guardrails|weights on)|error|Error|SECTION" | sed 's/^/    /'
   run 90 $PY "$OLDPWD/transfer.py" --checkpoint_preset tiny -i "$OLDPWD/assets/example_spec25.json" -o t25 2>&1 \
-    | grep -E "INFO.*(attention|written|weights on)|error|Error" | sed 's/^/    /'
+    | grep -E "INFO.*(attention|written|weights on)|error|Error|SECTION" | sed 's/^/    /'
   ls main t25 2>&1 | tr '\n' ' ' | sed 's/^/    files: /'; echo )
 
 section "4. CUDA tests (tests/test_cuda.py)"
-run 90 $PY -m pytest -q -s -p no:cacheprovider tests/test_cuda.py 2>&1 \
-  | grep -E "vs fp32|vs CPU|passed|failed|skipped|Error|assert" | sed 's/^/    /'
+run 150 $PY -m pytest -q -s -p no:cacheprovider tests/test_cuda.py 2>&1 \
+  | grep -E "vs fp32|vs CPU|passed|failed|skipped|Error|assert|SECTION" | sed 's/^/    /'
 
 section "5. Memory plan (--plan, ${MEM_GB} GB per GPU)"
 for w in 1 ${WORLDS//,/ }; do
