@@ -13,6 +13,8 @@ from configs.models import PRESETS
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 #: diffusers' attention dispatcher backends that run from installed packages (its ``*_hub`` backends download kernels
 #: at run time, which this tool never does); ``auto``: ``transfer.acceleration.DEFAULT_ATTENTION``.
+#: ``transfer.step_cache.STEP_CACHE_METHODS`` (kept here so --help imports no torch; a test checks they agree).
+STEP_CACHE_CHOICES = ("off", "taylorseer", "adaptive")
 ATTENTION_CHOICES = ("auto", "native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math", "flex",
                      "flash", "_flash_3", "sage", "xformers")
 
@@ -150,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
                      "SDPA's own choice, _native_cudnn/_native_flash/_native_efficient/_native_math force one of "
                      "torch's, flash/_flash_3/sage/xformers need their packages; auto = the fastest measured on this "
                      "GPU model (docs/performance.md), native on CPU (default: auto)")
+    run.add_argument("--step_cache", choices=STEP_CACHE_CHOICES, default="off",
+                     help="skip the DiT and ControlNet forwards of some denoising steps (lossy; default: off): taylorseer "
+                     "= compute every --step_cache_interval-th step after the warm-up, predict the others by a "
+                     "first-order Taylor expansion of the computed velocities; adaptive = reuse the last computed "
+                     "velocities while the accumulated relative change, measured from the computed steps, stays under "
+                     "--step_cache_threshold (docs/performance.md)")
+    run.add_argument("--step_cache_threshold", type=float, default=0.1,
+                     help="adaptive: accumulated relative velocity change allowed across skipped steps (default: 0.1)")
+    run.add_argument("--step_cache_interval", type=int, default=2,
+                     help="taylorseer: compute every N-th step after the warm-up (default: 2)")
+    run.add_argument("--step_cache_warmup", type=int, default=2,
+                     help="steps always computed at the start of each chunk (default: 2; the last step always is)")
     run.add_argument("--offload", choices=("none", "stages"), default="none",
                      help="stages: where one process holds several stages, only the one at work keeps its weights on the "
                      "device (the others wait in CPU memory; on a CPU run, in a temp file); a memory report ends the run "

@@ -22,6 +22,7 @@ from transfer.errors import TransferError
 from transfer.manifest import Manifest, run_settings
 from transfer.pipeline import GenerationResult, GenerationSettings, ModelLimits, prepare_request, resize_frames
 from transfer.specs import Request, check_name, load_batch, load_spec, parse_request
+from transfer.step_cache import StepCacheConfig
 from transfer.video_io import write_mp4, write_npz, write_text
 
 
@@ -288,6 +289,8 @@ class Job:
     """``--offload`` (or an upstream ``--offload_*`` flag): none or stages."""
     attention: str = "auto"
     """``--attention_backend`` (``transfer.acceleration``)."""
+    step_cache: StepCacheConfig = StepCacheConfig()
+    """``--step_cache`` and its settings (``transfer.step_cache``)."""
     residency: object = None
     """``transfer.residency.Residency`` of the loaded stages (None until models load)."""
     dtype: str = "auto"
@@ -404,7 +407,23 @@ def plan_job(args) -> Job:
     check_acceleration(args)
     return Job(info, limits, settings, usable, control_maker(args, info, usable), failures, batch,
                Manifest(args.video_save_folder, args.overwrite), args.compile, offload_mode(args),
-               dtype=getattr(args, "dtype", "auto"), attention=getattr(args, "attention_backend", "auto"))
+               dtype=getattr(args, "dtype", "auto"), attention=getattr(args, "attention_backend", "auto"),
+               step_cache=step_cache_from_args(args))
+
+
+def step_cache_from_args(args) -> StepCacheConfig:
+    """``--step_cache`` and its settings, checked (one error line for a bad value)."""
+    method = getattr(args, "step_cache", "off")
+    if method == "off":
+        return StepCacheConfig()
+    threshold, interval, warmup = args.step_cache_threshold, args.step_cache_interval, args.step_cache_warmup
+    if not threshold > 0:
+        raise TransferError(f"--step_cache_threshold must be above 0, got {threshold}")
+    if interval < 2:
+        raise TransferError(f"--step_cache_interval must be at least 2 (1 computes every step), got {interval}")
+    if warmup < 2:
+        raise TransferError(f"--step_cache_warmup must be at least 2 (a prediction needs computed steps), got {warmup}")
+    return StepCacheConfig(method, threshold, interval, warmup)
 
 
 def control_maker(args, info, requests):

@@ -17,9 +17,9 @@ from transfer.tiny import cache_root
 
 
 def load_stages(info, names: list[str], modalities, device: torch.device, dtype: torch.dtype, compile_mode: str = "none",
-                offload: str = "none", attention: str = "auto") -> tuple[dict, Residency]:
+                offload: str = "none", attention: str = "auto", step_cache=None) -> tuple[dict, Residency]:
     """Load the stages ``names`` (of text, vae, dit) this process holds, set the DiT's attention backend
-    (``--attention_backend``), compile them (``--compile``) and register them for ``--offload``. Offloading on CUDA,
+    (``--attention_backend``) and step cache (``--step_cache``), compile them (``--compile``) and register them for ``--offload``. Offloading on CUDA,
     weights are loaded into CPU memory and reach the GPU on first use."""
     residency = Residency(device, offload == "stages" and len(names) > 1)
     load_on = torch.device("cpu") if residency.offload else device
@@ -32,6 +32,8 @@ def load_stages(info, names: list[str], modalities, device: torch.device, dtype:
             backend = attention_backend_for(attention, device)
             set_attention_backend(name, stage, backend)
             logger.info(f"dit: attention backend {backend}" + (" (default for this device)" if attention == "auto" else ""))
+            if step_cache is not None:
+                stage.step_cache = step_cache
         compile_stage(name, stage, compile_mode, cache)
         residency.add(name, stage)
     return stages, residency

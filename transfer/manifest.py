@@ -88,7 +88,9 @@ def run_settings(args, job, guard_names: list[str] | None = None, dtype: str | N
             guards["names"] = guard_names
     return {"generation": asdict(job.settings), "checkpoint": folder_digest(job.info.root), "fps": float(args.fps),
             "save_raw": bool(args.save_raw), "guardrails": guards, "dtype": dtype,
-            "random_weights": args.checkpoint_preset if getattr(args, "random_weights", False) else None}
+            "random_weights": args.checkpoint_preset if getattr(args, "random_weights", False) else None,
+            **({} if job.step_cache.method == "off" else {"step_cache": asdict(job.step_cache)}),
+            **({} if job.attention in ("auto", "native") else {"attention_backend": job.attention})}
 
 
 def request_settings(request, controls, shared: dict) -> dict:

@@ -97,5 +97,5 @@ def load_pipeline(job) -> TransferPipeline:
     where = job.info.root or "random weights (--random_weights)"
     logger.info(f"checkpoint {where} on {device} ({dtype}), controls: {', '.join(modalities)}")
     stages, job.residency = load_stages(job.info, ["text", "vae", "dit"], modalities, device, dtype, job.compile, job.offload,
-                                        job.attention)
+                                        job.attention, job.step_cache)
     return TransferPipeline(stages["text"], stages["vae"], stages["dit"], job.limits, job.settings)

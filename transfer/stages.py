@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
+from loguru import logger
 
 from transfer.residency import OnDevice
+from transfer.step_cache import StepCacheConfig
 
 #: Timestep given to conditioning latent frames (Transfer2.5 default).
 CONDITIONAL_FRAME_TIMESTEP = 0.1
@@ -117,6 +119,9 @@ class DiT(OnDevice):
             blocks = residuals if blocks is None else [a + b for a, b in zip(blocks, residuals)]
         return blocks
 
+    #: ``--step_cache`` (``transfer.step_cache``); off unless the loader sets it.
+    step_cache = StepCacheConfig()
+
     #: Cuts a ``[1, tokens, 1]`` weight map to this rank's share of the sequence (identity without sequence
     #: parallelism; ``transfer.distributed.sequence_parallel.enable`` sets it).
     shard_tokens = staticmethod(lambda t: t)
@@ -186,12 +191,17 @@ class DiT(OnDevice):
 
     @torch.no_grad()
     def predict(self, state: "ChunkState", step: int, sigma: float, control_scales: Mapping[str, "float | torch.Tensor"],
-                guidance: float, split=None) -> torch.Tensor:
+                guidance: float, split=None, cache=None) -> torch.Tensor:
         """The guided velocity of one step at noise level ``sigma`` (float32, the shape of the latents).
 
         ``split`` (CFG parallelism): this process computes one branch only (``split.positive``) and
-        ``split.swap(step, velocity)`` returns the other branch's, computed elsewhere at the same time."""
+        ``split.swap(step, velocity)`` returns the other branch's, computed elsewhere at the same time.
+        ``cache`` (``transfer.step_cache.StepCache``): a skipped step predicts both branches' velocities from the
+        computed steps (no ControlNet, transformer or swap); a computed step is recorded in it."""
         s = state
+        if cache is not None and cache.skip(step):
+            velocities = cache.predict(step)
+            return self.guide(s, velocities[0], velocities[1] if len(velocities) > 1 else None, guidance)
         sigma_t = torch.tensor(sigma).unsqueeze(0).to(device=self.device, dtype=self.dtype)
         in_latents = (s.cond_mask * s.cond_latents + (1 - s.cond_mask) * s.latents).to(self.dtype)
         in_timestep = s.cond_indicator * s.cond_timestep + (1 - s.cond_indicator) * sigma_t
@@ -201,8 +211,8 @@ class DiT(OnDevice):
                                  s.padding_mask)
 
         if s.negative is None:
-            return s.gt_velocity + velocity(s.positive) * (1 - s.cond_mask)
-        if split is None:
+            velocity_pos, velocity_neg = velocity(s.positive), None
+        elif split is None:
             velocity_pos, velocity_neg = velocity(s.positive), velocity(s.negative)
         elif split.positive:
             velocity_pos = velocity(s.positive)
@@ -210,7 +220,16 @@ class DiT(OnDevice):
         else:
             velocity_neg = velocity(s.negative)
             velocity_pos = split.swap(step, velocity_neg)
+        if cache is not None:
+            cache.record(step, (velocity_pos,) if velocity_neg is None else (velocity_pos, velocity_neg))
+        return self.guide(s, velocity_pos, velocity_neg, guidance)
+
+    @staticmethod
+    def guide(s: "ChunkState", velocity_pos: torch.Tensor, velocity_neg: torch.Tensor | None, guidance: float):
+        """The guided prediction from the branch velocities, the conditioning frames pinned to their ground truth."""
         pred = s.gt_velocity + velocity_pos * (1 - s.cond_mask)
+        if velocity_neg is None:
+            return pred
         pred_neg = s.gt_velocity + velocity_neg * (1 - s.cond_mask)
         return pred + guidance * (pred - pred_neg)
 
@@ -235,16 +254,22 @@ class DiT(OnDevice):
         The first ``num_cond_latent_frames`` latent frames are pinned to ``cond_latents``
         (velocity replaced by the ground truth, timestep 0.1), in both CFG branches.
         ``split`` (CFG parallelism, ``predict``): this process computes one guidance branch and swaps
-        velocities with the process computing the other, every step.
+        velocities with the process computing the other, every step. ``self.step_cache``
+        (``--step_cache``): a fresh ``transfer.step_cache.StepCache`` per chunk skips some steps' forwards; its
+        computed and skipped steps are logged.
         """
         state = self.prepare(noise, cond_latents, num_cond_latent_frames, control_latents, prompt_embeds,
                              negative_embeds, guidance, pixel_size)
         self.scheduler.set_timesteps(num_steps, device=self.device)
+        cache = self.step_cache.new(num_steps)
         for i, t in enumerate(self.scheduler.timesteps):
-            pred = self.predict(state, i, self.scheduler.sigmas[i].item(), control_scales, guidance, split)
+            pred = self.predict(state, i, self.scheduler.sigmas[i].item(), control_scales, guidance, split, cache)
             state.latents = self.scheduler.step(pred, t, state.latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(i)
+        if cache is not None:
+            logger.info(f"dit: step cache {self.step_cache.describe()}: computed {len(cache.computed)} of {num_steps} "
+                        f"steps, skipped {cache.skipped}")
         return state.latents
 
 

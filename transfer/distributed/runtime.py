@@ -76,7 +76,7 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
         if held:
             logger.info(f"rank {rank}: {', '.join(held)} on {device} ({dtype})")
         loaded, self.residency = load_stages(job.info, held, modalities, device, dtype, job.compile, job.offload,
-                                                    job.attention)
+                                                    job.attention, job.step_cache)
         self.text_encoder, self.vae, self.dit = (loaded.get(s) for s in ("text", "vae", "dit"))
         self.sequence_parallel = None
         """This rank's sequence-parallel DiT (``sequence_parallel.SequenceParallelDiT``) when its group has sp > 1."""
