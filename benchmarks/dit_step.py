@@ -18,7 +18,9 @@ FLOPs of a step are counted, not estimated: the same step runs once on fake tens
 (attention as 4 x batch x heads x queries x keys x head dim); the achieved rate is that over the measured time, and
 its share of ``--peak_tflops`` (H200/H100 SXM dense bf16: about 790 TFLOP/s measured here with 8192^3 products;
 989 on the data sheet). The projected 35-step chunk is 35 CFG steps plus ``--vae_seconds`` (the VAE calls of a chunk
-with one control, from benchmarks/real_size.py) next to upstream's published one-GPU times.
+with one control, from benchmarks/real_size.py) next to upstream's published one-GPU times, and the same with
+``--step_cache taylorseer``, whose schedule is fixed by the step index (the ``adaptive`` cache's depends on the
+weights: random weights say nothing of it; benchmarks/quality.py measures both on the trained demo).
 """
 
 from __future__ import annotations
@@ -184,6 +186,22 @@ def main() -> None:
     chunk = args.steps * step + args.vae_seconds
     print(f"\nprojected one edge chunk, {args.steps} CFG steps at {step:.3f} s + VAE {args.vae_seconds} s: {chunk:.1f} s; "
           "upstream published one GPU: " + ", ".join(f"{k} {v} s" for k, v in UPSTREAM_ONE_GPU.items()))
+    print(f"\n| --step_cache taylorseer (schedule fixed by step index) | steps computed of {args.steps} | projected chunk s |")
+    print("|---|---:|---:|")
+    for interval in (2, 3, 4):
+        computed = taylorseer_computed(args.steps, interval)
+        print(f"| interval {interval}, warmup 2 | {computed} | {computed * step + args.vae_seconds:.1f} |")
+
+
+def taylorseer_computed(steps: int, interval: int, warmup: int = 2) -> int:
+    """Steps a ``taylorseer`` chunk computes (its schedule depends on the step index only)."""
+    from transfer.step_cache import StepCacheConfig
+
+    cache = StepCacheConfig("taylorseer", interval=interval, warmup=warmup).new(steps)
+    for i in range(steps):
+        if not cache.skip(i):
+            cache.record(i, (torch.zeros(1),))
+    return len(cache.computed)
 
 
 if __name__ == "__main__":

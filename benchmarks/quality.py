@@ -3,6 +3,7 @@
     python benchmarks/quality.py                    # 16 scenes x 9 frames; 4 scenes x 41 frames (5 chunks) per mode
     python benchmarks/quality.py --sweep            # also other steps and guidance for the demo (its defaults)
     python benchmarks/quality.py --checkpoint_dir DIR ...   # also other checkpoints (training snapshots: the curve)
+    python benchmarks/quality.py --step_cache       # also each --step_cache method and setting against the exact run
 
 Each row is one ``transfer.py --batch_input_path`` run (a subprocess, as a user runs it) over held-out scenes
 (``demo.world.HELD_OUT_SEEDS``: never seen in training): the input video rendered, the edge control computed from it
@@ -11,14 +12,17 @@ output's Canny edges against the control (2 px tolerance), prompt color accuracy
 8 colors: chance 12.5%), background color accuracy, and for 5-chunk videos the seam ratio (mean frame-to-frame
 difference across chunk boundaries / within chunks; the input video's own ratio beside it) for ``roundtrip`` and
 ``latent`` chunk conditioning. Color accuracy is also split by the number of shapes in the scene, and a last row
-passes the inputs through the demo VAE alone: the ceiling a DiT on that VAE could reach. Prints markdown tables
-(docs/demo.md, docs/long_video.md).
+passes the inputs through the demo VAE alone: the ceiling a DiT on that VAE could reach. ``--step_cache`` adds a
+table of the lossy step caches (``transfer.step_cache``) on the same scenes: the share of DiT forwards saved (from
+each chunk's logged computed steps), the metrics, and the PSNR of the output frames against the exact (uncached)
+run's. Prints markdown tables (docs/demo.md, docs/long_video.md, docs/performance.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -27,8 +31,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.models import DEMO_CHECKPOINT  # noqa: E402
+import numpy as np  # noqa: E402
+
 from demo.evaluate import generate, held_out, mean, round_trip, score, write_batch  # noqa: E402
 from transfer.pipeline import plan_chunks  # noqa: E402
+from transfer.video_io import read_video  # noqa: E402
 
 CHUNK, LONG = 9, 41  # the demo's chunk length; 5 chunks of 9 frames overlapping by 1
 
@@ -40,6 +47,37 @@ def run_row(batch, cases, work: Path, checkpoint: str | Path, flags: list[str], 
     generate(batch, out, checkpoint, *flags, threads=threads)
     seconds = time.perf_counter() - start
     return {**mean([score(out, case, boundaries) for case in cases]), "seconds": seconds}
+
+
+#: ``--step_cache`` settings the cache table runs (each a row), from mild to aggressive.
+CACHE_SETTINGS = (
+    ["--step_cache", "taylorseer", "--step_cache_interval", "2"],
+    ["--step_cache", "taylorseer", "--step_cache_interval", "3"],
+    ["--step_cache", "taylorseer", "--step_cache_interval", "4"],
+    ["--step_cache", "adaptive", "--step_cache_threshold", "0.03"],
+    ["--step_cache", "adaptive", "--step_cache_threshold", "0.05"],
+    ["--step_cache", "adaptive", "--step_cache_threshold", "0.1"],
+    ["--step_cache", "adaptive", "--step_cache_threshold", "0.2"],
+)
+COMPUTED = re.compile(r"step cache .*: computed (\d+) of (\d+) steps")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def cache_row(batch, cases, work: Path, exact: Path, flags: list[str], threads: int) -> dict:
+    """One cached run of the scenes: its metrics, the forwards saved, the PSNR against the exact run's frames."""
+    out = work / f"demo-{'_'.join(f.strip('-') for f in flags)}"
+    start = time.perf_counter()
+    log = generate(batch, out, "demo", *flags, threads=threads, log_level="INFO")
+    seconds = time.perf_counter() - start
+    counts = [(int(c), int(n)) for c, n in COMPUTED.findall(log)]
+    saved = 1 - sum(c for c, _ in counts) / max(sum(n for _, n in counts), 1)
+    frames = [(read_video(out / f"{c.name}.mp4")[0], read_video(exact / f"{c.name}.mp4")[0]) for c in cases]
+    return {**mean([score(out, case) for case in cases]), "seconds": seconds, "saved": saved,
+            "psnr": float(np.mean([psnr(a, b) for a, b in frames]))}
 
 
 def ceiling_row(cases, work: Path) -> dict:
@@ -59,6 +97,8 @@ def main() -> int:
     p.add_argument("--checkpoint_dir", type=Path, action="append", default=[],
                    help="also this checkpoint at its own defaults (repeatable: e.g. training snapshots)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each run")
+    p.add_argument("--step_cache", action="store_true",
+                   help="also the demo with each step cache setting (CACHE_SETTINGS) against its exact run")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
@@ -84,6 +124,22 @@ def main() -> int:
         split = " | ".join(f"{r[f'color_{n}']:.1%}" for n in counts)
         print(f"| {name} | {flags} | {r['edge_f1']:.3f} | {r['color']:.1%} | {r['background']:.1%} | {split} "
               f"| {r['seconds']:.0f} |")
+
+    if args.step_cache:
+        exact = work / "demo-defaults"
+        print(f"\nstep caches ({args.scenes} held-out scenes x {CHUNK} frames, demo defaults: 20 steps, no CFG); PSNR of "
+              "the output frames against the exact run's\n")
+        print("| --step_cache | DiT forwards saved | edge F1 | color accuracy | background accuracy | PSNR vs exact (dB) "
+              "| run s |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        r = rows[0][2]
+        print(f"| off (exact) | 0% | {r['edge_f1']:.3f} | {r['color']:.1%} | {r['background']:.1%} | inf | "
+              f"{r['seconds']:.0f} |")
+        for flags in CACHE_SETTINGS:
+            r = cache_row(batch, cases, work, exact, flags, args.threads)
+            label = " ".join(flags[1:]).replace("--step_cache_", "")
+            print(f"| {label} | {r['saved']:.0%} | {r['edge_f1']:.3f} | {r['color']:.1%} | {r['background']:.1%} | "
+                  f"{r['psnr']:.1f} | {r['seconds']:.0f} |", flush=True)
 
     if args.long_scenes:
         batch, cases = write_batch(work / "long", held_out(args.long_scenes, start=args.scenes), LONG)

@@ -63,10 +63,12 @@ def write_batch(folder: Path, seeds: list[int], num_frames: int) -> tuple[Path, 
     return batch, cases
 
 
-def generate(batch: Path, out: Path, checkpoint: str | Path, *flags: str, threads: int | None = None) -> None:
+def generate(batch: Path, out: Path, checkpoint: str | Path, *flags: str, threads: int | None = None,
+             log_level: str = "WARNING") -> str:
     """``transfer.py --batch_input_path batch --video_save_folder out --checkpoint_preset checkpoint FLAGS``
-    (``--checkpoint_dir`` when ``checkpoint`` is a Path); raises with the tool's error output if it fails."""
-    env = {**os.environ, "TRANSFER_LOG_LEVEL": "WARNING"}
+    (``--checkpoint_dir`` when ``checkpoint`` is a Path); raises with the tool's error output if it fails, else
+    returns what it logged (at ``log_level``)."""
+    env = {**os.environ, "TRANSFER_LOG_LEVEL": log_level}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     which = (["--checkpoint_dir", str(checkpoint)] if isinstance(checkpoint, Path)
@@ -76,6 +78,7 @@ def generate(batch: Path, out: Path, checkpoint: str | Path, *flags: str, thread
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stderr
 
 
 def score(out: Path, case: Case, boundaries: list[int] | None = None) -> dict:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import example_frames, failure, run_cli
+from tests.conftest import ROOT, example_frames, failure, run_cli
 from tests.test_distributed import launch
 from transfer.cli import STEP_CACHE_CHOICES
 from transfer.step_cache import STEP_CACHE_METHODS, StepCacheConfig
@@ -98,3 +100,9 @@ def test_cached_stage_processes_equal_cached_single_process(tiny_ckpt, tmp_path)
     uncached = launch(1, *flags[:-4], "--video_save_folder", str(tmp_path / "exact"))
     assert uncached.returncode == 0, failure(uncached)
     assert np.abs(np.load(tmp_path / "exact" / "output.npz")["latents"] - a["latents"]).max() > 1e-3  # lossy indeed
+    # the A/B report of the cached run against the exact one (python -m transfer.ab)
+    ab = subprocess.run([sys.executable, "-m", "transfer.ab", str(tmp_path / "exact"), str(tmp_path / "one"), "--out",
+                         str(tmp_path / "ab")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ab.returncode == 0, ab.stderr[-2000:]
+    report = json.loads((tmp_path / "ab" / "report.json").read_text())["videos"]["output"]
+    assert 10 < report["psnr"] < 100 and report["settings_differ"] == []
