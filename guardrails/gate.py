@@ -132,7 +132,7 @@ class Gate:
         lines = [f"guardrails ({self.mode}): {len(self.written)} written, {len(self.blocked)} blocked"]
         lines += [f"  {name}: {b.stage} / {b.guard}: {b.reason}" for name, b in sorted(self.blocked.items())]
         if self.blocked and not self.written:
-            lines.append("  every request was blocked: no video written (records: {{name}}.blocked.json)")
+            lines.append("  every request was blocked: no video written (records: <name>.blocked.json)")
         summary = "\n".join(lines)
         (logger.warning if self.blocked else logger.info)(summary)
         return summary

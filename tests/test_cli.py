@@ -116,12 +116,14 @@ def _bad_cases(d: Path) -> dict:
     truncated = d / "truncated.mp4"
     truncated.write_bytes((d / "example_input.mp4").read_bytes()[:600])
     (d / "notes.mp4").write_text("this is not a video")
+    (d / "empty.mp4").write_bytes(b"")
     write_mp4(d / "odd_size.mp4", example_frames("example_input.mp4", 13)[:, :90, :150], 24)
     write_mp4(d / "short_edge.mp4", example_frames("example_edge.mp4", 5), 24)
     return {
         "missing_video": (dict(input_video_path="nope.mp4"), [], "input video not found"),
         "corrupt_mp4": (dict(input_video_path="truncated.mp4"), [], "cannot read input video"),
-        "not_a_video": (dict(input_video_path="notes.mp4"), [], "cannot read input video"),
+        "not_a_video": (dict(input_video_path="notes.mp4"), [], "notes.mp4: not a video PyAV/FFmpeg can decode"),
+        "empty_video": (dict(input_video_path="empty.mp4"), [], "empty.mp4: empty file"),
         "unknown_control": (dict(depthh={"control_weight": 1}), [], "unknown key 'depthh'"),
         "negative_weight": (dict(edge={"control_weight": -0.5, "input_control": "example_edge.mp4"}), [],
                             "control_weight must be a finite number >= 0, got -0.5"),
@@ -135,6 +137,7 @@ def _bad_cases(d: Path) -> dict:
                                          f"computing the 'depth' control needs model weights at {d / 'no_models' / 'depth'}"),
         "missing_prompt": (dict(prompt=None), [], "a non-empty 'prompt' is required"),
         "bad_chunk": (dict(), ["--num_frames_per_chunk", "10"], "--num_frames_per_chunk must be 1 + 4k"),
+        "too_many_steps": (dict(), ["--num_steps", "1000000000"], "--num_steps must be in [1, 1000]"),
         "bad_name": (dict(), ["--video_save_name", "../escape"], "is not a plain file name"),
         "missing_checkpoint": (dict(), ["--checkpoint_dir", str(d / "no_ckpt")], "checkpoint directory not found"),
         "too_many_frames": (dict(), ["--max_frames", "5"], "has 13 frames, more than --max_frames 5"),
@@ -153,8 +156,8 @@ def bad_inputs(short_inputs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", [
-    "missing_video", "corrupt_mp4", "not_a_video", "unknown_control", "negative_weight", "bad_resolution",
-    "short_control", "malformed_json", "no_input_control", "missing_preprocessor_weights", "missing_prompt", "bad_chunk",
+    "missing_video", "corrupt_mp4", "not_a_video", "empty_video", "unknown_control", "negative_weight", "bad_resolution",
+    "short_control", "malformed_json", "no_input_control", "missing_preprocessor_weights", "missing_prompt", "bad_chunk", "too_many_steps",
     "bad_name", "missing_checkpoint", "too_many_frames", "too_large", "json_bomb_nesting", "json_bomb_size",
 ])
 def test_bad_spec_input_fails_cleanly(tiny_ckpt, bad_inputs, tmp_path, capsys, case):
@@ -220,3 +223,52 @@ def test_control_without_controlnet_in_checkpoint_is_refused(tiny_reason_ckpt, s
                  "--video_save_folder", str(out)]) == 2
     assert "control 'depth' requested but the checkpoint has no controlnet/depth/ (available: vis, edge)" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_refusals_before_any_work_write_nothing(tmp_path):
+    """Issue 30: output folders that cannot be, plan-only flags, a size the model cannot take found from metadata
+    before a control is computed, the -i form refusing every sample: one line, exit 2, nothing written."""
+    import numpy as np
+
+    (tmp_path / "afile").write_text("not a folder")
+    write_mp4(tmp_path / "odd.mp4", np.zeros((9, 50, 70, 3), np.uint8), 24)  # 70x50: the demo's unit is 8
+    (tmp_path / "odd.json").write_text(json.dumps({"prompt": "a red circle on a blue background",
+                                                   "input_video_path": "odd.mp4", "edge": {"control_weight": 1.0}}))
+    (tmp_path / "miss25.json").write_text(json.dumps({"name": "m", "prompt": "x", "video_path": "nope.mp4", "edge": {}}))
+    demo = str(ROOT / "assets" / "demo_spec.json")
+    cases = [
+        (["--controlnet_specs", demo, "--video_save_folder", str(tmp_path / "afile")],
+         f"output folder {tmp_path / 'afile'} is a file, not a folder"),
+        (["--controlnet_specs", demo, "--video_save_folder", str(tmp_path / "afile" / "sub")],
+         f"output folder {tmp_path / 'afile' / 'sub'} is inside {tmp_path / 'afile'}, which is a file, not a folder"),
+        (["-i", str(ROOT / "assets" / "demo_spec25.json"), "-o", str(tmp_path / "afile")],
+         f"output folder {tmp_path / 'afile'} is a file, not a folder"),
+        (["--controlnet_specs", demo, "--video_save_folder", str(tmp_path / "out"), "--height", "64"],
+         "--height acts only with --plan (the generation size comes from the input video, or --resolution in the -i "
+         "form)"),
+        (["--controlnet_specs", str(tmp_path / "odd.json"), "--video_save_folder", str(tmp_path / "out")],
+         f"{tmp_path / 'odd.json'}: resolution 70x50 is not a multiple of 8 in both dimensions"),
+        (["-i", str(tmp_path / "miss25.json"), "-o", str(tmp_path / "out")],
+         f"no request can run: {tmp_path / 'miss25.json'}: input video not found: {tmp_path / 'nope.mp4'}"),
+    ]
+    for args, message in cases:
+        proc = run_cli(*args, "--checkpoint_preset", "demo", cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert proc.stderr.strip().splitlines()[-1] == f"transfer.py: error: {message}", args
+        assert not (tmp_path / "out").exists(), args
+    assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+def test_a_size_the_checkpoint_never_saw_is_one_warning(tmp_path):
+    from demo.world import Scene, render
+
+    write_mp4(tmp_path / "s128.mp4", render(Scene.from_seed(5, 128), 5)[0], 24)
+    (tmp_path / "s.json").write_text(json.dumps({"prompt": "a red circle on a blue background",
+                                                 "input_video_path": "s128.mp4", "edge": {"control_weight": 1.0}}))
+    proc = run_cli("--controlnet_specs", "s.json", "--video_save_folder", "out", "--num_frames_per_chunk", "5",
+                   "--num_steps", "2", "--checkpoint_preset", "demo", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line for line in proc.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        "the checkpoint declares resolution 64 (the size it was trained at); generating at 128x128, which it has not "
+        "seen: expect worse results")

@@ -244,6 +244,11 @@ def require_modalities(info: CheckpointInfo, modalities, where: str = "") -> Non
 
 
 def _load(component: str, fn, *args, **kwargs):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per component, every run: noise
+    diffusers_logging.disable_progress_bar()
     try:
         return fn(*args, **kwargs)
     except TransferError:

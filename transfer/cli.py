@@ -284,6 +284,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     def error(message: str):  # one line, no usage: these are not command-line mistakes
         parser.exit(2, f"{parser.prog}: error: {message}\n")
 
+    plan_only = sorted(f"--{dest}" for dest in ("height", "width", "gpu_memory_gb") if dest in args.given)
+    if plan_only and not args.plan:
+        error(f"{'/'.join(plan_only)} {'acts' if len(plan_only) == 1 else 'act'} only with --plan (the generation size "
+              "comes from the input video, or --resolution in the -i form)")
     if args.checkpoint_preset not in PRESETS:
         error(f"$TRANSFER_CHECKPOINT_PRESET={args.checkpoint_preset!r} is not a checkpoint preset "
               f"({', '.join(sorted(PRESETS))})")

@@ -20,7 +20,8 @@ from transfer.acceleration import check_acceleration, offload_mode
 from transfer.checkpoint import info_from_preset, inspect_checkpoint, require_modalities
 from transfer.errors import TransferError
 from transfer.manifest import Manifest, run_settings
-from transfer.pipeline import GenerationResult, GenerationSettings, ModelLimits, prepare_request, resize_frames
+from transfer.pipeline import (GenerationResult, GenerationSettings, ModelLimits, preflight, prepare_request,
+                               resize_frames)
 from transfer.specs import Request, check_name, load_batch, load_spec, parse_request
 from transfer.step_cache import StepCacheConfig
 from transfer.video_io import write_mp4, write_npz, write_text
@@ -347,7 +348,7 @@ class Failures:
         self.records.append({"line": int(line) if line.isdigit() else None, "source": request.source,
                              "name": request.name, "error": str(error)})
         if write:
-            logger.warning(f"{request.source or request.name}: skipped: {error}")
+            logger.warning(f"{located(request.source or request.name, error)} (skipped)")
             self.write()
 
     def write(self) -> None:
@@ -360,13 +361,40 @@ class Failures:
         """Write the final state; the exit status: 0, or ``FAILED_REQUESTS_EXIT`` when any request failed."""
         self.write()
         if self.records:
-            lines = "".join(f"\n  {r['source']}: {r['error']}" for r in self.records)
+            lines = "".join(f"\n  {located(r['source'], r['error'])}" for r in self.records)
             logger.warning(f"{len(self.records)} request(s) failed (recorded in {self.path}):{lines}")
         return FAILED_REQUESTS_EXIT if self.records else 0
 
 
+def located(source: str | None, error) -> str:
+    """``error`` prefixed with where it comes from, unless it already starts with it (most messages name their line)."""
+    text = str(error)
+    return text if not source or text.startswith(source) else f"{source}: {text}"
+
+
 #: Exit status of a batch in which some requests failed (the others were written).
 FAILED_REQUESTS_EXIT = 3
+
+
+def check_output_folder(folder: Path) -> None:
+    """One error line, before anything runs or is written, when ``folder`` cannot be the output folder: it or a
+    parent is a file, or it (or the nearest existing parent, where it would be made) cannot be written (probed with a
+    file made and removed at once: root ignores permission bits, not read-only mounts or immutable folders)."""
+    import tempfile
+
+    existing = folder
+    while not existing.exists():
+        if existing.is_symlink():
+            raise TransferError(f"output folder {folder}: {existing} is a broken link")
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == folder else f"is inside {existing}, which is a file"
+        raise TransferError(f"output folder {folder} {what}, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise TransferError(f"output folder {folder} cannot be written ({existing}: {e.strerror or e})") from None
 
 
 def plan_job(args) -> Job:
@@ -378,6 +406,7 @@ def plan_job(args) -> Job:
         raise TransferError(f"--context_parallel_size {cp} must be between 1 and the {world} process(es) started")
     if args.fps <= 0:
         raise TransferError(f"--fps must be positive, got {args.fps}")
+    check_output_folder(Path(args.video_save_folder))
     bad_lines: list[dict] = []
     requests = requests_from_args(args, bad_lines)
     info = checkpoint_info(args)
@@ -389,10 +418,11 @@ def plan_job(args) -> Job:
     check_guard_args(args)
     failures = Failures(args.video_save_folder, bad_lines)
     batch = bool(args.batch_input_path) or (getattr(args, "form", "") == "transfer2.5" and args.keep_going is not False)
-    usable = []
+    usable, sizes = [], set()
     for request in requests:
         try:
             require_modalities(info, request.controls, request.source)
+            sizes.add(preflight(request, limits))
             if request.settings is None:
                 request.settings = settings
             else:  # a Transfer2.5 sample's own chunking and steps
@@ -403,7 +433,12 @@ def plan_job(args) -> Job:
                 raise
             failures.add(request, e, write=False)
     if not usable:
-        raise TransferError(f"no request can run: {failures.records[0]['error']}")
+        raise TransferError(f"no request can run: {located(failures.records[0]['source'], failures.records[0]['error'])}")
+    declared = (getattr(args, "checkpoint_defaults", None) or {}).get("resolution")
+    other = sorted(f"{w}x{h}" for h, w in sizes if declared is not None and min(h, w) != int(declared))
+    if other:
+        logger.warning(f"the checkpoint declares resolution {declared} (the size it was trained at); generating at "
+                       f"{', '.join(other)}, which it has not seen: expect worse results")
     check_acceleration(args)
     return Job(info, limits, settings, usable, control_maker(args, info, usable), failures, batch,
                Manifest(args.video_save_folder, args.overwrite), args.compile, offload_mode(args),

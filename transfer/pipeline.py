@@ -27,8 +27,11 @@ from transfer import control_weights
 from transfer.checkpoint import CheckpointInfo
 from transfer.errors import TransferError, check_stop
 from transfer.specs import Request
-from transfer.video_io import MAX_FRAMES, MAX_SIDE, read_video
+from transfer.video_io import MAX_FRAMES, MAX_SIDE, read_video, video_shape
 
+#: Most denoising steps a chunk may take: the flow-matching schedulers' training timesteps (upstream runs 35; a typo
+#: such as 1000000000 would otherwise run for ever).
+MAX_STEPS = 1000
 #: How chunk k + 1 gets chunk k's overlap frames (docs/long_video.md).
 CHUNK_CONDITIONING = ("roundtrip", "latent")
 
@@ -98,8 +101,9 @@ class ModelLimits:
             raise TransferError(
                 where + f"--num_conditional_frames must be in [0, num_frames_per_chunk), got {s.num_conditional_frames}"
             )
-        if s.num_steps < 1:
-            raise TransferError(where + f"--num_steps must be >= 1, got {s.num_steps}")
+        if not 1 <= s.num_steps <= MAX_STEPS:
+            raise TransferError(where + f"--num_steps must be in [1, {MAX_STEPS}] (the scheduler's training timesteps), "
+                                f"got {s.num_steps}")
         if s.chunk_conditioning not in CHUNK_CONDITIONING:
             raise TransferError(where + f"--chunk_conditioning must be one of {', '.join(CHUNK_CONDITIONING)}, got {s.chunk_conditioning!r}")
         C = s.num_conditional_frames
@@ -189,6 +193,43 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack([cv2.resize(f, (width, height), interpolation=method) for f in frames])
 
 
+def target_size(request: Request, limits: ModelLimits, height: int, width: int, info=logger.info):
+    """``(height, width, output_size)``: the size the request generates at for a ``height`` x ``width`` input (its
+    Transfer2.5 ``resolution``, else the input's), checked against the model; ``output_size`` the size written back
+    when they differ (``keep_input_resolution``), else None."""
+    where = request.source or request.name
+    output_size = None
+    if request.resolution is not None:
+        size = generation_size(height, width, request.resolution, limits, where, info)
+        if size != (height, width):
+            info(f"{where}: generating at {size[1]}x{size[0]} (input {width}x{height})")
+            output_size = (height, width) if request.keep_input_resolution else None
+            height, width = size
+    limits.check_resolution(height, width, where)
+    return height, width, output_size
+
+
+def preflight(request: Request, limits: ModelLimits) -> tuple[int, int]:
+    """What can be refused before any work, from files and their metadata only (nothing decoded): every video the
+    request names exists and is a video within the limits, and the size it generates at suits the model (returned,
+    height and width)."""
+    where = request.source or request.name
+    shape = None
+    try:
+        if request.input_video_path is not None:
+            shape = video_shape(request.input_video_path, "input video", limits.max_frames, limits.max_side)
+        for modality, control in request.controls.items():
+            for path, what in ((control.input_control, "control video"), (control.mask_path, "mask video")):
+                if path is not None:
+                    given = video_shape(path, f"{what} for {modality!r}", limits.max_frames, limits.max_side)
+                    shape = shape or (given if what == "control video" else None)
+    except TransferError as e:
+        raise TransferError(f"{where}: {e}") from None
+    if shape is None:
+        raise TransferError(f"{where}: no input video and no control video to take the size from")
+    return target_size(request, limits, shape[1], shape[2], logger.debug)[:2]
+
+
 def prepare_request(request: Request, limits: ModelLimits, make_control=None, log: bool = True) -> PreparedRequest:
     """Decode the input and control videos, computing missing controls with ``make_control`` (a
     ``preprocessors.ControlMaker``); raise ``TransferError`` for anything the model cannot take. ``log`` False: the
@@ -223,15 +264,8 @@ def prepare_request(request: Request, limits: ModelLimits, make_control=None, lo
         reference = next(iter(controls_u8.values()))
         if request.max_frames is not None:
             reference = reference[: request.max_frames]
-    num_frames, height, width = reference.shape[:3]
-    output_size = None
-    if request.resolution is not None:
-        size = generation_size(height, width, request.resolution, limits, where, info)
-        if size != (height, width):
-            info(f"{where}: generating at {size[1]}x{size[0]} (input {width}x{height})")
-            output_size = (height, width) if request.keep_input_resolution else None
-            height, width = size
-    limits.check_resolution(height, width, where)
+    num_frames = reference.shape[0]
+    height, width, output_size = target_size(request, limits, *reference.shape[1:3], info)
     controls = {}
     for modality, frames in controls_u8.items():
         if frames.shape[0] < num_frames:

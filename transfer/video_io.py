@@ -37,24 +37,38 @@ MAX_FRAMES = 10_000
 MAX_SIDE = 4096
 
 
-def read_video(path: str | Path, what: str = "video", max_frames: int = MAX_FRAMES,
-               max_side: int = MAX_SIDE) -> tuple[np.ndarray, float]:
-    """Decode ``path`` to uint8 frames ``[T, H, W, 3]`` and its fps; ``TransferError`` if unreadable or, from its
-    container metadata (nothing decoded yet), longer than ``max_frames`` or larger than ``max_side`` on a side."""
+def video_shape(path: str | Path, what: str = "video", max_frames: int = MAX_FRAMES,
+                max_side: int = MAX_SIDE) -> tuple[int, int, int]:
+    """``(frames, height, width)`` of ``path`` from its container metadata (nothing decoded); ``TransferError`` if it
+    is missing, empty or not a video, or longer than ``max_frames`` or larger than ``max_side`` on a side."""
     import imageio.v3 as iio
 
     path = Path(path)
     if not path.is_file():
         raise TransferError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise TransferError(f"cannot read {what} {path}: empty file")
     try:
         props = iio.improps(path, plugin="pyav")
-    except Exception as e:
-        raise TransferError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from None
+    except Exception:  # PyAV's own words ("can not handle the given uri", "unknown error ... plugin") say nothing
+        raise TransferError(f"cannot read {what} {path}: not a video PyAV/FFmpeg can decode") from None
     shape = props.shape if len(props.shape) == 4 else (1, *props.shape)
     if shape[0] > max_frames:
         raise TransferError(f"{what} {path} has {shape[0]} frames, more than --max_frames {max_frames}")
     if max(shape[1:3]) > max_side:
         raise TransferError(f"{what} {path} is {shape[2]}x{shape[1]}, larger than --max_resolution {max_side}")
+    return tuple(int(v) for v in shape[:3])
+
+
+def read_video(path: str | Path, what: str = "video", max_frames: int = MAX_FRAMES,
+               max_side: int = MAX_SIDE) -> tuple[np.ndarray, float]:
+    """Decode ``path`` to uint8 frames ``[T, H, W, 3]`` and its fps; ``TransferError`` if unreadable or, from its
+    container metadata (``video_shape``: nothing decoded yet), longer than ``max_frames`` or larger than ``max_side``
+    on a side."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    video_shape(path, what, max_frames, max_side)
     try:
         frames = iio.imread(path, plugin="pyav")
         fps = float(iio.immeta(path, plugin="pyav").get("fps") or 0.0)
