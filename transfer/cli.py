@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "first-order Taylor expansion of the computed velocities; adaptive = reuse the last computed "
                      "velocities while the accumulated relative change, measured from the computed steps, stays under "
                      "--step_cache_threshold (docs/performance.md)")
-    run.add_argument("--step_cache_threshold", type=float, default=0.1,
-                     help="adaptive: accumulated relative velocity change allowed across skipped steps (default: 0.1)")
+    run.add_argument("--step_cache_threshold", type=float, default=0.03,
+                     help="adaptive: accumulated relative velocity change allowed across skipped steps (default: 0.03)")
     run.add_argument("--step_cache_interval", type=int, default=2,
                      help="taylorseer: compute every N-th step after the warm-up (default: 2)")
     run.add_argument("--step_cache_warmup", type=int, default=2,

@@ -38,7 +38,7 @@ STEP_CACHE_METHODS = ("off", "taylorseer", "adaptive")
 @dataclass(frozen=True)
 class StepCacheConfig:
     method: str = "off"
-    threshold: float = 0.1
+    threshold: float = 0.03
     """``adaptive``: the accumulated relative velocity change allowed across skipped steps."""
     interval: int = 2
     """``taylorseer``: compute every ``interval``-th step after the warm-up."""
