@@ -109,4 +109,4 @@ class StepCache:
             return v1
         step0, v0 = self._history[-2]
         t = (step - step1) / (step1 - step0)
-        return tuple(b + (b - a) * t for a, b in zip(v0, v1))
+        return tuple((b.float() + (b.float() - a.float()) * t).to(b.dtype) for a, b in zip(v0, v1))
