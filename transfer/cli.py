@@ -266,10 +266,14 @@ def checkpoint_defaults(args, error) -> dict:
     return {dest: value for dest, value in data.items() if dest not in args.given}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str | None = None, description: str | None = None
+               ) -> argparse.Namespace:
     """Parse (both spellings), note which flags were given (``args.given``: a Transfer2.5 flag overrides the field in
-    every sample) and fill the form's defaults."""
+    every sample) and fill the form's defaults and the checkpoint's own. ``prog`` / ``description``: another
+    program taking transfer.py's flags (``python -m transfer.upstream``)."""
     parser = build_parser()
+    if prog:
+        parser.prog, parser.description = prog, description or parser.description
     argv = normalise_flags(sys.argv[1:] if argv is None else list(argv), parser)
     args = parser.parse_args(argv)
     only_given = build_parser()

@@ -95,23 +95,33 @@ def deterministic_latents():
         ref.retrieve_latents = original
 
 
+@contextmanager
+def refused_by_diffusers(request):
+    """A request diffusers' pipeline refuses (its own argument and shape checks raise ``ValueError``) is one error line
+    naming the request, not a traceback."""
+    from transfer.errors import TransferError
+
+    try:
+        yield
+    except ValueError as e:
+        raise TransferError(f"{request.source or request.name}: diffusers' Cosmos2_5_TransferPipeline refused it: "
+                            f"{' '.join(str(e).split())}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from loguru import logger
 
-    from transfer.cli import build_parser
+    from transfer.cli import parse_args
     from transfer.errors import TransferError
     from transfer.job import default_device, dtype_for, plan_job
     from transfer.pipeline import prepare_request
     from transfer.checkpoint import load_text_encoder
     from transfer.video_io import write_mp4, write_npz
 
-    parser = build_parser()
-    parser.prog, parser.description = "python -m transfer.upstream", __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    args = parser.parse_args(argv)
+    args = parse_args(argv, prog="python -m transfer.upstream", description=__doc__)  # transfer.py's flags and defaults
     try:
         job = plan_job(args)
         for request in job.requests:
@@ -137,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             pipes[modality] = reference_pipeline(job.info.root, modality, str(device), dtype)
             pipes[modality].set_progress_bar_config(disable=True)
         pipe = pipes[modality]
-        shape = (1, 16, job.limits.latent_frames(s.num_frames_per_chunk), ready.height // 8, ready.width // 8)
+        f = job.limits.spatial_factor
+        shape = (1, 16, job.limits.latent_frames(s.num_frames_per_chunk), ready.height // f, ready.width // f)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(request.seed), dtype=torch.float32)
-        with deterministic_latents(), torch.no_grad():
+        with deterministic_latents(), torch.no_grad(), refused_by_diffusers(request):
             out = pipe(controls=[PIL.Image.fromarray(f) for f in ready.controls[modality]],
                        controls_conditioning_scale=request.scales()[modality],
                        prompt_embeds=encoder.encode(request.prompt).to(dtype),
