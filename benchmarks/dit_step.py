@@ -10,8 +10,9 @@ ControlNet, then the transformer, per guidance branch), on seeded random inputs.
 ``--backends`` that this machine can run (``transfer.acceleration.set_attention_backend``: the product's
 ``--attention_backend``), one warm-up step, then ``--repeats`` timed steps without CFG, one control (edge); the latent
 error of the step's velocity against ``native`` (mean and max of |difference| over mean |native|). Then, with the
-fastest backend: the step with CFG (two branches) with edge, and with edge + vis, and with ``--compile`` the same
-after ``--compile torch`` (first call, compile included, and a timed call).
+fastest backend: the step with CFG (two branches) with edge, and with edge + vis (time and peak memory above what was
+allocated before it: ``transfer.memory.measured_peak``), and with ``--compile`` the same after ``--compile torch``
+(first call, compile included, and a timed call).
 
 FLOPs of a step are counted, not estimated: the same step runs once on fake tensors (no storage, no arithmetic) under
 ``torch.utils.flop_counter.FlopCounterMode``, which counts every matrix product and attention from its shapes
@@ -40,7 +41,7 @@ from transfer.acceleration import CPU_ATTENTION, compile_stage, set_attention_ba
 from transfer.checkpoint import info_from_preset, load_stage  # noqa: E402
 from transfer.errors import TransferError  # noqa: E402
 from transfer.job import dtype_for  # noqa: E402
-from transfer.memory import Request, call_inputs, dit_step  # noqa: E402
+from transfer.memory import Request, call_inputs, dit_step, measured_peak  # noqa: E402
 
 #: Upstream's published one-GPU times of one Transfer2.5-2B edge chunk, 720p, 93 frames, 35 steps (ANCHORS.md).
 UPSTREAM_ONE_GPU = {"H200 NVL": 374.4, "H100 NVL": 502.6, "B200": 179.7}
@@ -160,14 +161,15 @@ def main() -> None:
     best = min(results, key=results.get)
     set_attention_backend("dit", dit, best)
     print(f"\nfastest: {best}\n")
-    print("| step (fastest backend) | s | TFLOP/s | % of peak |")
-    print("|---|---:|---:|---:|")
+    print("| step (fastest backend) | s | TFLOP/s | % of peak | peak MB above the weights |")
+    print("|---|---:|---:|---:|---:|")
     cfg = {}
     for label, x, key in (("CFG, edge", one, ("edge", 3.0)), ("CFG, edge + vis", inputs, ("edge+vis", 3.0))):
         seconds, eager_out = timed_step(device, dit, x, 3.0, args.repeats)
         cfg[label] = (seconds, eager_out.float().cpu())
         rate = flops[key] / seconds / 1e12
-        print(f"| {label} | {seconds:.3f} | {rate:.0f} | {100 * rate / args.peak_tflops:.1f} |", flush=True)
+        peak = measured_peak(device, lambda: dit_step(dit, x, 3.0))[0] / 1e6
+        print(f"| {label} | {seconds:.3f} | {rate:.0f} | {100 * rate / args.peak_tflops:.1f} | {peak:.0f} |", flush=True)
     step = cfg["CFG, edge"][0]
     if args.compile:
         start = time.perf_counter()
@@ -179,10 +181,10 @@ def main() -> None:
             rate = flops[("edge", 3.0)] / seconds / 1e12
             print(f"| CFG, edge, --compile torch (first call {first:.0f} s, {time.perf_counter() - start:.0f} s with "
                   f"compile; error vs eager mean {mean_err:.1e} max {max_err:.1e}) | {seconds:.3f} | {rate:.0f} | "
-                  f"{100 * rate / args.peak_tflops:.1f} |")
+                  f"{100 * rate / args.peak_tflops:.1f} | |")
             step = min(step, seconds)
         except Exception as e:  # report and go on: the eager figures stand
-            print(f"| --compile torch failed: {' '.join(str(e).split())[:200]} | | | |")
+            print(f"| --compile torch failed: {' '.join(str(e).split())[:200]} | | | | |")
     chunk = args.steps * step + args.vae_seconds
     print(f"\nprojected one edge chunk, {args.steps} CFG steps at {step:.3f} s + VAE {args.vae_seconds} s: {chunk:.1f} s; "
           "upstream published one GPU: " + ", ".join(f"{k} {v} s" for k, v in UPSTREAM_ONE_GPU.items()))

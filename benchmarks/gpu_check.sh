@@ -5,7 +5,8 @@
 #   benchmarks/gpu_check.sh              # everything, each section under its own time limit
 #   QUICK=1 benchmarks/gpu_check.sh      # smoke runs and tests only
 # Sections (each guarded: a failing or timed-out section prints its error and the rest runs):
-#   1. benchmarks/dit_step.py: the DiT step at 93x704x1280 per attention backend, CFG with one and two controls,
+#   1. benchmarks/dit_step.py: the DiT step at 93x704x1280 per attention backend, CFG with one and two controls (time
+#      and peak memory),
 #      --compile torch; FLOPs counted, share of peak, projected 35-step chunk beside upstream's published times;
 #   2. benchmarks/real_size.py --stages text,vae: text encode, VAE encode/decode/re-encode seconds and peak memory
 #      beside --plan's estimate (FakeTensorMode: the stack's check too); with >= 2 GPUs, the torchrun placements;

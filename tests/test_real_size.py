@@ -32,3 +32,20 @@ def test_real_size_small_prints_every_column():
         assert re.search(rf"^{world} rank\(s\), transfer.py --random_weights, 2 chunks x 2 steps: wall [\d.]+ s$", out, re.M)
     assert re.search(r"^\s+3\s+dit\s+[\d.]+\s+\d+%\s+[\d.]+\s+[\d.]+$", out, re.M)  # the 4-rank run's stage table
     assert "rank 3: weights on cpu" in out and "FAILED" not in out
+
+
+def test_dit_step_small_prints_every_table():
+    """``benchmarks/dit_step.py --small``: the per-backend table (native, and _native_math against it), the counted
+    FLOPs, the CFG steps with their peak memory, the taylorseer projections."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dit_step.py"), "--small"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert re.search(r"^FLOPs of one step, counted on fake tensors in \d+ s: edge no CFG [\d.e+-]+ TFLOP", out, re.M)
+    assert re.search(r"^\| native \| [\d.]+ \| \d+ \| [\d.]+ \| 0\.00e\+00 \| 0\.00e\+00 \|$", out, re.M)
+    math_row = re.search(r"^\| _native_math \| [\d.]+ \| \d+ \| [\d.]+ \| ([\d.e+-]+) \| ([\d.e+-]+) \|$", out, re.M)
+    assert math_row and float(math_row.group(2)) < 1e-4  # another kernel, the same attention
+    for label in ("CFG, edge", "CFG, edge \\+ vis"):
+        row = re.search(rf"^\| {label} \| ([\d.]+) \| \d+ \| [\d.]+ \| (\d+) \|$", out, re.M)
+        assert row and float(row.group(1)) > 0 and int(row.group(2)) >= 0, label
+    assert re.search(r"^\| interval 2, warmup 2 \| 19 \| [\d.]+ \|$", out, re.M)  # 19 of 35 steps computed
