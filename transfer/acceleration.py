@@ -118,8 +118,8 @@ def set_attention_backend(name: str, stage, backend: str) -> None:
 def compiled_modules(name: str, stage, mode: str = "torch") -> dict[str, torch.nn.Module]:
     """What ``--compile`` compiles: the DiT's transformer and ControlNets; for ``tensorrt`` also the VAE's encoder and
     decoder. ``torch`` leaves the VAE eager: on an H200 a 6-step 93x704x1280 chunk with the VAE compiled took 263 s
-    against ~110 s of load, DiT compile (37 s) and compute, the rest compiling the Wan VAE's frame-by-frame causal
-    loops, for calls that are ~4% of a chunk (docs/performance.md)."""
+    against ~110 s of load, DiT compile (37 s) and compute; the rest, presumably compiling the Wan VAE's
+    frame-by-frame causal loops (not timed apart), for calls that are ~4% of a chunk (docs/performance.md)."""
     if name == "vae" and mode != "torch":
         return {"vae.encoder": stage.vae.encoder, "vae.decoder": stage.vae.decoder}
     if name == "dit":

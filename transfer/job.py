@@ -435,6 +435,7 @@ def plan_job(args) -> Job:
     if not usable:
         raise TransferError(f"no request can run: {located(failures.records[0]['source'], failures.records[0]['error'])}")
     declared = (getattr(args, "checkpoint_defaults", None) or {}).get("resolution")
+    declared = str(declared) if str(declared).isdigit() else None  # e.g. "64"; a form like "720p" declares nothing
     other = sorted(f"{w}x{h}" for h, w in sizes if declared is not None and min(h, w) != int(declared))
     if other and int(os.environ.get("RANK", "0")) == 0:  # once per run, not once per rank
         logger.warning(f"the checkpoint declares resolution {declared} (the size it was trained at); generating at "

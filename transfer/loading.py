@@ -7,7 +7,6 @@ The top of the loading chain: ``transfer.residency`` (device residency) <- the m
 from __future__ import annotations
 
 import torch
-
 from loguru import logger
 
 from transfer.acceleration import attention_backend_for, compile_stage, set_attention_backend
