@@ -94,13 +94,16 @@ def test_latent_mode_is_deterministic_and_placement_independent(tiny_ckpt, long_
     assert a["latents"].shape[0] == 4
     for k in ("frames", "latents"):
         assert np.array_equal(a[k], b[k]) and np.array_equal(a[k], four[k]), k
-    # the 4-process trace: the VAE decodes chunk k while the DiT denoises chunk k + 1
+    # the 4-process trace: decodes run on the VAE's rank, denoising on the DiT's, so they can overlap. Whether they
+    # do is timing (a loaded machine may run them one after the other): benchmarks/pipeline_parallel.py measures
+    # overlap; here only what causality fixes is asserted
     events = [e for e in json.loads((tmp_path / "four.json").read_text())["traceEvents"] if e["ph"] == "X"]
     span = {(e["name"], e["args"].get("chunk")): (e["ts"], e["ts"] + e["dur"]) for e in events
             if e["name"] in ("decode", "denoise")}
-    overlaps = [k for k in range(3) if span[("decode", k)][0] < span[("denoise", k + 1)][1]
-                and span[("denoise", k + 1)][0] < span[("decode", k)][1]]
-    assert overlaps, span
+    assert {e["pid"] for e in events if e["name"] == "decode"} == {2}, "decodes on the VAE's rank"
+    assert {e["pid"] for e in events if e["name"] == "denoise"} == {3}, "denoising on the DiT's rank"
+    for k in range(4):  # chunk k is decoded after it is denoised (its latents are the decode's input)
+        assert span[("denoise", k)][1] <= span[("decode", k)][0], span
     assert not any(e["name"] == "reencode" for e in events)
 
 
