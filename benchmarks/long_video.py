@@ -64,7 +64,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-long-"))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TRANSFER_LOG_LEVEL": "WARNING"}
-    common = ["--controlnet_specs", str(ROOT / "assets" / "example_multi_spec.json"), "--num_steps", str(args.num_steps),
+    common = ["--cpu_threads", str(args.threads),
+              "--controlnet_specs", str(ROOT / "assets" / "example_multi_spec.json"), "--num_steps", str(args.num_steps),
               "--num_frames_per_chunk", str(F), "--num_conditional_frames", str(C), "--save_raw",
               "--checkpoint_preset", "tiny"]
     subprocess.run([sys.executable, "-c", "from transfer.tiny import ensure_tiny_checkpoint as e; e('tiny')"],

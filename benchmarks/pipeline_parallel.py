@@ -71,7 +71,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-pp-"))
     batch = write_batch(work, args.requests)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TRANSFER_LOG_LEVEL": "WARNING"}
-    common = ["--batch_input_path", str(batch), "--num_steps", str(args.num_steps), "--save_raw",
+    common = ["--cpu_threads", str(args.threads),
+              "--batch_input_path", str(batch), "--num_steps", str(args.num_steps), "--save_raw",
               "--checkpoint_preset", args.checkpoint_preset]
     # build the checkpoint outside the timed runs
     subprocess.run([sys.executable, "-c", f"from transfer.tiny import ensure_tiny_checkpoint as e; e({args.checkpoint_preset!r})"],

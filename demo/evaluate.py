@@ -70,7 +70,7 @@ def generate(batch: Path, out: Path, checkpoint: str | Path, *flags: str, thread
     returns what it logged (at ``log_level``)."""
     env = {**os.environ, "TRANSFER_LOG_LEVEL": log_level}
     if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+        flags = ("--cpu_threads", str(threads), *flags)
     which = (["--checkpoint_dir", str(checkpoint)] if isinstance(checkpoint, Path)
              else ["--checkpoint_preset", checkpoint])
     cmd = [sys.executable, str(ROOT / "transfer.py"), "--batch_input_path", str(batch), "--video_save_folder", str(out),

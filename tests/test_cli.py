@@ -63,6 +63,23 @@ def test_same_seed_same_raw_arrays_and_other_seed_differs(tiny_ckpt, short_input
     assert not np.array_equal(a["latents"], c["latents"])
 
 
+def test_cpu_threads_is_a_recorded_setting(tiny_ckpt, short_inputs, tmp_path):
+    """``--cpu_threads`` pins torch's threads (default 1, whatever the machine's cores); another count is recorded in
+    the manifest, so a folder made with one count is not taken as complete for another."""
+    import torch
+
+    spec = write_spec(short_inputs)
+    settings = {}
+    for threads in ("1", "2"):
+        assert main(["--controlnet_specs", str(spec), "--video_save_folder", str(tmp_path / threads),
+                     "--cpu_threads", threads, *FAST]) == 0
+        assert torch.get_num_threads() == int(threads)
+        manifest = json.loads((tmp_path / threads / "manifest.json").read_text())
+        settings[threads] = manifest["requests"]["output"]["settings"]
+    assert "cpu_threads" not in settings["1"] and settings["2"]["cpu_threads"] == 2
+    torch.set_num_threads(1)
+
+
 def test_two_controls_differ_from_each_single_control(tiny_ckpt, short_inputs, tmp_path):
     specs = {
         "edge": dict(),
@@ -138,6 +155,7 @@ def _bad_cases(d: Path) -> dict:
         "missing_prompt": (dict(prompt=None), [], "a non-empty 'prompt' is required"),
         "bad_chunk": (dict(), ["--num_frames_per_chunk", "10"], "--num_frames_per_chunk must be 1 + 4k"),
         "too_many_steps": (dict(), ["--num_steps", "1000000000"], "--num_steps must be in [1, 1000]"),
+        "too_many_threads": (dict(), ["--cpu_threads", "100000"], "--cpu_threads must be in [1, 256], got 100000"),
         "bad_name": (dict(), ["--video_save_name", "../escape"], "is not a plain file name"),
         "missing_checkpoint": (dict(), ["--checkpoint_dir", str(d / "no_ckpt")], "checkpoint directory not found"),
         "too_many_frames": (dict(), ["--max_frames", "5"], "has 13 frames, more than --max_frames 5"),
@@ -158,7 +176,7 @@ def bad_inputs(short_inputs, tmp_path_factory):
 @pytest.mark.parametrize("case", [
     "missing_video", "corrupt_mp4", "not_a_video", "empty_video", "unknown_control", "negative_weight", "bad_resolution",
     "short_control", "malformed_json", "no_input_control", "missing_preprocessor_weights", "missing_prompt", "bad_chunk", "too_many_steps",
-    "bad_name", "missing_checkpoint", "too_many_frames", "too_large", "json_bomb_nesting", "json_bomb_size",
+    "too_many_threads", "bad_name", "missing_checkpoint", "too_many_frames", "too_large", "json_bomb_nesting", "json_bomb_size",
 ])
 def test_bad_spec_input_fails_cleanly(tiny_ckpt, bad_inputs, tmp_path, capsys, case):
     d, cases = bad_inputs

@@ -87,9 +87,10 @@ def test_stage_processes_equal_single_process(tiny_ckpt, batch, single_process, 
     data = json.loads(trace.read_text())
     stages = {e["cat"] for e in data["traceEvents"] if e["ph"] == "X"}
     assert {"coordinator", "text", "vae", "dit"} <= stages
-    # every preset here has a DiT group of 2 (CFG pair) or 4 (cfg 2 x sp 2) ranks: the other ranks ran the same steps
+    # every CPU preset here has a CFG pair (cfg 2 x sp 1: no sequence split on CPU unless asked): the other rank of
+    # the pair ran the same steps
     assert any(e["name"].startswith("shard step") for e in data["traceEvents"])
-    assert "DiT groups" in proc.stderr and "cfg 2 x sp" in proc.stderr  # the chosen layout is printed
+    assert "DiT groups" in proc.stderr and "cfg 2 x sp 1" in proc.stderr  # the chosen layout is printed
 
 
 def test_direction_groups_transport_equals_single_process(tiny_ckpt, batch, single_process, tmp_path):
@@ -101,7 +102,7 @@ def test_direction_groups_transport_equals_single_process(tiny_ckpt, batch, sing
     env = {"TRANSFER_TRANSPORT": "pairs", "TRANSFER_TEST_FAULT": "1:late_shard",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT)])}
     proc = launch(6, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),
-                  "--save_raw", *FAST, env=env)
+                  "--save_raw", "--context_parallel_size", "2", *FAST, env=env)
     assert proc.returncode == 0, failure(proc)
     assert "DiT groups [1, 2, 3, 4] (cfg 2 x sp 2)" in proc.stderr
     assert "rank 4: early velocity" in proc.stderr, failure(proc)

@@ -82,7 +82,7 @@ def test_stock_attention_processor_fails_at_start(tiny_ckpt, inputs, tmp_path):
     wrong video) stops the run before any step, with one line naming the module; nothing is written."""
     env = {"TRANSFER_TEST_FAULT": "2:stock_processor",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT)])}
-    proc = run(4, inputs / "spec.json", tmp_path / "out", env=env)
+    proc = run(4, inputs / "spec.json", tmp_path / "out", "--context_parallel_size", "2", env=env)
     assert proc.returncode != 0
     lines = [x for x in proc.stderr.splitlines() if x.startswith("transfer.py: error: sequence parallel (sp 2)")]
     assert len(lines) == 1, proc.stderr[-3000:]
@@ -97,7 +97,7 @@ def _free_port() -> int:
 
 
 def test_two_nodes_of_three_equal_one_process(tiny_ckpt, inputs, tmp_path):
-    """torchrun --nnodes 2 --nproc_per_node 3 on 127.0.0.1: the preset keeps each sequence-parallel branch inside a
+    """torchrun --nnodes 2 --nproc_per_node 3 on 127.0.0.1, ``--context_parallel_size 2``: the preset keeps each sequence-parallel branch inside a
     node (ranks 1-2 and 3-4) and puts the CFG branches across the nodes; coordinator + text on rank 0, the VAE on 5."""
     ref = run(1, inputs / "spec.json", tmp_path / "one")
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -108,7 +108,8 @@ def test_two_nodes_of_three_equal_one_process(tiny_ckpt, inputs, tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
                "--nproc_per_node", "3", "--master_addr", "127.0.0.1", "--master_port", port,
                str(ROOT / "transfer.py"), "--num_gpus", "6", "--controlnet_specs", str(inputs / "spec.json"),
-               "--video_save_folder", str(tmp_path / "two"), "--save_raw", "--seed", "5", *FAST]
+               "--video_save_folder", str(tmp_path / "two"), "--save_raw", "--seed", "5", "--context_parallel_size", "2",
+               *FAST]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]

@@ -79,7 +79,7 @@ def test_a_request_failing_in_a_stage_is_recorded_and_the_rest_runs(tiny_ckpt, b
 
 
 def test_a_failing_sequence_shard_ends_every_rank(tiny_ckpt, batch, reference, tmp_path):
-    """4 ranks, the preset's one cfg 2 x sp 2 DiT group: rank 2 (a sequence shard of the unconditional branch) fails on
+    """4 ranks, ``--context_parallel_size 2``: the preset's one cfg 2 x sp 2 DiT group: rank 2 (a sequence shard of the unconditional branch) fails on
     the poison request. Its branch partner is inside a collective with it, so the run ends (non-zero, bounded time,
     every rank gone); the requests written before it are complete and equal the reference; nothing half-written."""
     import time
@@ -87,7 +87,7 @@ def test_a_failing_sequence_shard_ends_every_rank(tiny_ckpt, batch, reference, t
     env = {"TRANSFER_TEST_FAULT": "2:dit", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT)])}
     start = time.monotonic()
     proc = launch(4, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path), "--save_raw",
-                  *FAST, env=env)
+                  "--context_parallel_size", "2", *FAST, env=env)
     assert proc.returncode != 0 and time.monotonic() - start < 180, proc.stderr[-3000:]
     assert "DiT groups [0, 1, 2, 3] (cfg 2 x sp 2)" in proc.stderr
     assert "rank 2 (vae+dit) failed" in proc.stderr or "rank 2 (dit) failed" in proc.stderr, proc.stderr[-3000:]

@@ -77,7 +77,7 @@ SKIPS = re.compile(r"dit: step cache adaptive \(threshold 0\.3, warmup 2, max sk
 
 
 def test_cached_stage_processes_equal_cached_single_process(tiny_ckpt, tmp_path):
-    """One three-chunk video, 8 steps, adaptive cache: 4 gloo ranks (one DiT group of cfg 2 x sp 2) give the cached
+    """One three-chunk video, 8 steps, adaptive cache: 4 gloo ranks with ``--context_parallel_size 2`` (one DiT group of cfg 2 x sp 2) give the cached
     single process's latents within 1e-5 and skip the same steps in every chunk (rank 0's log; every rank of the group
     decides from the same whole velocities, and a rank deciding otherwise would stop the run in the next exchange)."""
     for name in ("example_input.mp4", "example_edge.mp4"):
@@ -89,7 +89,7 @@ def test_cached_stage_processes_equal_cached_single_process(tiny_ckpt, tmp_path)
              "--num_steps", "8", "--num_frames_per_chunk", "5", "--step_cache", "adaptive", "--step_cache_threshold", "0.3"]
     one = launch(1, *flags, "--video_save_folder", str(tmp_path / "one"))
     assert one.returncode == 0, failure(one)
-    four = launch(4, *flags, "--video_save_folder", str(tmp_path / "four"))
+    four = launch(4, *flags, "--video_save_folder", str(tmp_path / "four"), "--context_parallel_size", "2")
     assert four.returncode == 0, failure(four)
     assert "DiT groups [0, 1, 2, 3] (cfg 2 x sp 2)" in four.stderr
     skips_one, skips_four = SKIPS.findall(one.stderr), SKIPS.findall(four.stderr)

@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument(f"--offload_{flag}", action="store_true", help="upstream's flag: same as --offload stages")
     run.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                      help="weights and activations: auto = bf16 on CUDA, fp32 on CPU (default: auto); bf16 runs on CPU too")
+    run.add_argument("--cpu_threads", type=int, default=1,
+                     help="torch threads of each process that computes on the CPU (default: 1, in one process and "
+                          "under torchrun alike, so the bytes written do not depend on the machine's cores or the "
+                          "process count; another count rounds float sums differently and is recorded in the manifest)")
     run.add_argument("--trace", help="write a Chrome/Perfetto trace of every stage's busy intervals (multi-process runs)")
 
     pre = p.add_argument_group("computed controls (docs/preprocessors.md): a control without input_control is "

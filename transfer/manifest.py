@@ -90,7 +90,8 @@ def run_settings(args, job, guard_names: list[str] | None = None, dtype: str | N
             "save_raw": bool(args.save_raw), "guardrails": guards, "dtype": dtype,
             "random_weights": args.checkpoint_preset if getattr(args, "random_weights", False) else None,
             **({} if job.step_cache.method == "off" else {"step_cache": asdict(job.step_cache)}),
-            **({} if job.attention in ("auto", "native") else {"attention_backend": job.attention})}
+            **({} if job.attention in ("auto", "native") else {"attention_backend": job.attention}),
+            **({} if args.cpu_threads == 1 else {"cpu_threads": args.cpu_threads})}
 
 
 def request_settings(request, controls, shared: dict) -> dict:

@@ -9,10 +9,11 @@ from pathlib import Path
 from loguru import logger
 
 from transfer.errors import Terminated, TransferError, check_stop
-from transfer.job import default_device, dtype_for, make_gate, plan_job
+from transfer.job import default_device, dtype_for, make_gate, pin_cpu_threads, plan_job
 from transfer.loading import load_stages
 from transfer.pipeline import TransferPipeline
 from transfer.residency import describe
+from transfer.video_io import freeze_heap
 
 
 @dataclass
@@ -27,11 +28,13 @@ class Outcome:
 def run(args, guards=None) -> Outcome:
     """Generate every request of ``args``; ``guards`` (a ``guardrails.GuardSet``) replaces the guards the options
     would build -- the injection point for custom guards (single process)."""
+    pin_cpu_threads(args.cpu_threads)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from transfer.distributed.runtime import run_distributed
 
         run_distributed(args)  # exits the process
     job = plan_job(args)
+    freeze_heap()
     job.failures.write()  # bad batch lines found while planning (or no file: an older one goes)
     gate = make_gate(args, job, guards=guards)
     try:
@@ -98,4 +101,5 @@ def load_pipeline(job) -> TransferPipeline:
     logger.info(f"checkpoint {where} on {device} ({dtype}), controls: {', '.join(modalities)}")
     stages, job.residency = load_stages(job.info, ["text", "vae", "dit"], modalities, device, dtype, job.compile, job.offload,
                                         job.attention, job.step_cache)
+    freeze_heap()
     return TransferPipeline(stages["text"], stages["vae"], stages["dit"], job.limits, job.settings)

@@ -116,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from transfer.cli import parse_args
     from transfer.errors import TransferError
-    from transfer.job import default_device, dtype_for, plan_job
+    from transfer.job import default_device, dtype_for, pin_cpu_threads, plan_job
     from transfer.pipeline import prepare_request
     from transfer.checkpoint import load_text_encoder
     from transfer.video_io import write_mp4, write_npz
 
     args = parse_args(argv, prog="python -m transfer.upstream", description=__doc__)  # transfer.py's flags and defaults
     try:
+        pin_cpu_threads(args.cpu_threads)  # the same float sums as transfer.py's run of the same flags
         job = plan_job(args)
         for request in job.requests:
             if len(request.controls) != 1:

@@ -37,27 +37,36 @@ MAX_FRAMES = 10_000
 MAX_SIDE = 4096
 
 
+_SHAPES: dict[tuple, tuple[int, int, int]] = {}
+
+
 def video_shape(path: str | Path, what: str = "video", max_frames: int = MAX_FRAMES,
                 max_side: int = MAX_SIDE) -> tuple[int, int, int]:
     """``(frames, height, width)`` of ``path`` from its container metadata (nothing decoded); ``TransferError`` if it
-    is missing, empty or not a video, or longer than ``max_frames`` or larger than ``max_side`` on a side."""
+    is missing, empty or not a video, or longer than ``max_frames`` or larger than ``max_side`` on a side. Read once
+    per process for a given (path, size, mtime), as ``file_digest``."""
     import imageio.v3 as iio
 
     path = Path(path)
     if not path.is_file():
         raise TransferError(f"{what} not found: {path}")
-    if path.stat().st_size == 0:
+    stat = path.stat()
+    if stat.st_size == 0:
         raise TransferError(f"cannot read {what} {path}: empty file")
-    try:
-        props = iio.improps(path, plugin="pyav")
-    except Exception:  # PyAV's own words ("can not handle the given uri", "unknown error ... plugin") say nothing
-        raise TransferError(f"cannot read {what} {path}: not a video PyAV/FFmpeg can decode") from None
-    shape = props.shape if len(props.shape) == 4 else (1, *props.shape)
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHAPES:
+        try:
+            props = iio.improps(path, plugin="pyav")
+        except Exception:  # PyAV's own words ("can not handle the given uri", "unknown error ... plugin") say nothing
+            raise TransferError(f"cannot read {what} {path}: not a video PyAV/FFmpeg can decode") from None
+        shape = props.shape if len(props.shape) == 4 else (1, *props.shape)
+        _SHAPES[key] = tuple(int(v) for v in shape[:3])
+    shape = _SHAPES[key]
     if shape[0] > max_frames:
         raise TransferError(f"{what} {path} has {shape[0]} frames, more than --max_frames {max_frames}")
     if max(shape[1:3]) > max_side:
         raise TransferError(f"{what} {path} is {shape[2]}x{shape[1]}, larger than --max_resolution {max_side}")
-    return tuple(int(v) for v in shape[:3])
+    return shape
 
 
 def read_video(path: str | Path, what: str = "video", max_frames: int = MAX_FRAMES,
@@ -69,9 +78,10 @@ def read_video(path: str | Path, what: str = "video", max_frames: int = MAX_FRAM
 
     path = Path(path)
     video_shape(path, what, max_frames, max_side)
-    try:
-        frames = iio.imread(path, plugin="pyav")
-        fps = float(iio.immeta(path, plugin="pyav").get("fps") or 0.0)
+    try:  # one open: imageio's PyAV plugin runs a full gc.collect() on every close (freeze_heap)
+        with iio.imopen(path, "r", plugin="pyav") as video:
+            frames = video.read()
+            fps = float(video.metadata().get("fps") or 0.0)
     except Exception as e:  # PyAV raises many types for corrupt or non-video files
         raise TransferError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from None
     if frames.ndim == 3:  # a single image decodes as [H, W, 3]
@@ -79,6 +89,18 @@ def read_video(path: str | Path, what: str = "video", max_frames: int = MAX_FRAM
     if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] != 3:
         raise TransferError(f"cannot read {what} {path}: decoded shape {frames.shape} is not RGB video frames")
     return frames, fps
+
+
+def freeze_heap() -> None:
+    """Hide what is on the heap now (modules, models) from Python's cyclic collector. imageio's PyAV plugin runs a
+    full ``gc.collect()`` each time it closes a video (PyAV's filter graphs are cycles whose destructor joins
+    threads): with torch, diffusers and the models loaded, each one took 0.16 s on this 2-core machine, about 4 s of
+    every request of a tiny-model batch. After ``gc.freeze()`` a collection walks only what was made since; garbage
+    made later is still collected. Called once the imports are done and again once the models are loaded."""
+    import gc
+
+    gc.collect()  # what is already garbage goes now, not frozen with the rest
+    gc.freeze()
 
 
 _DIGESTS: dict[tuple, str] = {}

@@ -13,6 +13,7 @@ heads, ``--context_parallel_size`` and the ranks per node (docs/parallelism.md):
   on ranks that the group leaves free, else beside a shard (a single request runs its stages one after another) --
   but only on GPUs of 64 GB or more (``share_stages``): on smaller ones the text encoder and the VAE keep a rank
   each, off the DiT;
+* on CPU (gloo) the groups keep sp 1 unless ``--context_parallel_size`` asks for more: bit-identical to one process;
 * a batch: every layout of equal groups is costed as ``ceil(requests / groups) / (cfg * sp * efficiency(sp))`` and
   the cheapest wins (ties: fewer idle ranks, fewer groups, then the coordinator on rank 0); replicas never share a rank with a stage.
 
@@ -221,10 +222,13 @@ def preset(world_size: int, **kwargs) -> Placement:
 
 
 def choose_preset(world_size: int, *, requests: int = 1, guidance: float = 3.0, heads: int = 16,
-                  sp: int | None = None, per_node: int | None = None, share_stages: bool = True) -> PresetChoice:
+                  sp: int | None = None, per_node: int | None = None, share_stages: bool = True,
+                  split_sequence: bool = True) -> PresetChoice:
     """The placement that ends ``requests`` requests soonest under the cost model in the module docstring, with every
     sequence-parallel degree the heads allow (or only ``sp``: ``--context_parallel_size``). ``share_stages`` False
-    (GPUs under 64 GB): the text encoder and the VAE never sit beside a DiT shard."""
+    (GPUs under 64 GB): the text encoder and the VAE never sit beside a DiT shard. ``split_sequence`` False (CPU
+    runs): without ``sp`` the groups keep sp 1, whose outputs equal one process's bit for bit (sequence shards'
+    matrix products may round differently, docs/parallelism.md "Equality")."""
     if world_size < 1:
         raise TransferError(f"no placement for {world_size} processes")
     if world_size == 1:
@@ -233,7 +237,7 @@ def choose_preset(world_size: int, *, requests: int = 1, guidance: float = 3.0, 
         return PresetChoice(Placement(1), "one process holds every stage")
     per_node = min(per_node or world_size, world_size)
     cfgs = (2, 1) if guidance > 1.0 else (1,)
-    degrees = [sp] if sp else [d for d in range(per_node, 0, -1) if heads_split(heads, d)]
+    degrees = [sp] if sp else [d for d in range(per_node if split_sequence else 1, 0, -1) if heads_split(heads, d)]
     if sp and (sp > per_node or not heads_split(heads, sp)):
         why = (f"more than the {per_node} ranks of a node" if sp > per_node
                else f"does not split the DiT's {heads} attention heads")

@@ -42,6 +42,7 @@ from transfer.distributed.transport import Message, PeerFailure, Transport, dire
 from transfer.errors import Terminated, TransferError, check_stop, raise_on_stop_signals
 from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.loading import load_stages
+from transfer.video_io import freeze_heap
 from transfer.residency import describe
 
 #: Gloo's timeout for one blocking operation. Stages legitimately wait minutes for the DiT;
@@ -86,6 +87,7 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
             self.sequence_parallel = sequence_parallel.enable(models, branches[group.branch_of(rank)])
             self.dit.shard_tokens = self.sequence_parallel.shard_tokens  # weight maps cut like the residuals
         self.dit_dtype = dtype
+        freeze_heap()  # imports and models: out of the collector's view (imageio collects on every video close)
         # guards: built on the coordinator only; an asynchronous release wakes this loop with a "released" message
         self.gate = make_gate(args, job, notify=lambda: transport.send(rank, "released")) if "coordinator" in self.stages else None
         # stage state
@@ -226,7 +228,8 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
 
 def placement_from_args(args, world_size: int, requests: int = 1, heads: int = 16) -> PresetChoice:
     """``--placement``, else the preset for this run: request count, guidance, the DiT's heads,
-    ``--context_parallel_size`` and the ranks per node (LOCAL_WORLD_SIZE)."""
+    ``--context_parallel_size`` and the ranks per node (LOCAL_WORLD_SIZE). On CPU the preset splits no sequence
+    unless asked (its outputs then equal one process's bit for bit); ``--plan`` plans for GPUs."""
     if args.placement:
         return PresetChoice(from_file(args.placement, world_size), f"--placement {args.placement}")
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
@@ -235,7 +238,8 @@ def placement_from_args(args, world_size: int, requests: int = 1, heads: int = 1
     else:
         share = not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory / 1e9 >= SHARE_STAGES_GB
     return choose_preset(world_size, requests=requests, guidance=args.guidance, heads=heads,
-                         sp=args.context_parallel_size, per_node=per_node, share_stages=share)
+                         sp=args.context_parallel_size, per_node=per_node, share_stages=share,
+                         split_sequence=args.plan or torch.cuda.is_available())
 
 
 def _exit(code: int) -> None:
