@@ -75,17 +75,35 @@ def test_a_stop_signal_lost_in_a_finalizer_still_stops_the_run(tiny_ckpt, batch,
     assert check_folder(tmp_path) != ["r0", "r1", "r2", "r3"]
 
 
-def test_sigterm_to_torchrun_stops_every_rank(tiny_ckpt, batch, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_to_torchrun_stops_every_rank(tiny_ckpt, batch, tmp_path, sig):
+    """SIGTERM to torchrun, or SIGINT to its process group (Ctrl-C in a terminal): its agent passes it on to every
+    rank (each in a session of its own), and each rank prints one line and exits; the agent's own traceback
+    (SignalException) follows, which nothing in a worker can prevent (docs/usage.md)."""
     proc = launch(4, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path),
                   "--num_steps", "12", "--num_frames_per_chunk", "9", "--guardrail", "async", popen=True)
     wait_for_file(tmp_path / "r0.mp4", proc)
     pids = _rank_pids(proc.pid)
     assert set(pids) == {0, 1, 2, 3}
-    os.kill(proc.pid, signal.SIGTERM)
+    (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)
     start = time.monotonic()
-    proc.communicate(timeout=90)
+    out, _ = proc.communicate(timeout=90)
     assert time.monotonic() - start < 60
     assert proc.returncode != 0
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids.values())
+    stopped = sorted(line for line in out.splitlines() if line.startswith("transfer.py: rank "))
+    assert [line.split(" stopped by ")[0] for line in stopped] == [f"transfer.py: rank {r}" for r in range(4)], out[-3000:]
+    assert all(f"stopped by {sig.name}" in line for line in stopped)
     written = check_folder(tmp_path)
     assert "r0" in written and written != ["r0", "r1", "r2", "r3"]
+
+
+def test_a_stop_while_starting_is_one_line(tiny_ckpt, batch, tmp_path):
+    """SIGINT 1.5 s in (importing torch and diffusers): the one line and 130, no KeyboardInterrupt traceback."""
+    proc = launch(1, "--batch_input_path", str(batch / "batch.jsonl"), "--video_save_folder", str(tmp_path), popen=True)
+    time.sleep(1.5)
+    os.kill(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and out.strip().splitlines()[-1].startswith("transfer.py: stopped by SIGINT")
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())

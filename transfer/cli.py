@@ -310,33 +310,36 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None, descripti
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transfer.errors import Terminated, TransferError, raise_on_stop_signals
+
+    with raise_on_stop_signals():  # from the first line: a stop while importing or loading is one line too
+        try:
+            return _main(argv)
+        except TransferError as e:
+            print(f"transfer.py: error: {e}", file=sys.stderr)
+            return 2
+        except Terminated as stop:
+            print(f"transfer.py: stopped by {stop}: outputs already written are complete, nothing half-written is "
+                  "left", file=sys.stderr)
+            return stop.exit_code
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local directories only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from loguru import logger
 
-    from transfer.errors import Terminated, TransferError, raise_on_stop_signals
-
     logger.remove()
     logger.add(sys.stderr, level=os.environ.get("TRANSFER_LOG_LEVEL", "INFO"),
                format="<green>{time:HH:mm:ss}</green> | <level>{level: <7}</level> | {message}")
-    try:
-        if args.plan:
-            from transfer.plan import run_plan
+    if args.plan:
+        from transfer.plan import run_plan
 
-            report = run_plan(args)
-            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank plans; one prints
-                print(report)
-            return 0
-        from transfer.runner import run
+        report = run_plan(args)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank plans; one prints
+            print(report)
+        return 0
+    from transfer.runner import run
 
-        with raise_on_stop_signals():
-            return run(args).status
-    except TransferError as e:
-        print(f"transfer.py: error: {e}", file=sys.stderr)
-        return 2
-    except Terminated as stop:
-        print(f"transfer.py: stopped by {stop}: outputs already written are complete, nothing half-written is left",
-              file=sys.stderr)
-        return stop.exit_code
-    return 0
+    return run(args).status

@@ -347,25 +347,27 @@ class TransferPipeline:
         # latent mode: every VAE encode before the chunk loop, every decode after it
         encoded = [encode_controls(self.vae, videos, w, F, self.dit.dtype) for w in chunks] if latent_mode else None
         decoded, latents_out = [], []
-        bar = tqdm(total=len(chunks) * s.num_steps, desc=req.name, unit="step", disable=not progress, leave=False)
-        for k, window in enumerate(chunks):
-            controls = encoded[k] if latent_mode else encode_controls(self.vae, videos, window, F, self.dit.dtype)
-            cond, num_cond = None, 0
-            if k > 0 and C > 0:
-                num_cond = self.limits.cond_latent_frames(C)
-                if latent_mode:
-                    cond = latent_condition(latents_out[-1], num_cond)
-                else:
-                    cond = roundtrip_condition(self.vae, decoded[-1], C)
-            latents = self.dit.denoise(
-                noise(k, shape), cond, num_cond, controls, chunk_scales(prepared, window, self.limits, s), prompt_embeds,
-                negative_embeds,
-                s.num_steps, s.guidance, (prepared.height, prepared.width), on_step=lambda _: (bar.update(), check_stop()),
-            )
-            if not latent_mode:
-                decoded.append(self.vae.decode(latents))
-            latents_out.append(latents.cpu())
-        bar.close()
+        # a with block: a stop or an error clears the bar before its message is printed (not glued onto the bar)
+        total = len(chunks) * s.num_steps
+        with tqdm(total=total, desc=req.name, unit="step", disable=not progress, leave=False) as bar:
+            for k, window in enumerate(chunks):
+                controls = (encoded[k] if latent_mode
+                            else encode_controls(self.vae, videos, window, F, self.dit.dtype))
+                cond, num_cond = None, 0
+                if k > 0 and C > 0:
+                    num_cond = self.limits.cond_latent_frames(C)
+                    if latent_mode:
+                        cond = latent_condition(latents_out[-1], num_cond)
+                    else:
+                        cond = roundtrip_condition(self.vae, decoded[-1], C)
+                latents = self.dit.denoise(
+                    noise(k, shape), cond, num_cond, controls, chunk_scales(prepared, window, self.limits, s),
+                    prompt_embeds, negative_embeds, s.num_steps, s.guidance, (prepared.height, prepared.width),
+                    on_step=lambda _: (bar.update(), check_stop()),
+                )
+                if not latent_mode:
+                    decoded.append(self.vae.decode(latents))
+                latents_out.append(latents.cpu())
         if latent_mode:
             decoded = [self.vae.decode(latents) for latents in latents_out]
         result = assemble(decoded, latents_out, C, prepared.num_frames)

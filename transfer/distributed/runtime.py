@@ -20,11 +20,13 @@ bit-identical to the single-process run whatever the interleaving.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 import time
 import traceback
 from collections import deque
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -242,8 +244,16 @@ def placement_from_args(args, world_size: int, requests: int = 1, heads: int = 1
                          split_sequence=args.plan or torch.cuda.is_available())
 
 
-def _exit(code: int) -> None:
-    """Leave without tearing down the process group: receiver threads may still block in recv."""
+def _exit(code: int, message: str | None = None) -> None:
+    """Leave without tearing down the process group: receiver threads may still block in recv. ``message``: the line
+    this rank printed, also written where torchrun's agent reads a failed worker's error (``TORCHELASTIC_ERROR_FILE``),
+    so that its failure summary, printed after every rank has exited, names it instead of "To enable traceback see"."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if message and error_file:
+        try:
+            Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+        except OSError:
+            pass  # the summary then says what it says; the line above it is already printed
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -292,7 +302,7 @@ def run_distributed(args) -> None:
     except TransferError as e:  # every rank validates the same inputs and fails the same way
         if rank == 0:
             print(f"transfer.py: error: {e}", file=sys.stderr)
-        _exit(2)
+        _exit(2, f"transfer.py: error: {e}")
     if rank == 0:
         logger.info(f"placement: {choice.why}")
         logger.info(f"placement: {placement.describe()}")
@@ -301,32 +311,38 @@ def run_distributed(args) -> None:
     branches = sequence_parallel.branch_meshes([b for g in placement.dit_groups if g.sp > 1 for b in g.branches()],
                                                "cuda" if cuda else "cpu")
     tracer = Tracer(rank, t0)
-    loop, code = None, None
+    loop, code, message = None, None, None
     try:
         loop = RankLoop(rank, placement, job, args, transport, tracer, branches)
         loop.run()
     except Terminated as stop:
         code = stop.exit_code
+        message = f"transfer.py: rank {rank} stopped by {stop}" + (
+            ": outputs already written are complete, nothing half-written is left" if rank == 0 else "")
+        print(message, file=sys.stderr)
     except PeerFailure as e:  # e.g. the other ranks got SIGTERM first and are gone
+        message = f"transfer.py: error: {e}"
         if rank == placement.coordinator:
-            print(f"transfer.py: error: {e}", file=sys.stderr)
+            print(message, file=sys.stderr)
         code = 1
     except TransferError as e:
         transport.abort_all(str(e))
-        print(f"transfer.py: error: {e}", file=sys.stderr)
+        message = f"transfer.py: error: {e}"
+        print(message, file=sys.stderr)
         code = 2
     except Exception as e:  # a stage crashed: tell everyone, show the original error
         where = f"rank {rank} ({'+'.join(placement.stages_of(rank))})"
         traceback.print_exc()
         transport.abort_all(f"{where} failed: {type(e).__name__}: {e}")
-        print(f"transfer.py: error: {where} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        message = f"transfer.py: error: {where} failed: {type(e).__name__}: {e}"
+        print(message, file=sys.stderr)
         code = 1
     if code is not None:
         if loop is not None and loop.gate is not None:
             loop.gate.abort()  # however the run ends: no new releases, the one being written finishes under its name
         if loop is not None:
             loop.residency.close()  # offloaded weights' temp files
-        _exit(code)
+        _exit(code, message)
     if rank == placement.coordinator:
         wall = time.time() - t0
         spans = tracer.spans + [s for t in loop.traces for s in t["spans"]]
