@@ -188,10 +188,28 @@ def train_vae(args) -> None:
     bar.close()
 
 
-def demo_dit_configs() -> tuple[dict, dict]:
-    """The demo DiT and its edge ControlNet (``configs.models.demo``)."""
+def demo_dit_configs(patch: int = 2) -> tuple[dict, dict]:
+    """The demo DiT and its edge ControlNet (``configs.models.demo``), with a spatial patch of ``patch`` latent cells
+    (``--patch``: 1 gives each latent cell, 4 x 4 pixels, a token of its own: four times the tokens of 2)."""
     cfg = demo()
+    for c in (cfg.transformer, cfg.controlnet):
+        c["patch_size"] = (1, patch, patch)
     return cfg.transformer, cfg.controlnet
+
+
+def stage_patch(work: Path, name: str, patch: int | None) -> int:
+    """The spatial patch of the dit stage ``work/name``: fixed when the stage starts (``model.json``), read back on
+    resume and at export; ``patch`` (``--patch``) must agree with it."""
+    record = work / name / "model.json"
+    if record.is_file():
+        kept = json.loads(record.read_text())["patch"]
+        if patch is not None and patch != kept:
+            raise SystemExit(f"train_demo.py: error: {work / name} was started with --patch {kept}, not {patch}")
+        return kept
+    patch = patch or 2
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"patch": patch}) + "\n")
+    return patch
 
 
 def demo_tokenizer():
@@ -210,10 +228,14 @@ def demo_text_model():
 
 def load_vae(work: Path):
     """The trained demo VAE (frozen), with its latents' per-channel mean and std (measured once, kept in the work
-    folder: they go into the exported config, as real checkpoints carry theirs)."""
+    folder: they go into the exported config, as real checkpoints carry theirs). ``--stage vae_from`` puts an
+    exported checkpoint's VAE there instead of training one."""
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan(**DEMO_VAE)
+    if not (work / "vae" / "state.pt").is_file():
+        raise SystemExit(f"train_demo.py: error: no trained VAE in {work / 'vae'}: run --stage vae, or --stage "
+                         "vae_from --out CHECKPOINT to take an exported checkpoint's")
     vae.load_state_dict(torch.load(work / "vae" / "state.pt", map_location="cpu", weights_only=False)["models"]["vae"])
     vae.requires_grad_(False).eval()
     stats = work / "vae" / "latent_stats.json"
@@ -225,6 +247,24 @@ def load_vae(work: Path):
     data = json.loads(stats.read_text())
     vae.register_to_config(latents_mean=data["mean"], latents_std=data["std"])
     return vae
+
+
+def vae_from(args) -> None:
+    """The VAE of an exported checkpoint (``--out``, default the shipped demo/checkpoint) as this work folder's vae
+    stage: its weights as ``vae/state.pt`` and its latent statistics as ``vae/latent_stats.json``, so a new DiT can
+    train on the shipped VAE without retraining it (its ``log.jsonl`` copied from ``--vae_log`` when given)."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(args.out / "vae")
+    folder = args.work / "vae"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"models": {"vae": vae.state_dict()}, "step": 0}, folder / "state.pt")
+    (folder / "latent_stats.json").write_text(json.dumps({"mean": list(vae.config.latents_mean),
+                                                          "std": list(vae.config.latents_std)}))
+    if not (folder / "log.jsonl").is_file():
+        (folder / "log.jsonl").write_text(json.dumps({"step": 0, "loss": 0.0, "minutes": 0.0,
+                                                      "from": str(args.out)}) + "\n")
+    print(f"vae stage of {args.work} taken from {args.out / 'vae'}")
 
 
 def flow_times(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -251,7 +291,7 @@ def train_dit(args) -> None:
     device = torch.device(args.device)
     vae = VideoVAE(load_vae(args.work).to(device), device)
     torch.manual_seed(args.seed + 1)  # the models' initial weights (drawn on the CPU whatever --device)
-    t_cfg, c_cfg = demo_dit_configs()
+    t_cfg, c_cfg = demo_dit_configs(stage_patch(args.work, args.dit_name, args.patch))
     transformer, controlnet = CosmosTransformer3DModel(**t_cfg), CosmosControlNetModel(**c_cfg)
     transformer, controlnet = transformer.to(device), controlnet.to(device)
     text = TextEncoder(demo_text_model().to(device), demo_tokenizer(), device, torch.float32)
@@ -327,7 +367,7 @@ def export(args) -> None:
     staging = out.parent / f".{out.name}.export"
     shutil.rmtree(staging, ignore_errors=True)
     demo_tokenizer().save_pretrained(staging / "tokenizer")
-    t_cfg, c_cfg = demo_dit_configs()
+    t_cfg, c_cfg = demo_dit_configs(stage_patch(args.work, args.dit_name, None))
     for name, model, folder in (("text_encoder", demo_text_model(), "text_encoder"),
                                 ("transformer", CosmosTransformer3DModel(**t_cfg), "transformer"),
                                 ("controlnet", CosmosControlNetModel(**c_cfg), "controlnet/edge")):
@@ -369,7 +409,7 @@ def curve(args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="training folder (checkpoints and loss logs per stage)")
-    p.add_argument("--stage", choices=("vae", "dit", "export", "curve"), required=True)
+    p.add_argument("--stage", choices=("vae", "vae_from", "dit", "export", "curve"), required=True)
     p.add_argument("--steps", type=int, help="train until this many steps in all (resumes; the lr schedule follows it)")
     p.add_argument("--stop_at", type=int, help="stop after this step, as an interrupted run would (resume with --steps)")
     p.add_argument("--out", type=Path, help="export: the checkpoint folder to write (default: the shipped demo/checkpoint)")
@@ -389,6 +429,8 @@ def main(argv=None) -> int:
     p.add_argument("--image_steps", type=int, default=0,
                    help="dit: train the first this many steps on single frames (a per-frame phase; default: 0)")
     p.add_argument("--image_batch", type=int, default=16, help="dit: frames per step in the per-frame phase")
+    p.add_argument("--patch", type=int, choices=(1, 2),
+                   help="dit: spatial patch in latent cells, fixed when the stage starts (default: 2)")
     p.add_argument("--shape_weight", type=float, default=0.0,
                    help="dit: loss weight 1 + this x the shapes' coverage of each latent cell (default: 0, uniform)")
     args = p.parse_args(argv)
@@ -400,7 +442,7 @@ def main(argv=None) -> int:
         args.out = DEMO_CHECKPOINT
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"vae": train_vae, "dit": train_dit, "export": export, "curve": curve}[args.stage](args)
+    {"vae": train_vae, "vae_from": vae_from, "dit": train_dit, "export": export, "curve": curve}[args.stage](args)
     return 0
 
 

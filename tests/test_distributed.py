@@ -140,7 +140,10 @@ def test_batch_is_handed_out_in_a_bounded_window(tiny_ckpt, batch, tmp_path):
     six = batch / "six.jsonl"
     six.write_text("".join(json.dumps({**line, "name": f"r{j}", "seed": j}) + "\n" for j in range(6)))
     trace = tmp_path / "trace.json"
-    proc = launch(4, "--batch_input_path", str(six), "--video_save_folder", str(tmp_path), "--trace", str(trace), *FAST)
+    placement = tmp_path / "placement.json"  # one DiT (the CPU preset for 6 requests would make three replicas)
+    placement.write_text(json.dumps({"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}))
+    proc = launch(4, "--batch_input_path", str(six), "--video_save_folder", str(tmp_path), "--trace", str(trace),
+                  "--placement", str(placement), *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("*.mp4")) == [f"r{j}.mp4" for j in range(6)]
     events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
