@@ -73,3 +73,25 @@ def test_latent_coverage_follows_the_causal_vae_grouping():
     assert cover.shape == (1, 1, 5, 4, 4)
     assert cover[0, 0, 0, 0, 0] == 1.0 and cover[0, 0, 2, 1, 1] == 0.5
     assert float(cover.sum()) == 1.5  # nothing anywhere else
+
+
+def test_patch_one_on_the_shipped_vae_trains_and_exports(tmp_path, cache_dir):
+    """``--stage vae_from`` takes the shipped checkpoint's VAE (no VAE training); ``--patch 1`` is kept with the stage
+    (a resume with another patch is refused) and written into the exported transformer's config."""
+    from configs.models import DEMO_CHECKPOINT
+    from transfer.checkpoint import inspect_checkpoint
+
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--work", str(tmp_path), "--stage", "vae_from"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shipped = json.loads((DEMO_CHECKPOINT / "vae" / "config.json").read_text())
+    assert json.loads((tmp_path / "vae" / "latent_stats.json").read_text())["mean"] == shipped["latents_mean"]
+    train(tmp_path, "dit", 1, "--patch", "1")
+    refused = subprocess.run([sys.executable, str(SCRIPT), "--work", str(tmp_path), "--stage", "dit", "--steps", "2",
+                              "--patch", "2"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "was started with --patch 1, not 2" in refused.stderr
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--work", str(tmp_path), "--stage", "export",
+                           "--out", str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = inspect_checkpoint(tmp_path / "ckpt")
+    assert list(info.transformer["patch_size"]) == [1, 1, 1]
