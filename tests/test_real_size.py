@@ -30,7 +30,7 @@ def test_real_size_small_prints_every_column():
     assert "1 GPU 502.6 s" in out
     for world in (1, 4):
         assert re.search(rf"^{world} rank\(s\), transfer.py --random_weights, 2 chunks x 2 steps: wall [\d.]+ s$", out, re.M)
-    assert re.search(r"^\s+3\s+dit\s+[\d.]+\s+\d+%\s+[\d.]+\s+[\d.]+$", out, re.M)  # the 4-rank run's stage table
+    assert re.search(r"^\s+[1-3]\s+dit\s+[\d.]+\s+\d+%\s+[\d.]+\s+[\d.]+$", out, re.M)  # the 4-rank run's stage table
     assert "rank 3: weights on cpu" in out and "FAILED" not in out
 
 
