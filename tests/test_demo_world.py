@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from demo.metrics import background_accuracy, color_accuracy, edge_f1, edges, seam_ratio
-from demo.world import COLORS, HELD_OUT_SEEDS, TRAIN_SEEDS, Scene, render
+from demo.metrics import (background_accuracy, background_pixels, color_accuracy, edge_f1, edges, seam_ratio,
+                          shape_colors)
+from demo.world import BACKGROUNDS, COLORS, HELD_OUT_SEEDS, TRAIN_SEEDS, Scene, render
 
 
 def edge_video(frames: np.ndarray) -> np.ndarray:
@@ -42,6 +43,14 @@ def test_metrics_separate_the_true_video_from_noise():
         assert edge_f1(noise, control) < 0.4 and color_accuracy(noise, scene, masks) < 0.5
         assert background_accuracy(np.full_like(frames, 128) if scene.background != "gray" else frames * 0, scene,
                                    masks) == 0.0
+        assert background_pixels(frames, scene, masks).min() == 1.0
+        assert shape_colors(frames, scene, masks) == [1.0] * len(scene.shapes)
+        # noise's median is near gray, so one shape may match by chance; not every shape
+        assert background_pixels(noise, scene, masks).max() < 0.3 and min(shape_colors(noise, scene, masks)) < 0.5
+        half = frames.copy()  # the background's left half repainted in another named colour: 0.5 of its pixels
+        other = next(c for c in BACKGROUNDS if c != scene.background)
+        half[:, :, :32][~masks.any(1)[:, :, :32]] = BACKGROUNDS[other]
+        assert 0.4 < background_pixels(half, scene, masks).mean() < 0.6
 
 
 def test_seam_ratio_sees_a_jump_at_chunk_boundaries():
