@@ -6,7 +6,8 @@ Shared by ``benchmarks/quality.py`` (the table) and ``tests/test_demo_checkpoint
   the edge control computed from it (the edge preprocessor, as a user would leave it) and the scene's prompt;
 * ``generate``: one ``transfer.py --batch_input_path`` run (a subprocess) with a checkpoint preset and flags;
 * ``score``: edge F1 against the edges the tool computed from the decoded input, prompt color accuracy and
-  background accuracy of each output mp4 (``demo.metrics``), and the seam ratio at the chunk boundaries;
+  background accuracy of each output mp4 (``demo.metrics``), the per-frame goals (background pixels, shapes' colour
+  in >= 90% of frames), and the seam ratio at the chunk boundaries;
 * ``round_trip``: the inputs through the checkpoint's VAE alone (the ceiling a perfect DiT could reach).
 """
 
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from demo.metrics import background_accuracy, color_accuracy, edge_f1, edges, seam_ratio
+from demo.metrics import (background_accuracy, background_pixels, color_accuracy, edge_f1, edges, seam_ratio,
+                          shape_colors)
 from demo.world import HELD_OUT_SEEDS, Scene, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +92,11 @@ def score(out: Path, case: Case, boundaries: list[int] | None = None) -> dict:
     given, _ = read_video(case.input_path)
     control = np.repeat(edges(given)[..., None], 3, -1).astype(np.uint8) * 255
     result = {"edge_f1": edge_f1(output, control), "color": color_accuracy(output, case.scene, case.masks),
-              "background": background_accuracy(output, case.scene, case.masks), "shapes": len(case.scene.shapes)}
+              "background": background_accuracy(output, case.scene, case.masks), "shapes": len(case.scene.shapes),
+              # issue 31's per-frame goals: frames whose background pixels are >= 90% the prompt's colour, shapes in
+              # their prompt colour in >= 90% of their frames
+              "background_frames_90": float((background_pixels(output, case.scene, case.masks) >= 0.9).mean()),
+              "shapes_90": float(np.mean([c >= 0.9 for c in shape_colors(output, case.scene, case.masks)]))}
     if boundaries:
         result["seam"] = seam_ratio(output, boundaries)
         result["seam_input"] = seam_ratio(given, boundaries)
