@@ -91,7 +91,7 @@ def test_a_stop_to_torchrun_stops_every_rank(tiny_ckpt, batch, tmp_path, sig):
     assert time.monotonic() - start < 60
     assert proc.returncode != 0
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids.values())
-    stopped = sorted(line for line in out.splitlines() if line.startswith("transfer.py: rank "))
+    stopped = sorted(line for line in out.splitlines() if line.startswith("transfer.py: rank ") and " stopped by " in line)
     assert [line.split(" stopped by ")[0] for line in stopped] == [f"transfer.py: rank {r}" for r in range(4)], out[-3000:]
     assert all(f"stopped by {sig.name}" in line for line in stopped)
     written = check_folder(tmp_path)
@@ -107,3 +107,38 @@ def test_a_stop_while_starting_is_one_line(tiny_ckpt, batch, tmp_path):
     assert proc.returncode == 130, out[-3000:]
     assert "Traceback" not in out and out.strip().splitlines()[-1].startswith("transfer.py: stopped by SIGINT")
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_a_main_thread_stuck_in_c_code_is_ended_after_the_grace(tmp_path):
+    """The main thread inside a long C call (here numpy matrix products, which never run Python's signal handler;
+    under torchrun: a collective waiting for a rank that already stopped) when SIGINT comes: the watchdog removes the
+    temp file being written, prints the stop line and ends the process ``STOP_GRACE_S`` after the signal."""
+    import subprocess
+    import sys
+
+    from transfer.errors import STOP_GRACE_S
+
+    script = f"""
+import os, signal, threading
+import numpy as np
+from transfer.errors import raise_on_stop_signals
+from transfer.video_io import atomic_path
+raise_on_stop_signals()
+a = np.ones((6000, 6000))  # one product: about 10 s at one thread, with no signal check inside
+with atomic_path({str(tmp_path / "out.bin")!r}) as tmp:
+    open(tmp, "wb").write(b"partial")
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    a @ a
+print("not stopped")
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert "not stopped" not in proc.stdout
+    *_, stopped, removed = proc.stderr.strip().splitlines()
+    assert stopped.startswith(f"transfer.py: stopped by SIGINT (ended {STOP_GRACE_S} s after it")
+    assert removed.startswith("transfer.py: unfinished at the stop, removed: ") and removed.endswith(".tmp.bin")
+    assert list(tmp_path.iterdir()) == []  # the temp file went, no final file
+    assert elapsed < 60

@@ -1,6 +1,19 @@
 """User-facing errors: one clear line, non-zero exit, no output written; and stop signals."""
 
+import os
 import signal
+import sys
+import threading
+import time
+
+#: Seconds a stopped process's main thread has to unwind on its own (finish the file being written, print its line)
+#: before the watchdog ends the process. Python runs a signal handler only between bytecodes: a main thread inside a
+#: blocking C call (a collective waiting for a rank that already stopped, seen under torchrun: two ranks ignored
+#: SIGINT until torchrun SIGKILLed them 30 s later) would not stop at all without it.
+STOP_GRACE_S = 1.5
+#: Called, without arguments, just before such a forced exit; each returns the names of what it removed
+#: (``transfer.video_io`` removes its temp files there).
+BEFORE_FORCED_EXIT: list = []
 
 
 class TransferError(Exception):
@@ -22,6 +35,12 @@ class Terminated(BaseException):
         self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT
 
 
+def report_stop(message: str) -> None:
+    """Print a stop line (once per process: the watchdog then prints none of its own)."""
+    raise_on_stop_signals.reported = True
+    print(message, file=sys.stderr, flush=True)
+
+
 class raise_on_stop_signals:
     """Turn SIGTERM and SIGINT into ``Terminated`` in the main thread; as a ``with`` block, the previous
     handlers come back at its end. The signal is also remembered (``received``) for ``check_stop``."""
@@ -30,9 +49,16 @@ class raise_on_stop_signals:
     received: int | None = None
     """The stop signal this process got, if any."""
 
+    reported = False
+    """Whether this process has printed its stop line (``report_stop``)."""
+    armed = 0
+    """How many of these are in effect (a ``with`` block ends one): the watchdog acts only while one is."""
+
     def __init__(self):
         raise_on_stop_signals.received = None
         self.previous = {sig: signal.signal(sig, self.handler) for sig in self.SIGNALS}
+        raise_on_stop_signals.armed += 1
+        _start_watchdog()
 
     @classmethod
     def handler(cls, signum, frame):
@@ -48,6 +74,7 @@ class raise_on_stop_signals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         raise_on_stop_signals.received = None
+        raise_on_stop_signals.armed -= 1
 
 
 def check_stop() -> None:
@@ -58,3 +85,42 @@ def check_stop() -> None:
     in their cleanup."""
     if raise_on_stop_signals.received is not None:
         raise Terminated(raise_on_stop_signals.received)
+
+
+_WATCHDOG: list = []
+
+
+def _start_watchdog() -> None:
+    """Once per process, from the main thread: the C-level signal handler writes each signal's number to a pipe
+    (``signal.set_wakeup_fd``) at once, whatever the main thread is doing; a daemon thread reading it gives the main
+    thread ``STOP_GRACE_S`` to exit, then removes temp files, prints the stop line and ends the process."""
+    if _WATCHDOG or threading.current_thread() is not threading.main_thread():
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write)
+    thread = threading.Thread(target=_watch, args=(read,), name="stop-watchdog", daemon=True)
+    thread.start()
+    _WATCHDOG.append(thread)
+
+
+def _watch(fd: int) -> None:
+    while True:
+        for signum in os.read(fd, 64):
+            if signum not in (signal.SIGTERM, signal.SIGINT) or not raise_on_stop_signals.armed:
+                continue  # e.g. a test process that called cli.main and went on
+            time.sleep(STOP_GRACE_S)
+            unfinished = []
+            for hook in BEFORE_FORCED_EXIT:
+                try:
+                    unfinished += hook() or []
+                except Exception:  # a forced exit goes on whatever a hook meets
+                    pass
+            rank = f"rank {os.environ['RANK']} " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            sys.stderr.flush()
+            if not raise_on_stop_signals.reported:
+                os.write(2, f"transfer.py: {rank}stopped by {signal.Signals(signum).name} (ended {STOP_GRACE_S} s "
+                            f"after it: the work in progress did not return sooner)\n".encode())
+            if unfinished:
+                os.write(2, f"transfer.py: {rank}unfinished at the stop, removed: {', '.join(unfinished)}\n".encode())
+            os._exit(128 + signum)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer.errors import TransferError
+from transfer.errors import BEFORE_FORCED_EXIT, TransferError
 
 
 #: Defaults of ``--max_frames`` / ``--max_resolution``: a video beyond them is refused before it is decoded.
@@ -156,6 +156,7 @@ def atomic_path(final: str | Path):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _locked_temp_file(final)
+    _LIVE_TEMPS.add(str(tmp))
     try:
         yield tmp
         umask = os.umask(0)
@@ -166,6 +167,25 @@ def atomic_path(final: str | Path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         os.close(fd)  # releases the lock, after the rename or the removal
+        _LIVE_TEMPS.discard(str(tmp))
+
+
+#: Temp files this process is writing (``atomic_path``): a forced exit after a stop signal removes them.
+_LIVE_TEMPS: set[str] = set()
+
+
+def _remove_live_temp_files() -> list[str]:
+    removed = []
+    for name in list(_LIVE_TEMPS):
+        try:
+            os.unlink(name)
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+BEFORE_FORCED_EXIT.append(_remove_live_temp_files)
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[str]:
