@@ -51,16 +51,22 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
 
 
-def color_accuracy(output: np.ndarray, scene: Scene, masks: np.ndarray) -> float:
-    """Fraction of (frame, shape) pairs whose dominant colour is the prompt's (shapes with no pixel left skipped)."""
-    hits = total = 0
+def _shape_hits(output: np.ndarray, scene: Scene, masks: np.ndarray) -> list[list[bool]]:
+    """Per shape of the scene, per frame it shows in (eroded mask not empty): whether its dominant colour (the median
+    inside it) is its prompt colour."""
+    hits = [[] for _ in scene.shapes]
     for frame, frame_masks in zip(output, masks):
-        for shape, mask in zip(scene.shapes, frame_masks):
+        for i, (shape, mask) in enumerate(zip(scene.shapes, frame_masks)):
             inside = _erode(mask)
             if inside.any():
-                total += 1
-                hits += nearest_color(np.median(frame[inside], axis=0), tuple(COLORS)) == shape.color
-    return hits / total if total else 0.0
+                hits[i].append(nearest_color(np.median(frame[inside], axis=0), tuple(COLORS)) == shape.color)
+    return hits
+
+
+def color_accuracy(output: np.ndarray, scene: Scene, masks: np.ndarray) -> float:
+    """Fraction of (frame, shape) pairs whose dominant colour is the prompt's (shapes with no pixel left skipped)."""
+    pairs = [hit for shape in _shape_hits(output, scene, masks) for hit in shape]
+    return sum(pairs) / len(pairs) if pairs else 0.0
 
 
 def background_accuracy(output: np.ndarray, scene: Scene, masks: np.ndarray) -> float:
@@ -91,16 +97,7 @@ def background_pixels(output: np.ndarray, scene: Scene, masks: np.ndarray) -> np
 def shape_colors(output: np.ndarray, scene: Scene, masks: np.ndarray) -> list[float]:
     """Per shape of the scene: the fraction of the frames it shows in whose dominant colour (median inside it,
     eroded) is its prompt colour -- issue 31's per-shape goal (>= 0.9 each)."""
-    fractions = []
-    for i, shape in enumerate(scene.shapes):
-        hits = total = 0
-        for frame, frame_masks in zip(output, masks):
-            inside = _erode(frame_masks[i])
-            if inside.any():
-                total += 1
-                hits += nearest_color(np.median(frame[inside], axis=0), tuple(COLORS)) == shape.color
-        fractions.append(hits / total if total else 0.0)
-    return fractions
+    return [sum(hits) / len(hits) if hits else 0.0 for hits in _shape_hits(output, scene, masks)]
 
 
 def seam_ratio(frames: np.ndarray, boundaries: list[int]) -> float:

@@ -197,9 +197,10 @@ def demo_dit_configs(patch: int = 2) -> tuple[dict, dict]:
     return cfg.transformer, cfg.controlnet
 
 
-def stage_patch(work: Path, name: str, patch: int | None) -> int:
-    """The spatial patch of the dit stage ``work/name``: fixed when the stage starts (``model.json``), read back on
-    resume and at export; ``patch`` (``--patch``) must agree with it."""
+def stage_patch(work: Path, name: str, patch: int | None, start: bool = False) -> int:
+    """The spatial patch of the dit stage ``work/name``: fixed when the stage starts (``start``: written to
+    ``model.json``), read back on resume and at export (a stage from before the flag: 2); ``patch`` (``--patch``) must
+    agree with it."""
     record = work / name / "model.json"
     if record.is_file():
         kept = json.loads(record.read_text())["patch"]
@@ -207,8 +208,9 @@ def stage_patch(work: Path, name: str, patch: int | None) -> int:
             raise SystemExit(f"train_demo.py: error: {work / name} was started with --patch {kept}, not {patch}")
         return kept
     patch = patch or 2
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"patch": patch}) + "\n")
+    if start:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"patch": patch}) + "\n")
     return patch
 
 
@@ -252,7 +254,8 @@ def load_vae(work: Path):
 def vae_from(args) -> None:
     """The VAE of an exported checkpoint (``--out``, default the shipped demo/checkpoint) as this work folder's vae
     stage: its weights as ``vae/state.pt`` and its latent statistics as ``vae/latent_stats.json``, so a new DiT can
-    train on the shipped VAE without retraining it (its ``log.jsonl`` copied from ``--vae_log`` when given)."""
+    train on the shipped VAE without retraining it; its ``log.jsonl`` is one line naming where it came from (export
+    records that instead of a loss)."""
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan.from_pretrained(args.out / "vae")
@@ -291,7 +294,7 @@ def train_dit(args) -> None:
     device = torch.device(args.device)
     vae = VideoVAE(load_vae(args.work).to(device), device)
     torch.manual_seed(args.seed + 1)  # the models' initial weights (drawn on the CPU whatever --device)
-    t_cfg, c_cfg = demo_dit_configs(stage_patch(args.work, args.dit_name, args.patch))
+    t_cfg, c_cfg = demo_dit_configs(stage_patch(args.work, args.dit_name, args.patch, start=True))
     transformer, controlnet = CosmosTransformer3DModel(**t_cfg), CosmosControlNetModel(**c_cfg)
     transformer, controlnet = transformer.to(device), controlnet.to(device)
     text = TextEncoder(demo_text_model().to(device), demo_tokenizer(), device, torch.float32)
@@ -380,7 +383,8 @@ def export(args) -> None:
     for stage, folder in (("vae", "vae"), ("dit", args.dit_name)):
         rows = [json.loads(line) for line in (args.work / folder / "log.jsonl").read_text().splitlines()]
         last = [r for r in rows if stage == "vae" or r["step"] <= data["step"]][-1]
-        record[stage] = {"steps": last["step"], "final_loss": round(last["loss"], 4)}
+        record[stage] = ({"from": last["from"]} if "from" in last  # --stage vae_from: not trained here
+                         else {"steps": last["step"], "final_loss": round(last["loss"], 4)})
         if stage == "dit" and folder != "dit":
             record[stage]["folder"] = folder
     (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -310,7 +310,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None, descripti
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transfer.errors import Terminated, TransferError, raise_on_stop_signals, report_stop
+    from transfer.errors import STOPPED_CLEANLY, Terminated, TransferError, raise_on_stop_signals, report_stop
 
     with raise_on_stop_signals():  # from the first line: a stop while importing or loading is one line too
         try:
@@ -319,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"transfer.py: error: {e}", file=sys.stderr)
             return 2
         except Terminated as stop:
-            report_stop(f"transfer.py: stopped by {stop}: outputs already written are complete, nothing "
-                        "half-written is left")
+            report_stop(f"transfer.py: stopped by {stop}: {STOPPED_CLEANLY}")
             return stop.exit_code
 
 

@@ -35,6 +35,10 @@ class Terminated(BaseException):
         self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT
 
 
+#: What a stopped run's line says after "stopped by SIGNAL" (the single process, and rank 0 of a torchrun run).
+STOPPED_CLEANLY = "outputs already written are complete, nothing half-written is left"
+
+
 def report_stop(message: str) -> None:
     """Print a stop line (once per process: the watchdog then prints none of its own)."""
     raise_on_stop_signals.reported = True

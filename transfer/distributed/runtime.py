@@ -41,11 +41,12 @@ from transfer.distributed import sequence_parallel
 from transfer.distributed.placement import Placement, PresetChoice, choose_preset, from_file
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
 from transfer.distributed.transport import Message, PeerFailure, Transport, direction_groups
-from transfer.errors import Terminated, TransferError, check_stop, raise_on_stop_signals, report_stop
+from transfer.errors import (STOPPED_CLEANLY, Terminated, TransferError, check_stop, raise_on_stop_signals,
+                              report_stop)
 from transfer.job import default_device, dtype_for, make_gate, plan_job
 from transfer.loading import load_stages
-from transfer.video_io import freeze_heap
 from transfer.residency import describe
+from transfer.video_io import freeze_heap
 
 #: Gloo's timeout for one blocking operation. Stages legitimately wait minutes for the DiT;
 #: failures are detected by broken connections and abort messages, not by this.
@@ -326,8 +327,7 @@ def _run_distributed(args) -> None:
         loop.run()
     except Terminated as stop:
         code = stop.exit_code
-        message = f"transfer.py: rank {rank} stopped by {stop}" + (
-            ": outputs already written are complete, nothing half-written is left" if rank == 0 else "")
+        message = f"transfer.py: rank {rank} stopped by {stop}" + (f": {STOPPED_CLEANLY}" if rank == 0 else "")
         report_stop(message)
     except PeerFailure as e:  # e.g. the other ranks got SIGTERM first and are gone
         message = f"transfer.py: error: {e}"
