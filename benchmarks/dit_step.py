@@ -40,10 +40,10 @@ from configs.models import preset  # noqa: E402
 from transfer.acceleration import CPU_ATTENTION, compile_stage, set_attention_backend  # noqa: E402
 from transfer.checkpoint import info_from_preset, load_stage  # noqa: E402
 from transfer.errors import TransferError  # noqa: E402
-from transfer.job import dtype_for  # noqa: E402
+from transfer.device import dtype_for  # noqa: E402
 from transfer.memory import Request, call_inputs, dit_step, measured_peak  # noqa: E402
 
-#: Upstream's published one-GPU times of one Transfer2.5-2B edge chunk, 720p, 93 frames, 35 steps (ANCHORS.md).
+#: Upstream's published one-GPU times of one Transfer2.5-2B edge chunk, 720p, 93 frames, 35 steps (docs/performance.md).
 UPSTREAM_ONE_GPU = {"H200 NVL": 374.4, "H100 NVL": 502.6, "B200": 179.7}
 #: Backends tried by default: torch's own kernels and the packages diffusers can use when installed. ``_native_math``
 #: is left out on CUDA at real size: it materialises the score matrix (84480^2 per head: hundreds of GB).
@@ -197,9 +197,9 @@ def main() -> None:
 
 def taylorseer_computed(steps: int, interval: int, warmup: int = 2) -> int:
     """Steps a ``taylorseer`` chunk computes (its schedule depends on the step index only)."""
-    from transfer.step_cache import StepCacheConfig
+    from transfer.step_cache import StepCacheConfig, new_cache
 
-    cache = StepCacheConfig("taylorseer", interval=interval, warmup=warmup).new(steps)
+    cache = new_cache(StepCacheConfig("taylorseer", interval=interval, warmup=warmup), steps)
     for i in range(steps):
         if not cache.skip(i):
             cache.record(i, (torch.zeros(1),))

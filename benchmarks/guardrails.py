@@ -55,8 +55,8 @@ def as_cli(argv: list[str]) -> int:
     original = guardrails.build_guards
     text_delay, video_delay = float(os.environ["SLOW_TEXT"]), float(os.environ["SLOW_VIDEO"])
 
-    def build_guards(args, device="cpu"):
-        guards = original(args, device)
+    def build_guards(guard, device="cpu"):
+        guards = original(guard, device)
         if guards is not None:
             slow = SlowGuard(text_delay, video_delay)
             guards.text_guards.append(slow)

@@ -11,7 +11,7 @@ memory of each call above what was allocated before it (``transfer.memory.measur
 ``torch.cuda.max_memory_allocated`` on CUDA, the profiler's allocation events on CPU) beside ``--plan``'s estimate of
 it from shapes (``transfer.memory.estimate_calls``), and the same for the whole process (weights + its largest call).
 From the times, the projected wall time of a full video (``--full_steps`` steps, ``--full_chunks`` chunks, two
-controls) next to upstream's published 1/4/8-GPU times (../shared/ANCHORS.md).
+controls) next to upstream's published 1/4/8-GPU times (docs/performance.md).
 
 Part 2, for each ``--placements`` world size the visible devices allow: ``transfer.py`` under torchrun with
 ``--random_weights --trace`` on a ``--chunks``-chunk, two-control input: wall time, per rank and stage the busy
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from configs.models import preset  # noqa: E402
 from transfer.checkpoint import info_from_preset, load_stage  # noqa: E402
-from transfer.job import dtype_for  # noqa: E402
+from transfer.device import dtype_for  # noqa: E402
 from transfer.memory import CALLS, Request, call_inputs, estimate_calls, measured_peak  # noqa: E402
 from transfer.residency import stage_modules, tensor_bytes  # noqa: E402
 

@@ -12,7 +12,7 @@ machine with fewer cores than processes the seconds only show that the split run
 
 Part 2, projected: one Transfer2.5-2B edge-control video, 720p (704 x 1280), 93 frames = one chunk, 36 steps, CFG,
 on 1/2/4/8 GPUs with this fork's one-video presets (cfg 2 x sp N/2), next to upstream's published 502.6 / 154.5 /
-92.5 s on 1/4/8 H100 (../shared/ANCHORS.md). Terms, and where each comes from:
+92.5 s on 1/4/8 H100 (upstream's published table, docs/performance.md). Terms, and where each comes from:
 
 * FLOPs of one forward (DiT 28 blocks + 4 ControlNet blocks at 84,480 tokens): counted from the model shapes here.
 * one GPU's DiT seconds: upstream's 502.6 s minus the non-DiT critical path, i.e. upstream's own effective FLOP

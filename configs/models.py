@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Control modalities a checkpoint may carry a ControlNet for (cosmos-transfer1 spec keys).
-MODALITIES = ("vis", "edge", "depth", "seg", "keypoint")
+from configs.controls import MODALITIES  # noqa: F401 (the control registry's; presets name their modalities)
 
 #: Transfer2.5 scheduler: UniPC with Karras + flow sigmas (diffusers' conversion script).
 TRANSFER25_SCHEDULER = dict(

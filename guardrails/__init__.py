@@ -1,4 +1,4 @@
-"""Guardrails: text and video safety checks behind one small interface (DESIGN.md section 6).
+"""Guardrails: text and video safety checks behind one small interface (docs/guardrails.md).
 
 A guard has ``check_text_safety(prompt) -> bool`` and/or ``check_video_safety(frames) -> frames |
 None`` (the interface of diffusers' safety checkers, so a guard can be handed to diffusers too);
@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from transfer.config import GuardConfig
 from transfer.errors import TransferError
 
 #: Guards built in this process, by name (reported per rank; only the coordinator builds any).
@@ -85,53 +86,49 @@ class GuardSet:
         return frames, None
 
 
-def guard_mode(args) -> str:
-    return "off" if getattr(args, "disable_guardrail", False) else getattr(args, "guardrail", "off")
-
-
-def check_guard_args(args) -> None:
+def check_guard_config(guard: GuardConfig) -> None:
     """Validate guard options on every rank before anything loads (the same error everywhere)."""
-    if guard_mode(args) == "off":
+    if guard.mode == "off":
         return
     from guardrails.blocklist import read_terms
 
-    for path in [*(args.blocklist or []), *(args.allowlist or [])]:
+    for path in [*guard.blocklist, *guard.allowlist]:
         read_terms(path)
-    if args.guard_model:
+    if guard.guard_model:
         from guardrails.model import check_model_dir
 
-        check_model_dir(args.guard_model)
-    if args.cosmos_guardrail_dir:
+        check_model_dir(guard.guard_model)
+    if guard.cosmos_guardrail_dir:
         from guardrails.cosmos import check_cosmos_dir
 
-        check_cosmos_dir(args.cosmos_guardrail_dir)
-    if args.face_min_size < 1:
-        raise TransferError(f"--face_min_size must be at least 1 pixel, got {args.face_min_size}")
-    if not 0.0 < args.face_confidence <= 1.0:
-        raise TransferError(f"--face_confidence is a detector score in (0, 1], got {args.face_confidence}")
+        check_cosmos_dir(guard.cosmos_guardrail_dir)
+    if guard.face_min_size < 1:
+        raise TransferError(f"--face_min_size must be at least 1 pixel, got {guard.face_min_size}")
+    if not 0.0 < guard.face_confidence <= 1.0:
+        raise TransferError(f"--face_confidence is a detector score in (0, 1], got {guard.face_confidence}")
 
 
-def build_guards(args, device: str = "cpu") -> GuardSet | None:
+def build_guards(guard: GuardConfig, device: str = "cpu") -> GuardSet | None:
     """The guards the options ask for (None when off). Call on the one rank that runs guards."""
-    if guard_mode(args) == "off":
+    if guard.mode == "off":
         return None
     from guardrails.blocklist import BlocklistGuard
 
-    text, video = [BlocklistGuard(args.blocklist or (), args.allowlist or ())], []
-    if args.guard_model:
+    text, video = [BlocklistGuard(guard.blocklist, guard.allowlist)], []
+    if guard.guard_model:
         from guardrails.model import ModelTextGuard
 
-        text.append(ModelTextGuard(args.guard_model, device=device))  # loads on its first prompt
-    if args.cosmos_guardrail_dir:
+        text.append(ModelTextGuard(guard.guard_model, device=device))  # loads on its first prompt
+    if guard.cosmos_guardrail_dir:
         from guardrails.cosmos import CosmosGuardrail
 
-        cosmos = CosmosGuardrail(args.cosmos_guardrail_dir, device=device)
+        cosmos = CosmosGuardrail(guard.cosmos_guardrail_dir, device=device)
         text.append(cosmos)
         video.append(cosmos)
-    if args.face_pixelation == "on":
+    if guard.face_pixelation:
         from guardrails.faces import FacePixelationGuard
 
-        video.append(FacePixelationGuard(min_size=args.face_min_size, confidence=args.face_confidence))
+        video.append(FacePixelationGuard(min_size=guard.face_min_size, confidence=guard.face_confidence))
     guards = GuardSet(text, video)
     BUILT.extend(guards.names)
     return guards

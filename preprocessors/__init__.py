@@ -1,6 +1,6 @@
 """Control preprocessors: compute a control video from the input video when a spec gives none.
 
-One module per modality, found through ``REGISTRY`` and imported only when a request needs it:
+One module per modality (the control registry, ``configs.controls``), imported only when a request needs it:
 
 =========  ============================  ===================================================
 modality   module                        what it computes
@@ -38,17 +38,13 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
+from configs.controls import CONTROLS
 from transfer.errors import TransferError
 
-REGISTRY = {m: f"preprocessors.{m}" for m in ("vis", "edge", "depth", "seg", "keypoint")}
-#: Where model-backed preprocessors find their weights, under ``--preprocessor_dir``.
-MODEL_DIRS = {"depth": ("depth",), "seg": ("seg/detector", "seg/sam2"), "keypoint": ("keypoint/detector", "keypoint/pose")}
-
-
-def options_from_args(args) -> dict:
-    """The preprocessor settings of a run (each module's ``Config`` picks what it needs)."""
-    return {"blur_strength": args.blur_strength, "canny_threshold": args.canny_threshold,
-            "model_dir": None if args.preprocessor_dir is None else str(args.preprocessor_dir)}
+#: Each control's preprocessor module and, for model-backed ones, its weight folders under ``--preprocessor_dir``:
+#: from the control registry (``configs.controls``).
+REGISTRY = {c.name: c.preprocessor for c in CONTROLS}
+MODEL_DIRS = {c.name: c.model_dirs for c in CONTROLS if c.model_dirs}
 
 
 def check_models(modality: str, model_dir: str | Path | None) -> list[Path]:

@@ -11,7 +11,7 @@ BATCH = 8
 
 def device() -> torch.device:
     """The process's own GPU when there is one (the coordinator's, in stage-process runs), else the CPU."""
-    from transfer.job import default_device
+    from transfer.device import default_device
 
     return default_device()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,9 @@ import pytest
 
 from tests.conftest import run_cli, short_edge_spec
 from tests.test_distributed import launch
-from transfer.acceleration import check_acceleration, offload_mode
-from transfer.cli import build_parser
+from transfer.acceleration import check_acceleration
+from transfer.config import RuntimeConfig
+from transfer.cli import parse_config
 from transfer.errors import TransferError
 from transfer.runner import run
 
@@ -87,25 +87,25 @@ def test_tensorrt_where_it_cannot_run_is_one_clear_error(tiny_ckpt, spec, tmp_pa
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "torch_tensorrt" else real(name, *a))
     with pytest.raises(TransferError, match="--compile tensorrt needs a CUDA GPU and none is visible"):
-        check_acceleration(Namespace(compile="tensorrt", offload="none"), cuda=False)
+        check_acceleration(RuntimeConfig(compile="tensorrt"), cuda=False)
     with pytest.raises(TransferError, match="--offload stages cannot move weights built into TensorRT engines"):
-        check_acceleration(Namespace(compile="tensorrt", offload="stages"), cuda=True)
-    check_acceleration(Namespace(compile="tensorrt", offload="none"), cuda=True)
+        check_acceleration(RuntimeConfig(compile="tensorrt", offload="stages"), cuda=True)
+    check_acceleration(RuntimeConfig(compile="tensorrt"), cuda=True)
 
 
 def test_upstream_offload_flags_map_onto_offload_stages():
     for flag in ("diffusion_transformer", "text_encoder_model", "tokenizer", "guardrail_models", "prompt_upsampler"):
-        assert offload_mode(build_parser().parse_args([f"--offload_{flag}"])) == "stages"
-    assert offload_mode(build_parser().parse_args([])) == "none"
+        assert parse_config([f"--offload_{flag}"]).runtime.offload == "stages"
+    assert parse_config([]).runtime.offload == "none"
 
 
 def test_offload_stages_same_output_and_fewer_resident_bytes(tiny_ckpt, spec, tmp_path):
     spill_dirs = set(Path(tempfile.gettempdir()).glob("transfer-offload-*"))
     outcomes = {}
     for mode in ("none", "stages"):
-        args = build_parser().parse_args(["--controlnet_specs", str(spec), "--video_save_folder", str(tmp_path / mode),
-                                          "--offload", mode, *FAST])
-        outcomes[mode] = run(args)
+        config = parse_config(["--controlnet_specs", str(spec), "--video_save_folder", str(tmp_path / mode),
+                                "--offload", mode, *FAST])
+        outcomes[mode] = run(config)
     assert (tmp_path / "none" / "output.npz").read_bytes() == (tmp_path / "stages" / "output.npz").read_bytes()
     assert (tmp_path / "none" / "output.mp4").read_bytes() == (tmp_path / "stages" / "output.mp4").read_bytes()
     plain, offloaded = outcomes["none"].memory, outcomes["stages"].memory

@@ -79,31 +79,32 @@ def test_checkpoint_defaults_fill_what_the_user_did_not_give(tmp_path, monkeypat
     """The demo's ``transfer_defaults.json`` sets steps, guidance, chunk length and resolution; a flag, a
     Transfer2.5 field or ``--checkpoint_dir`` without the file keeps the user's or the tool's value; the default
     preset is ``demo`` unless ``$TRANSFER_CHECKPOINT_PRESET`` says otherwise; a malformed file is one error line."""
-    from transfer.cli import parse_args
-    from transfer.job import transfer25_defaults
+    from transfer.cli import parse_config
     from transfer.spec25 import parse_sample
 
     own = json.loads((DEMO_CHECKPOINT / "transfer_defaults.json").read_text())
     monkeypatch.delenv("TRANSFER_CHECKPOINT_PRESET")
-    args = parse_args(["--controlnet_specs", "x.json"])
-    assert args.checkpoint_preset == "demo"
-    assert (args.num_steps, args.guidance, args.num_frames_per_chunk) == (
+    config = parse_config(["--controlnet_specs", "x.json"])
+    assert config.checkpoint.preset == "demo"
+    g = config.generation
+    assert (g.num_steps, g.guidance, g.num_frames_per_chunk) == (
         own["num_steps"], own["guidance"], own["num_frames_per_chunk"])
-    args = parse_args(["--controlnet_specs", "x.json", "--num-steps", "3"])
-    assert (args.num_steps, args.num_frames_per_chunk) == (3, own["num_frames_per_chunk"])
+    g = parse_config(["--controlnet_specs", "x.json", "--num-steps", "3"]).generation
+    assert (g.num_steps, g.num_frames_per_chunk) == (3, own["num_frames_per_chunk"])
 
-    args = parse_args(["-i", "s.json"])  # the Transfer2.5 form: the checkpoint's values replace upstream's defaults
+    inputs = parse_config(["-i", "s.json"]).inputs  # Transfer2.5 form: the checkpoint's values replace upstream's
     sample = {"name": "a", "prompt": "p", "video_path": "v.mp4", "edge": {"control_weight": 1.0}}
-    request = parse_sample(sample, where="s.json", base_dir=tmp_path, flags={}, defaults=transfer25_defaults(args))
+    request = parse_sample(sample, where="s.json", base_dir=tmp_path, flags={}, defaults=dict(inputs.sample_defaults))
     assert (request.settings.num_steps, request.settings.num_frames_per_chunk, request.resolution) == (
         own["num_steps"], own["num_frames_per_chunk"], int(own["resolution"]))
     request = parse_sample({**sample, "num_steps": 7}, where="s.json", base_dir=tmp_path, flags={},
-                           defaults=transfer25_defaults(args))
+                           defaults=dict(inputs.sample_defaults))
     assert request.settings.num_steps == 7
 
     monkeypatch.setenv("TRANSFER_CHECKPOINT_PRESET", "tiny")
-    args = parse_args(["--controlnet_specs", "x.json"])
-    assert (args.checkpoint_preset, args.num_steps, args.num_frames_per_chunk) == ("tiny", 36, 93)
+    config = parse_config(["--controlnet_specs", "x.json"])
+    assert (config.checkpoint.preset, config.generation.num_steps, config.generation.num_frames_per_chunk) == (
+        "tiny", 36, 93)
 
     (tmp_path / "transfer_defaults.json").write_text(json.dumps({"num_step": 3}))
     proc = run_cli("--controlnet_specs", "assets/demo_spec.json", "--checkpoint_dir", str(tmp_path))

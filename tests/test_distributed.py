@@ -325,9 +325,33 @@ def test_early_velocity_waits_for_its_step_and_unknown_messages_are_named():
     swap = BranchExchange(loop, counterpart=0, positive=False, j=3, k=1)
     assert torch.equal(swap.swap(0, torch.zeros(4)), early) and not loop.dit_inputs  # the kept one, not its own echo
     assert loop.transport.get(0).kind == "velocity"  # what this rank sent its counterpart (itself here) is still queued
-    with pytest.raises(RuntimeError, match=r"rank 0 \(dit\) has no handler for a 'nonsense' message from rank 2 "
-                                           r"\(\{'j': 3\}\)"):
+    with pytest.raises(RuntimeError, match=r"rank 0 \(dit\) does not handle a 'nonsense' message \(from rank 2, "
+                                           r"\{'j': 3\}\)"):
         loop.dispatch(Message("nonsense", 2, {"j": 3}))
+    with pytest.raises(RuntimeError, match=r"rank 0 \(dit\) does not handle a 'decoded' message"):  # the coordinator's
+        loop.dispatch(Message("decoded", 2, {"j": 3, "k": 0}))
+
+
+def test_protocol_table_matches_the_handlers_and_guards_the_sender():
+    """Every dispatched message kind has its ``on_<kind>`` handler on the role classes and every handler a kind; the
+    batch failure rule reads the table; a send with an unknown kind or other meta fields fails at the sender."""
+    from transfer.distributed.protocol import KINDS, PROTOCOL, ProtocolError
+    from transfer.distributed.runtime import RankLoop
+    from transfer.distributed.transport import Transport
+
+    handlers = {name.removeprefix("on_") for name in dir(RankLoop) if name.startswith("on_")}
+    assert handlers == {k.name for k in KINDS if k.dispatched}
+    assert {k.name for k in KINDS if k.request_work} == {"precompute", "text", "controls", "decode", "job", "embeds",
+                                                          "control_latents", "cond", "shard_chunk"}
+    assert all(k.per_request for k in KINDS if k.request_work)
+    transport = Transport(0, 1)
+    with pytest.raises(ProtocolError, match="unknown message kind 'nonsense'"):
+        transport.send(0, "nonsense", {"j": 1})
+    with pytest.raises(ProtocolError, match=r"a 'decode' message needs meta \['j', 'k', 'last'\]: missing \['last'\], "
+                                            r"unexpected \['x'\]"):
+        transport.send(0, "decode", {"j": 1, "k": 0, "x": 2})
+    transport.send(0, "decode", {"j": 1, "k": 0, "last": True})
+    assert transport.get(0).kind == "decode" and set(PROTOCOL) == {k.name for k in KINDS}
 
 
 def test_stage_table_counts_nested_spans_once():

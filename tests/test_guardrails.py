@@ -10,14 +10,14 @@ import cv2
 import numpy as np
 import pytest
 
-from guardrails import Blocked, GuardSet, guard_mode
+from guardrails import Blocked, GuardSet
 from guardrails.blocklist import BlocklistGuard
 from guardrails.faces import FacePixelationGuard
 from guardrails.model import ModelTextGuard, parse_guard_answer
 from tests.conftest import example_frames, failure, ROOT, run_cli
 from tests.guard_models import save_classifier, save_guard_llm
 from tests.test_distributed import launch
-from transfer.cli import build_parser
+from transfer.cli import parse_config
 from transfer.errors import TransferError
 from transfer.specs import DEFAULT_NEGATIVE_PROMPT
 from transfer.video_io import write_mp4
@@ -199,9 +199,9 @@ def test_guard_answer_formats(answer, safe):
 
 
 def test_disable_guardrail_alias():
-    assert guard_mode(build_parser().parse_args(["--disable_guardrail"])) == "off"
-    assert guard_mode(build_parser().parse_args([])) == "on"
-    assert guard_mode(build_parser().parse_args(["--guardrail", "async"])) == "async"
+    assert parse_config(["--disable_guardrail"]).guard.mode == "off"
+    assert parse_config([]).guard.mode == "on"
+    assert parse_config(["--guardrail", "async"]).guard.mode == "async"
 
 
 # -- runs -----------------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def test_four_processes_async_equal_and_only_coordinator_loads_guards(tiny_ckpt,
 def run_in_process(args: list[str], guards: GuardSet):
     from transfer.runner import run
 
-    return run(build_parser().parse_args(args), guards=guards).written
+    return run(parse_config(args), guards=guards).written
 
 
 class RaisesOn:

@@ -24,6 +24,7 @@ from transfer.video_io import read_video, write_mp4
 
 FAST = ["--num_steps", "2", "--num_frames_per_chunk", "5"]
 HEAVY = ("depth", "seg", "keypoint")
+ALL_IN_ORDER = ("vis", "edge", *HEAVY)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,32 @@ def model_dir(tmp_path_factory) -> Path:
 def request_for(video: Path, modalities, name="r", prompt="a yellow ball") -> Request:
     controls = {m: ControlSpec(m, 1.0, None, "yellow ball. blue box" if m == "seg" else None) for m in modalities}
     return Request(name, prompt, "", video, controls, 1)
+
+
+def test_control_registry_is_the_one_source(model_dir):
+    """Every control list derives from ``configs.controls.CONTROLS``: checkpoint modalities, ``--model`` choices, the
+    preprocessor modules (each with ``Config.from_options`` and ``Preprocessor``; a preset extra's values are the
+    module's ``PRESETS``), the Transfer2.5 spec extras, and the test weights (``write_tiny_preprocessors`` writes
+    every weight folder a preprocessor names)."""
+    import importlib
+
+    from configs.controls import CONTROLS, MODALITIES, SPEC_EXTRAS
+    from configs.models import MODALITIES as CHECKPOINT_MODALITIES
+    from transfer.flags import build_parser
+    from transfer.specs import T25_CONTROL_ONLY
+
+    assert CHECKPOINT_MODALITIES == MODALITIES == tuple(REGISTRY) == ALL_IN_ORDER
+    choices = next(a.choices for a in build_parser()._actions if "--model" in a.option_strings)
+    assert tuple(choices) == (*MODALITIES, "edge/distilled")
+    assert set(SPEC_EXTRAS) <= set(T25_CONTROL_ONLY)
+    for control in CONTROLS:
+        module = importlib.import_module(control.preprocessor)
+        assert callable(module.Config.from_options) and callable(module.Preprocessor), control.name
+        if control.preset_extra:
+            assert SPEC_EXTRAS[control.preset_extra] == control.name and module.PRESETS, control.name
+        for sub in control.model_dirs:
+            assert (model_dir / sub / "config.json").is_file(), (control.name, sub)
+    assert {c.name for c in CONTROLS if c.model_dirs} == set(HEAVY)
 
 
 @pytest.mark.parametrize("modality", HEAVY)

@@ -6,7 +6,7 @@ prompt embeddings, the same control frames and the same initial noise, on CPU in
 What this test adjusts in the reference, and why (nothing else is touched):
 1. ``retrieve_latents`` in diffusers' module is made to take ``latent_dist.mode()``
    instead of ``sample(generator)``: the project encodes controls and conditioning
-   deterministically (DESIGN.md section 3); sampling would add noise the project never draws.
+   deterministically (docs/ab.md); sampling would add noise the project never draws.
 2. diffusers takes one ``latents=`` tensor and uses it as the noise of every chunk; the
    project draws fresh noise per chunk from the request's generator. The project is given
    the same tensor for every chunk (``FixedNoise``) so both start from identical noise.

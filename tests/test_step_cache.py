@@ -14,14 +14,15 @@ import torch
 
 from tests.conftest import ROOT, example_frames, failure, run_cli
 from tests.test_distributed import launch
-from transfer.cli import STEP_CACHE_CHOICES
-from transfer.step_cache import STEP_CACHE_METHODS, StepCacheConfig
+from transfer.flags import build_parser
+from transfer.config import STEP_CACHE_METHODS, StepCacheConfig
+from transfer.step_cache import new_cache
 from transfer.video_io import write_mp4
 
 
 def run_schedule(config: StepCacheConfig, velocities) -> tuple[list[int], list[tuple]]:
     """Drive a chunk's cache as ``DiT.predict`` does: (skipped steps, the velocities it returned per step)."""
-    cache = config.new(len(velocities))
+    cache = new_cache(config, len(velocities))
     out = []
     for step, v in enumerate(velocities):
         if cache.skip(step):
@@ -32,9 +33,14 @@ def run_schedule(config: StepCacheConfig, velocities) -> tuple[list[int], list[t
     return cache.skipped, out
 
 
-def test_cli_choices_are_the_methods():
-    assert STEP_CACHE_CHOICES == STEP_CACHE_METHODS
-    assert StepCacheConfig().new(10) is None  # off
+def test_cli_choices_are_the_methods_and_help_imports_no_torch():
+    choices = next(a.choices for a in build_parser()._actions if "--step_cache" in a.option_strings)
+    assert tuple(choices) == STEP_CACHE_METHODS
+    assert new_cache(StepCacheConfig(), 10) is None  # off
+    # the parser and the config it builds come without torch (``--help`` answers at once)
+    code = "import sys, transfer.cli, transfer.flags, transfer.config; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
 
 
 def test_taylorseer_schedule_and_first_order_prediction():

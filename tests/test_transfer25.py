@@ -156,7 +156,7 @@ def test_half_mask_zeroes_residuals_outside_it(folder, tiny_ckpt):
 
     info = inspect_checkpoint(tiny_ckpt)
     limits = ModelLimits.from_info(info)
-    stages, _ = load_stages(info, ["text", "vae", "dit"], ["edge"], torch.device("cpu"), torch.float32, "none", "none")
+    stages, _ = load_stages(info, ["text", "vae", "dit"], ["edge"], torch.device("cpu"), torch.float32)
     dit, vae = stages["dit"], stages["vae"]
     sample = {"name": "half", "prompt": "a ball", "video_path": str(folder / "in.mp4"), "resolution": "96",
               "edge": {"control_path": str(folder / "edge.mp4"), "mask_path": str(folder / "half.mp4")}}

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from configs.controls import MODALITIES
 from transfer.errors import TransferError
 from transfer.video_io import atomic_path, read_video, write_text
 
@@ -71,7 +72,7 @@ def sample_settings(video: Path) -> dict:
             raise TransferError(f"{record}: not valid JSON: {e}") from None
         if isinstance(d, dict):
             controls = {k: float(v.get("control_weight", 1.0)) for k, v in d.items()
-                        if k in ("edge", "depth", "vis", "seg", "keypoint") and isinstance(v, dict)}
+                        if k in MODALITIES and isinstance(v, dict)}
             out = {k: d.get(k) for k in COMPARED if k != "controls"}
             if out.get("resolution") is not None:
                 out["resolution"] = str(out["resolution"])

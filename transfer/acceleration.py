@@ -49,28 +49,18 @@ CPU_ATTENTION = ("native", "_native_math", "flex")
 #: timing.
 DEFAULT_ATTENTION: dict[tuple[int, int], str] = {}
 OFFLOAD_MODES = ("none", "stages")
-#: cosmos-transfer1's per-model offload flags; each maps onto ``--offload stages`` (docs/performance.md).
-UPSTREAM_OFFLOAD_FLAGS = ("offload_diffusion_transformer", "offload_text_encoder_model", "offload_tokenizer",
-                          "offload_guardrail_models", "offload_prompt_upsampler")
-
-
-def offload_mode(args) -> str:
-    if any(getattr(args, flag, False) for flag in UPSTREAM_OFFLOAD_FLAGS):
-        return "stages"
-    return getattr(args, "offload", "none")
-
-
-def check_acceleration(args, cuda: bool | None = None) -> None:
-    """Validate ``--compile`` / ``--offload`` on every rank before anything loads (the same error everywhere)."""
+def check_acceleration(runtime, cuda: bool | None = None) -> None:
+    """Validate ``--compile`` / ``--offload`` / ``--attention_backend`` (``runtime``: ``transfer.config.RuntimeConfig``)
+    on every rank before anything loads (the same error everywhere)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    check_attention_backend(getattr(args, "attention_backend", "auto"), cuda)
-    if args.compile == "tensorrt":
+    check_attention_backend(runtime.attention, cuda)
+    if runtime.compile == "tensorrt":
         if importlib.util.find_spec("torch_tensorrt") is None:
             raise TransferError("--compile tensorrt needs the torch-tensorrt package, which is not installed: "
                                 "pip install '.[tensorrt]' (CUDA only), or use --compile torch")
         if not cuda:
             raise TransferError("--compile tensorrt needs a CUDA GPU and none is visible: use --compile torch or none")
-        if offload_mode(args) == "stages":
+        if runtime.offload == "stages":
             raise TransferError("--offload stages cannot move weights built into TensorRT engines: use it with "
                                 "--compile torch or none")
 

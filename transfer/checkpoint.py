@@ -23,11 +23,15 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from configs.models import MODALITIES
 from transfer.errors import TransferError
+
+if TYPE_CHECKING:
+    from transfer.config import CheckpointChoice
 from transfer.text_encoding import TEXT_ENCODER_TYPES, embedding_dim
 
 COMPONENT_CLASSES = {
@@ -322,3 +326,24 @@ def load_stage(info: CheckpointInfo, name: str, modalities, device: torch.device
     if name == "vae":
         return load_vae(info, device, dtype)
     return load_dit(info, list(modalities), device, dtype)
+
+
+def resolve_checkpoint(choice: "CheckpointChoice") -> Path:
+    if choice.dir:
+        return Path(choice.dir)
+    from transfer.tiny import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint(choice.preset)
+
+
+def checkpoint_info(choice: "CheckpointChoice") -> CheckpointInfo:
+    """The run's checkpoint configs: a directory's (``--checkpoint_dir``, or the embedded tiny one), or with
+    ``--random_weights`` the ``--checkpoint_preset``'s, whose models are then built with random weights."""
+    if not choice.random_weights:
+        return inspect_checkpoint(resolve_checkpoint(choice))
+    if choice.dir:
+        raise TransferError("--random_weights builds the --checkpoint_preset's models from their configs: "
+                            "drop --checkpoint_dir")
+    from configs.models import preset
+
+    return info_from_preset(preset(choice.preset))

@@ -8,227 +8,11 @@ import os
 import sys
 
 from configs.models import PRESETS
-
-#: ``--dtype`` (``transfer.job.dtype_for``).
-DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
-#: diffusers' attention dispatcher backends that run from installed packages (its ``*_hub`` backends download kernels
-#: at run time, which this tool never does); ``auto``: ``transfer.acceleration.DEFAULT_ATTENTION``.
-#: ``transfer.step_cache.STEP_CACHE_METHODS`` (kept here so --help imports no torch; a test checks they agree).
-STEP_CACHE_CHOICES = ("off", "taylorseer", "adaptive")
-ATTENTION_CHOICES = ("auto", "native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math", "flex",
-                     "flash", "_flash_3", "sage", "xformers")
-
-DESCRIPTION = """Cosmos-Transfer control-to-video generation (pipeline-parallel fork).
-
-Turns control videos (vis, edge, depth, seg, keypoint) plus a prompt into a new video.
-With no --checkpoint_dir it runs the shipped demo checkpoint (a small model trained on a
-world of colored shapes at 64 x 64, edge control only; runs in seconds on a CPU) or another
---checkpoint_preset (tiny: random weights, every control); point --checkpoint_dir at a
-diffusers-layout directory (text_encoder/ tokenizer/ transformer/ vae/ scheduler/
-controlnet/<modality>/) for real weights. A checkpoint's transfer_defaults.json sets its own
-defaults for --num_steps, --guidance, --num_frames_per_chunk and --resolution.
-
-Two command forms, one engine (docs/usage.md, "Coming from Transfer2.5 / transfer1"):
-  cosmos-transfer1:   transfer.py --controlnet_specs SPEC.json [--batch_input_path B.jsonl] --video_save_folder DIR
-  cosmos-transfer2.5: transfer.py -i SPEC.json [MORE.jsonl ...] -o DIR   (outputs NAME.mp4/.json/.txt,
-                      NAME_control_KEY.mp4, config.yaml, console.log, as upstream writes them)
-Every flag takes dashes or underscores (--num-steps = --num_steps)."""
-
-#: Flags a checkpoint may give its own default for, in ``transfer_defaults.json`` at its root (the demo's: its
-#: training clip length, steps, guidance and 64 px); a flag given on the command line or a spec field wins.
-CHECKPOINT_DEFAULT_FLAGS = ("num_steps", "guidance", "num_frames_per_chunk", "resolution")
-#: The default ``--checkpoint_preset``; ``$TRANSFER_CHECKPOINT_PRESET`` changes it (the test suite runs ``tiny``).
-DEFAULT_PRESET = "demo"
-
-#: Generation flags whose default differs in the cosmos-transfer2.5 form (``transfer.spec25.DEFAULTS``).
-T25_DEFAULTS = {"seed": 2025, "num_steps": 35}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="transfer.py", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    t25 = p.add_argument_group("cosmos-transfer2.5 form (examples/inference.py's flags)")
-    t25.add_argument("-i", "--input_files", nargs="+", metavar="FILE",
-                     help="Transfer2.5 spec files: .json (one sample) or .jsonl (one a line), run in turn on one model "
-                     "load; each sample's fields are overridden by the flags given here")
-    t25.add_argument("-o", "--output_dir", metavar="DIR", help="output folder for the -i form (same as --video_save_folder)")
-    t25.add_argument("--model", choices=("edge", "depth", "seg", "vis", "keypoint", "edge/distilled"),
-                     help="limit the run to this control (a sample naming another fails); edge/distilled is refused: no "
-                     "diffusers conversion of the distilled checkpoint exists (default: the controls each sample names)")
-    t25.add_argument("--checkpoint_path", dest="checkpoint_dir", metavar="DIR",
-                     help="same as --checkpoint_dir (a diffusers-layout folder, not upstream's .pt)")
-    t25.add_argument("--keep_going", dest="keep_going", action="store_true", default=None,
-                     help="-i form: a sample that fails is recorded in failures.jsonl and the others run (default)")
-    t25.add_argument("--no_keep_going", dest="keep_going", action="store_false",
-                     help="-i form: the first sample that fails ends the run")
-    t25.add_argument("--resolution", help="-i form: generation height in pixels, e.g. 720 or 480 (default: 720, or "
-                     "the checkpoint's own: 64 for demo; a smaller model generates at its largest size)")
-    t25.add_argument("--keep_input_resolution", dest="keep_input_resolution", action="store_true", default=None,
-                     help="-i form: write the output at the input's size (default)")
-    t25.add_argument("--no_keep_input_resolution", dest="keep_input_resolution", action="store_false",
-                     help="-i form: write the output at the generation size")
-    t25.add_argument("--show_input", action="store_true", default=None, help="-i form: input video left of the output")
-    t25.add_argument("--show_control_condition", action="store_true", default=None,
-                     help="-i form: the control videos left of the output")
-    t25.add_argument("--prompt_path", help="-i form: read every sample's prompt from this file")
-    t25.add_argument("--video_path", help="-i form: every sample's input video")
-    for flag in ("sigma_max", "context_frame_index", "image_context_path"):
-        t25.add_argument(f"--{flag}", help="refused: needs a model this fork does not have (docs/usage.md)")
-    for flag, instead in (("benchmark", "benchmarks/*.py and --trace"), ("profile", "--trace")):
-        t25.add_argument(f"--{flag}", action="store_true", help=f"refused: use {instead}")
-
-    io = p.add_argument_group("inputs and outputs")
-    io.add_argument("--controlnet_specs", help="spec JSON (cosmos-transfer1 format): prompt, input_video_path, "
-                    "and per modality control_weight / input_control")
-    io.add_argument("--batch_input_path", help="JSONL file, one spec per line (optional 'name', 'seed'); "
-                    "lines are merged over --controlnet_specs when both are given")
-    io.add_argument("--prompt", help="prompt, used when the spec has none")
-    io.add_argument("--negative_prompt", help="negative prompt, used when the spec has none (default: upstream's)")
-    io.add_argument("--input_video_path", help="input video, used when the spec has none")
-    io.add_argument("--video_save_folder", default="outputs/", help="output folder (default: outputs/)")
-    io.add_argument("--video_save_name", default="output",
-                    help="output file stem for a single spec: NAME.mp4 and NAME.txt (default: output)")
-    io.add_argument("--save_raw", action="store_true",
-                    help="also write NAME.npz with uint8 'frames' (T,H,W,3) and float32 'latents' (chunks,16,T,h,w)")
-    io.add_argument("--overwrite", action="store_true",
-                    help="replace outputs an earlier run made with other settings (without it such a request is "
-                    "refused); complete outputs with the same settings are skipped either way (docs/batch.md)")
-    io.add_argument("--fps", type=float, default=24, help="output frame rate (default: 24)")
-    io.add_argument("--max_frames", type=int, default=10_000,
-                    help="refuse input or control videos longer than this, before decoding them (default: 10000)")
-    io.add_argument("--max_resolution", type=int, default=4096,
-                    help="refuse videos wider or taller than this many pixels, before decoding them (default: 4096)")
-
-    model = p.add_argument_group("model")
-    model.add_argument("--checkpoint_dir", help="diffusers-layout checkpoint directory "
-                       "(default: the --checkpoint_preset's)")
-    model.add_argument("--random_weights", action="store_true",
-                       help="build the --checkpoint_preset's models (e.g. transfer2.5-2b) from their configs with random "
-                       "weights, directly on each rank's device in the run dtype, and run the whole pipeline: real-size "
-                       "time and memory without a download; outputs are marked as made with random weights")
-    model.add_argument("--checkpoint_preset", default=os.environ.get("TRANSFER_CHECKPOINT_PRESET", DEFAULT_PRESET),
-                       choices=sorted(PRESETS),
-                       help="the checkpoint without --checkpoint_dir (default: demo, or $TRANSFER_CHECKPOINT_PRESET): "
-                       "demo = the shipped trained demo model (edge control, 64 x 64 shapes world); tiny, tiny-4head, "
-                       "tiny-reason = random weights built on first use (every control; noise-like output); "
-                       "transfer2.5-2b and transfer2.5-2b-t5-11b are real-size configs without weights, for --plan and "
-                       "--random_weights")
-
-    gen = p.add_argument_group("generation")
-    gen.add_argument("--num_steps", type=int, default=36,
-                     help="denoising steps per chunk (default: 36; 35 in the -i form; the checkpoint's own if it sets one)")
-    gen.add_argument("--guidance", type=float, default=3.0,
-                     help="classifier-free guidance scale (default: 3.0, or the checkpoint's own)")
-    gen.add_argument("--seed", type=int, default=1,
-                     help="seed; each request has its own generator (default: 1; 2025 in the -i form)")
-    gen.add_argument("--num_frames_per_chunk", "--num_video_frames_per_chunk", type=int, default=93,
-                     help="frames per chunk, 1 + (VAE temporal factor) x k (default: 93, or the checkpoint's own)")
-    gen.add_argument("--num_conditional_frames", type=int, default=1,
-                     help="frames of overlap conditioning each later chunk (default: 1)")
-    gen.add_argument("--chunk_conditioning", choices=("roundtrip", "latent"), default="roundtrip",
-                     help="how a chunk is conditioned on the previous one: roundtrip = decode it and re-encode its last "
-                     "frames (upstream); latent = reuse its final latents, no VAE between chunks; needs "
-                     "--num_conditional_frames 0 or 1 + 4k (docs/long_video.md) (default: roundtrip)")
-
-    run = p.add_argument_group("runtime")
-    run.add_argument("--num_gpus", type=int,
-                     help="number of processes (torchrun --nproc_per_node); must equal WORLD_SIZE (default: WORLD_SIZE, "
-                     "1 without torchrun; with --plan, the GPUs to plan for). Stages are placed by the preset for that "
-                     "many ranks (docs/parallelism.md)")
-    run.add_argument("--placement", help="JSON file overriding the stage placement: "
-                     '{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}')
-    run.add_argument("--context_parallel_size", "--context-parallel-size", type=int, metavar="N",
-                     help="split each DiT and ControlNet forward of a guidance branch over N ranks along the token "
-                     "sequence (Ulysses; N must split the DiT's attention heads and fit in a node). Upstream "
-                     "Transfer2.5 defaults it to WORLD_SIZE; here the default chooses the layout that ends the run "
-                     "soonest (one video: one DiT group over every rank, CFG branches on separate ranks) and prints it "
-                     "(docs/parallelism.md)")
-    run.add_argument("--compile", choices=("none", "torch", "tensorrt"), default="none",
-                     help="compile the DiT, ControlNets and VAE of the stages a process holds: torch = torch.compile "
-                     "(CPU or CUDA); tensorrt = torch-tensorrt engines, cached on disk (pip install '.[tensorrt]', "
-                     "CUDA only) (default: none) (docs/performance.md)")
-    run.add_argument("--attention_backend", choices=ATTENTION_CHOICES, default="auto",
-                     help="attention kernel of the DiT and ControlNets, by diffusers' dispatcher name: native = torch "
-                     "SDPA's own choice, _native_cudnn/_native_flash/_native_efficient/_native_math force one of "
-                     "torch's, flash/_flash_3/sage/xformers need their packages; auto = the fastest measured on this "
-                     "GPU model (docs/performance.md), native on CPU (default: auto)")
-    run.add_argument("--step_cache", choices=STEP_CACHE_CHOICES, default="off",
-                     help="skip the DiT and ControlNet forwards of some denoising steps (lossy; default: off): taylorseer "
-                     "= compute every --step_cache_interval-th step after the warm-up, predict the others by a "
-                     "first-order Taylor expansion of the computed velocities; adaptive = reuse the last computed "
-                     "velocities while the accumulated relative change, measured from the computed steps, stays under "
-                     "--step_cache_threshold (docs/performance.md)")
-    run.add_argument("--step_cache_threshold", type=float, default=0.03,
-                     help="adaptive: accumulated relative velocity change allowed across skipped steps (default: 0.03)")
-    run.add_argument("--step_cache_interval", type=int, default=2,
-                     help="taylorseer: compute every N-th step after the warm-up (default: 2)")
-    run.add_argument("--step_cache_warmup", type=int, default=2,
-                     help="steps always computed at the start of each chunk (default: 2; the last step always is)")
-    run.add_argument("--offload", choices=("none", "stages"), default="none",
-                     help="stages: where one process holds several stages, only the one at work keeps its weights on the "
-                     "device (the others wait in CPU memory; on a CPU run, in a temp file); a memory report ends the run "
-                     "(default: none)")
-    for flag in ("diffusion_transformer", "text_encoder_model", "tokenizer", "guardrail_models", "prompt_upsampler"):
-        run.add_argument(f"--offload_{flag}", action="store_true", help="upstream's flag: same as --offload stages")
-    run.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                     help="weights and activations: auto = bf16 on CUDA, fp32 on CPU (default: auto); bf16 runs on CPU too")
-    run.add_argument("--cpu_threads", type=int, default=1,
-                     help="torch threads of each process that computes on the CPU (default: 1, in one process and "
-                          "under torchrun alike, so the bytes written do not depend on the machine's cores or the "
-                          "process count; another count rounds float sums differently and is recorded in the manifest)")
-    run.add_argument("--trace", help="write a Chrome/Perfetto trace of every stage's busy intervals (multi-process runs)")
-
-    pre = p.add_argument_group("computed controls (docs/preprocessors.md): a control without input_control is "
-                               "computed from the input video")
-    pre.add_argument("--blur_strength", default="medium",
-                     choices=("none", "very_low", "low", "medium", "high", "very_high"),
-                     help="vis control: bilateral blur + down/up resize preset (default: medium)")
-    pre.add_argument("--canny_threshold", default="medium", choices=("very_low", "low", "medium", "high", "very_high"),
-                     help="edge control: Canny threshold preset (default: medium)")
-    pre.add_argument("--preprocessor_dir", metavar="DIR",
-                     help="weights for the depth, seg and keypoint preprocessors: depth/, seg/detector/, seg/sam2/, "
-                     "keypoint/detector/, keypoint/pose/ (default: CHECKPOINT/preprocessors when it exists)")
-
-    guard = p.add_argument_group("guardrails (docs/guardrails.md)")
-    guard.add_argument("--guardrail", choices=("on", "async", "off"), default="on",
-                       help="on: check each prompt before generating it and each video before writing it; async: the "
-                       "same checks beside generation (text while the models start, video of request j while j+1 "
-                       "generates); off: no checks. A blocked request writes NAME.blocked.json, no video (default: on)")
-    guard.add_argument("--disable_guardrail", "--disable_guardrails", action="store_true",
-                       help="same as --guardrail off (upstream's flag, both spellings)")
-    guard.add_argument("--blocklist", action="append", metavar="FILE",
-                       help="extra blocked words or phrases, one per line (# comments); repeatable")
-    guard.add_argument("--allowlist", action="append", metavar="FILE",
-                       help="phrases never blocked (known false positives), one per line; repeatable")
-    guard.add_argument("--guard_model", metavar="DIR",
-                       help="local transformers text classifier or guard LLM (Llama Guard, Qwen3Guard) checked after "
-                       "the blocklist; loaded on first use (default: none)")
-    guard.add_argument("--cosmos_guardrail_dir", metavar="DIR",
-                       help="local nvidia/Cosmos-Guardrail1 weights: adds the cosmos_guardrail package's text and video "
-                       "safety checker (package must be installed)")
-    guard.add_argument("--face_pixelation", choices=("on", "off"), default="on",
-                       help="pixelate faces found by the YuNet face detector (OpenCV FaceDetectorYN; default: on)")
-    guard.add_argument("--face_min_size", type=int, default=20, help="smallest face, in pixels, to pixelate (default: 20)")
-    guard.add_argument("--face_confidence", type=float, default=0.9,
-                       help="detector score (0-1) a face needs; higher = fewer false positives (default: 0.9)")
-
-    plan = p.add_argument_group("memory planning")
-    plan.add_argument("--plan", action="store_true",
-                      help="print each rank's peak memory (weights + activations of its stages at --height x --width, "
-                      "--frames per chunk) for --num_gpus / --placement, which preset placements fit 24, 48 and 80 GB, "
-                      "and exit; models are built from configs only, on the meta device (weights) and on fake tensors "
-                      "(activations), so the configs-only presets transfer2.5-2b and transfer2.5-2b-t5-11b work; needs "
-                      "no torchrun and no inputs (a spec narrows the ControlNets); about a minute at 720p")
-    plan.add_argument("--gpu_memory_gb", type=float, default=80.0, help="GPU memory to plan against (default: 80)")
-    plan.add_argument("--plan_dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                      help="weight and activation dtype to plan with (default: bf16, what CUDA runs use)")
-    plan.add_argument("--plan_device", choices=("cuda", "cpu"), default="cuda",
-                      help="device type to plan for; cpu adds the im2col workspace of CPU's fp32 3-D convolutions "
-                      "(default: cuda)")
-    plan.add_argument("--height", type=int, default=704, help="--plan: video height in pixels (default: 704)")
-    plan.add_argument("--width", type=int, default=1280, help="--plan: video width in pixels (default: 1280)")
-    plan.add_argument("--frames", type=int, help="--plan: frames per chunk (default: --num_frames_per_chunk, 93)")
-    return p
+from transfer.config import (CHECKPOINT_DEFAULT_FLAGS, FORM_DEFAULTS, CheckpointChoice, GenerationSettings, GuardConfig,
+                             InputConfig, OutputConfig, ParallelConfig, PlanConfig, PreprocessorOptions, RunConfig,
+                             RuntimeConfig, StepCacheConfig)
+from transfer.errors import TransferError
+from transfer.flags import build_parser
 
 
 def normalise_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -285,10 +69,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None, descripti
         action.default = argparse.SUPPRESS
     args.given = set(vars(only_given.parse_args(argv)))
     args.form = "transfer2.5" if args.input_files else "transfer1"
-    if args.form == "transfer2.5":
-        for dest, value in T25_DEFAULTS.items():
-            if dest not in args.given:
-                setattr(args, dest, value)
+    for dest, value in FORM_DEFAULTS[args.form].items():
+        if dest not in args.given:
+            setattr(args, dest, value)
     def error(message: str):  # one line, no usage: these are not command-line mistakes
         parser.exit(2, f"{parser.prog}: error: {message}\n")
 
@@ -309,6 +92,99 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None, descripti
     return args
 
 
+def parse_config(argv: list[str] | None = None, prog: str | None = None, description: str | None = None) -> RunConfig:
+    """``build_config(parse_args(...))``: a command line to the run's typed configuration."""
+    return build_config(parse_args(argv, prog, description))
+
+
+#: Transfer2.5-form flags refused in the transfer1 form.
+ONLY_T25 = ("resolution", "keep_input_resolution", "show_input", "show_control_condition", "prompt_path", "video_path",
+            "keep_going", "model", "output_dir")
+#: cosmos-transfer1's per-model offload flags; each maps onto ``--offload stages`` (docs/performance.md).
+UPSTREAM_OFFLOAD_FLAGS = ("offload_diffusion_transformer", "offload_text_encoder_model", "offload_tokenizer",
+                          "offload_guardrail_models", "offload_prompt_upsampler")
+
+
+def check_form_flags(args: argparse.Namespace) -> None:
+    """Flags of the cosmos-transfer2.5 form that this fork refuses, each with one line saying why."""
+    if args.benchmark:
+        raise TransferError("--benchmark is not supported here: run benchmarks/*.py (side-by-side tables) or --trace")
+    if args.profile:
+        raise TransferError("--profile is not supported here: --trace FILE writes a Perfetto trace of every stage")
+    if args.model == "edge/distilled":
+        raise TransferError("--model edge/distilled needs the distilled Transfer2.5 edge checkpoint (4 steps, no "
+                            "guidance), which has no diffusers conversion this fork can load")
+    if args.input_files and (args.controlnet_specs or args.batch_input_path):
+        raise TransferError("give -i/--input-files (Transfer2.5 form) or --controlnet_specs / --batch_input_path "
+                            "(transfer1 form), not both")
+    for dest in ("sigma_max", "image_context_path", "context_frame_index"):
+        if dest in args.given:
+            raise TransferError(f"--{dest} needs a model this fork does not have (docs/usage.md, Transfer2.5 flags)")
+    if not args.input_files:
+        only25 = sorted(args.given & set(ONLY_T25))
+        if only25:
+            raise TransferError(f"--{only25[0]} belongs to the Transfer2.5 form: give the specs with -i (docs/usage.md)")
+
+
+def step_cache_config(args: argparse.Namespace) -> StepCacheConfig:
+    """``--step_cache`` and its settings, checked (one error line for a bad value)."""
+    if args.step_cache == "off":
+        return StepCacheConfig()
+    threshold, interval, warmup = args.step_cache_threshold, args.step_cache_interval, args.step_cache_warmup
+    if not threshold > 0:
+        raise TransferError(f"--step_cache_threshold must be above 0, got {threshold}")
+    if interval < 2:
+        raise TransferError(f"--step_cache_interval must be at least 2 (1 computes every step), got {interval}")
+    if warmup < 2:
+        raise TransferError(f"--step_cache_warmup must be at least 2 (a prediction needs computed steps), got {warmup}")
+    return StepCacheConfig(args.step_cache, threshold, interval, warmup)
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    """The run's typed configuration from ``parse_args``' result: the one place flags become settings (library code
+    sees no Namespace). Raises ``TransferError`` for a refused flag."""
+    from pathlib import Path
+
+    from transfer.spec25 import FLAG_FIELDS
+
+    check_form_flags(args)
+    sample_flags = {field: getattr(args, dest) for field, dest in FLAG_FIELDS.items() if dest in args.given}
+    for field in ("prompt_path", "video_path"):
+        if field in args.given:
+            sample_flags[field] = str(Path(getattr(args, field)).resolve())
+    own = args.checkpoint_defaults
+    inputs = InputConfig(
+        form=args.form, controlnet_specs=args.controlnet_specs, batch_input_path=args.batch_input_path,
+        input_files=tuple(args.input_files or ()), video_save_name=args.video_save_name,
+        defaults={**{k: getattr(args, k) for k in ("prompt", "negative_prompt", "input_video_path") if getattr(args, k)},
+                  "seed": args.seed},
+        sample_flags=sample_flags, sample_defaults={f: own[dest] for f, dest in FLAG_FIELDS.items() if dest in own},
+        model=args.model, keep_going=args.keep_going, max_frames=args.max_frames, max_resolution=args.max_resolution)
+    offload = "stages" if any(getattr(args, flag) for flag in UPSTREAM_OFFLOAD_FLAGS) else args.offload
+    plan = (PlanConfig(args.gpu_memory_gb, args.plan_dtype, args.plan_device, args.height, args.width, args.frames)
+            if args.plan else None)
+
+    def plain(v):
+        return sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v
+
+    return RunConfig(
+        generation=GenerationSettings(args.num_steps, args.guidance, args.num_frames_per_chunk,
+                                      args.num_conditional_frames, args.chunk_conditioning),
+        inputs=inputs,
+        checkpoint=CheckpointChoice(args.checkpoint_dir, args.checkpoint_preset, args.random_weights, dict(own)),
+        parallel=ParallelConfig(args.num_gpus, args.context_parallel_size, args.placement),
+        runtime=RuntimeConfig(args.dtype, args.cpu_threads, args.compile, offload, args.attention_backend,
+                              step_cache_config(args), args.trace),
+        guard=GuardConfig("off" if args.disable_guardrail else args.guardrail, tuple(args.blocklist or ()),
+                          tuple(args.allowlist or ()), args.guard_model, args.cosmos_guardrail_dir,
+                          args.face_pixelation == "on", args.face_min_size, args.face_confidence),
+        preprocess=PreprocessorOptions(args.blur_strength, args.canny_threshold,
+                                       None if args.preprocessor_dir is None else str(args.preprocessor_dir)),
+        output=OutputConfig(Path(args.video_save_folder), args.form, args.fps, args.save_raw, args.overwrite),
+        plan=plan,
+        record={k: plain(v) for k, v in sorted(vars(args).items()) if k != "given"})
+
+
 def main(argv: list[str] | None = None) -> int:
     from transfer.errors import STOPPED_CLEANLY, Terminated, TransferError, raise_on_stop_signals, report_stop
 
@@ -316,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _main(argv)
         except TransferError as e:
-            print(f"transfer.py: error: {e}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank refuses the same flags: one says so
+                print(f"transfer.py: error: {e}", file=sys.stderr)
             return 2
         except Terminated as stop:
             report_stop(f"transfer.py: stopped by {stop}: {STOPPED_CLEANLY}")
@@ -324,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = parse_args(argv)
+    config = parse_config(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local directories only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from loguru import logger
@@ -332,13 +209,13 @@ def _main(argv: list[str] | None) -> int:
     logger.remove()
     logger.add(sys.stderr, level=os.environ.get("TRANSFER_LOG_LEVEL", "INFO"),
                format="<green>{time:HH:mm:ss}</green> | <level>{level: <7}</level> | {message}")
-    if args.plan:
+    if config.plan is not None:
         from transfer.plan import run_plan
 
-        report = run_plan(args)
+        report = run_plan(config)
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank plans; one prints
             print(report)
         return 0
     from transfer.runner import run
 
-    return run(args).status
+    return run(config).status

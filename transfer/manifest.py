@@ -70,28 +70,27 @@ def folder_digest(root: Path | None) -> str | None:
     return h.hexdigest()
 
 
-def run_settings(args, job, guard_names: list[str] | None = None, dtype: str | None = None) -> dict:
-    """The settings every request of this run shares; ``dtype``: the resolved ``--dtype`` (bf16, fp16, fp32)."""
-    from guardrails import guard_mode
-
-    mode = guard_mode(args)
+def run_settings(config, job, guard_names: list[str] | None = None, dtype: str | None = None) -> dict:
+    """The settings every request of this run (``config``: ``transfer.config.RunConfig``) shares; ``dtype``: the
+    resolved ``--dtype`` (bf16, fp16, fp32)."""
+    guard, runtime = config.guard, config.runtime
     guards = {"checked": False}
-    if mode != "off":  # on and async run the same checks on the same frames
+    if guard.mode != "off":  # on and async run the same checks on the same frames
         from guardrails.blocklist import DATA
 
-        lists = [DATA / "blocklist.txt", DATA / "allowlist.txt", *(args.blocklist or []), *(args.allowlist or [])]
+        lists = [DATA / "blocklist.txt", DATA / "allowlist.txt", *guard.blocklist, *guard.allowlist]
         guards = {"checked": True, "lists": [file_digest(p) for p in lists],
-                  "guard_model": folder_digest(args.guard_model) if args.guard_model else None,
-                  "cosmos": folder_digest(args.cosmos_guardrail_dir) if args.cosmos_guardrail_dir else None,
-                  "faces": None if args.face_pixelation == "off" else [args.face_min_size, args.face_confidence]}
+                  "guard_model": folder_digest(guard.guard_model) if guard.guard_model else None,
+                  "cosmos": folder_digest(guard.cosmos_guardrail_dir) if guard.cosmos_guardrail_dir else None,
+                  "faces": [guard.face_min_size, guard.face_confidence] if guard.face_pixelation else None}
         if guard_names is not None:  # guards handed to runner.run by a program
             guards["names"] = guard_names
-    return {"generation": asdict(job.settings), "checkpoint": folder_digest(job.info.root), "fps": float(args.fps),
-            "save_raw": bool(args.save_raw), "guardrails": guards, "dtype": dtype,
-            "random_weights": args.checkpoint_preset if getattr(args, "random_weights", False) else None,
-            **({} if job.step_cache.method == "off" else {"step_cache": asdict(job.step_cache)}),
-            **({} if job.attention in ("auto", "native") else {"attention_backend": job.attention}),
-            **({} if args.cpu_threads == 1 else {"cpu_threads": args.cpu_threads})}
+    return {"generation": asdict(config.generation), "checkpoint": folder_digest(job.info.root),
+            "fps": float(config.output.fps), "save_raw": bool(config.output.save_raw), "guardrails": guards,
+            "dtype": dtype, "random_weights": config.checkpoint.preset if config.checkpoint.random_weights else None,
+            **({} if runtime.step_cache.method == "off" else {"step_cache": asdict(runtime.step_cache)}),
+            **({} if runtime.attention in ("auto", "native") else {"attention_backend": runtime.attention}),
+            **({} if runtime.cpu_threads == 1 else {"cpu_threads": runtime.cpu_threads})}
 
 
 def request_settings(request, controls, shared: dict) -> dict:

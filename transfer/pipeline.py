@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from transfer import control_weights
 from transfer.checkpoint import CheckpointInfo
+from transfer.config import GenerationSettings
 from transfer.errors import TransferError, check_stop
 from transfer.specs import Request
 from transfer.video_io import MAX_FRAMES, MAX_SIDE, read_video, video_shape
@@ -34,30 +35,6 @@ from transfer.video_io import MAX_FRAMES, MAX_SIDE, read_video, video_shape
 MAX_STEPS = 1000
 #: How chunk k + 1 gets chunk k's overlap frames (docs/long_video.md).
 CHUNK_CONDITIONING = ("roundtrip", "latent")
-
-
-@dataclass
-class GenerationSettings:
-    num_steps: int = 36
-    """Denoising steps per chunk (Transfer2.5 default)."""
-    guidance: float = 3.0
-    """Classifier-free guidance scale; <= 1 disables the negative branch."""
-    num_frames_per_chunk: int = 93
-    """Frames generated per chunk; must be 1 + 4k for the Wan VAE."""
-    num_conditional_frames: int = 1
-    """Frames of overlap: chunk k + 1 is conditioned on the last frames of chunk k."""
-    chunk_conditioning: str = "roundtrip"
-    """``roundtrip`` (decode chunk k, re-encode its last frames) or ``latent`` (reuse chunk k's latents)."""
-
-    @property
-    def reencodes_condition(self) -> bool:
-        """Whether each later chunk waits for the previous one's decode + re-encode (``roundtrip`` with overlap)."""
-        return self.chunk_conditioning == "roundtrip" and self.num_conditional_frames > 0
-
-    @property
-    def reuses_latents(self) -> bool:
-        """Whether each later chunk is conditioned on the previous one's own latents (``latent`` with overlap)."""
-        return self.chunk_conditioning == "latent" and self.num_conditional_frames > 0
 
 
 @dataclass
@@ -340,7 +317,7 @@ class TransferPipeline:
         chunks = plan_chunks(prepared.num_frames, F, C)
         shape = latent_shape(self.limits, self.dit, F, prepared.height, prepared.width)
         prompt_embeds = self.text_encoder.encode(req.prompt)
-        negative_embeds = self.text_encoder.encode(req.negative_prompt) if s.guidance > 1.0 else None
+        negative_embeds = self.text_encoder.encode(req.negative_prompt) if s.cfg else None
         videos = {m: to_model_video(frames) for m, frames in prepared.controls.items()}
 
         latent_mode = s.chunk_conditioning == "latent"

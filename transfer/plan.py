@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from transfer.checkpoint import CheckpointInfo
+from transfer.config import cfg_on
 from transfer.distributed.placement import Placement
 
 GB = 1e9
@@ -79,7 +80,7 @@ def plan_ranks(placement: Placement, by_stage: dict[str, dict[str, int]]) -> lis
 
 def dit_call(cfg: int, guidance: float) -> str:
     """The DiT call a rank of a DiT group makes: with cfg 1 it runs both CFG branches, with cfg 2 one."""
-    return "DiT step, CFG (2 branches)" if guidance > 1.0 and cfg == 1 else "DiT step, no CFG"
+    return "DiT step, CFG (2 branches)" if cfg_on(guidance) and cfg == 1 else "DiT step, no CFG"
 
 
 def rank_activations(placement: Placement, calls: dict[str, dict[str, int]], guidance: float) -> list[int]:
@@ -152,45 +153,50 @@ def format_plan(title: str, placement: Placement, by_stage, calls, guidance: flo
     return "\n".join(lines)
 
 
-def run_plan(args) -> str:
-    """The ``--plan`` report for the CLI arguments (no process group, no weights, no inputs read)."""
+def run_plan(config) -> str:
+    """The ``--plan`` report for ``config`` (``transfer.config.RunConfig`` with ``plan`` set; no process group, no
+    weights, no inputs read)."""
     from configs.models import preset
     from transfer.checkpoint import info_from_preset, inspect_checkpoint, require_modalities
     from transfer.distributed.placement import preset as placement_preset
-    from transfer.distributed.runtime import SHARE_STAGES_GB, placement_from_args
+    from transfer.distributed.runtime import SHARE_STAGES_GB, choose_placement
     from transfer.errors import TransferError
-    from transfer.job import DTYPES, requests_from_args, resolve_checkpoint
+    from transfer.checkpoint import resolve_checkpoint
+    from transfer.device import DTYPES
+    from transfer.requests import requests_from
     from transfer.memory import Request, estimate_calls
     from transfer.pipeline import ModelLimits
 
-    if args.gpu_memory_gb <= 0:
-        raise TransferError(f"--gpu_memory_gb must be positive, got {args.gpu_memory_gb}")
-    if args.checkpoint_dir or preset(args.checkpoint_preset).embedded:
-        info = inspect_checkpoint(resolve_checkpoint(args))  # the directory's own configs (tokenizer-sized vocab)
+    plan, choice, inputs, guidance = config.plan, config.checkpoint, config.inputs, config.generation.guidance
+    if plan.gpu_memory_gb <= 0:
+        raise TransferError(f"--gpu_memory_gb must be positive, got {plan.gpu_memory_gb}")
+    if choice.dir or preset(choice.preset).embedded:
+        info = inspect_checkpoint(resolve_checkpoint(choice))  # the directory's own configs (tokenizer-sized vocab)
         name = str(info.root)
     else:
-        info = info_from_preset(preset(args.checkpoint_preset))
-        name = f"preset {args.checkpoint_preset}"
-    if args.controlnet_specs or args.batch_input_path:
-        modalities = sorted({m for r in requests_from_args(args) for m in r.controls})
+        info = info_from_preset(preset(choice.preset))
+        name = f"preset {choice.preset}"
+    if inputs.controlnet_specs or inputs.batch_input_path:
+        modalities = sorted({m for r in requests_from(inputs, config.generation.chunk_conditioning)
+                             for m in r.controls})
         require_modalities(info, modalities)
     else:
         modalities = list(info.modalities)
-    frames = args.frames or args.num_frames_per_chunk
+    frames = plan.frames or config.generation.num_frames_per_chunk
     limits = ModelLimits.from_info(info)
     tf = limits.temporal_factor
     if frames < tf + 1 or (frames - 1) % tf:
         raise TransferError(f"--frames must be 1 + {tf}k and at least {tf + 1}, got {frames}")
-    limits.check_resolution(args.height, args.width, "--height/--width")
+    limits.check_resolution(plan.height, plan.width, "--height/--width")
     heads = info.transformer["num_attention_heads"]
-    placement = placement_from_args(args, args.num_gpus or 1, 1, heads).placement
-    dtype = DTYPES[args.plan_dtype]
+    placement = choose_placement(config, config.parallel.num_gpus or 1, 1, heads).placement
+    dtype = DTYPES[plan.dtype]
     by_stage = component_bytes(info, modalities, dtype)
-    calls = estimate_calls(info, Request(args.height, args.width, frames, tuple(modalities), args.guidance), dtype,
-                           args.plan_device)
-    title = (f"memory plan: {name}, controls {'+'.join(modalities)}, {args.plan_dtype}, chunk {frames}x{args.height}x"
-             f"{args.width}, guidance {args.guidance:g}, {placement.world_size} rank(s), {args.gpu_memory_gb:g} GB per "
-             f"GPU ({args.plan_device})")
-    share = args.gpu_memory_gb >= SHARE_STAGES_GB
-    presets = {w: placement_preset(w, guidance=args.guidance, heads=heads, share_stages=share) for w in range(1, 9)}
-    return format_plan(title, placement, by_stage, calls, args.guidance, args.gpu_memory_gb, presets)
+    calls = estimate_calls(info, Request(plan.height, plan.width, frames, tuple(modalities), guidance), dtype,
+                           plan.device)
+    title = (f"memory plan: {name}, controls {'+'.join(modalities)}, {plan.dtype}, chunk {frames}x{plan.height}x"
+             f"{plan.width}, guidance {guidance:g}, {placement.world_size} rank(s), {plan.gpu_memory_gb:g} GB per "
+             f"GPU ({plan.device})")
+    share = plan.gpu_memory_gb >= SHARE_STAGES_GB
+    presets = {w: placement_preset(w, guidance=guidance, heads=heads, share_stages=share) for w in range(1, 9)}
+    return format_plan(title, placement, by_stage, calls, guidance, plan.gpu_memory_gb, presets)

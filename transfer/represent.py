@@ -33,7 +33,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 def load_vae_only(checkpoint_dir: str | None = None):
     """The checkpoint's VAE (our ``VideoVAE``) in fp32 on the default device; nothing else."""
     from transfer.checkpoint import inspect_checkpoint, load_vae
-    from transfer.job import default_device
+    from transfer.device import default_device
 
     if checkpoint_dir is None:
         from transfer.tiny import ensure_tiny_checkpoint

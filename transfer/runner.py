@@ -8,8 +8,11 @@ from pathlib import Path
 
 from loguru import logger
 
+from transfer.config import RunConfig
 from transfer.errors import Terminated, TransferError, check_stop
-from transfer.job import default_device, dtype_for, make_gate, pin_cpu_threads, plan_job
+from transfer.device import default_device, dtype_for, pin_cpu_threads
+from transfer.job import plan_job
+from transfer.outputs import make_gate
 from transfer.loading import load_stages
 from transfer.pipeline import TransferPipeline
 from transfer.residency import describe
@@ -25,18 +28,18 @@ class Outcome:
     """``transfer.residency.Residency.report()``: weight bytes per stage, peak resident bytes, moves."""
 
 
-def run(args, guards=None) -> Outcome:
-    """Generate every request of ``args``; ``guards`` (a ``guardrails.GuardSet``) replaces the guards the options
+def run(config: RunConfig, guards=None) -> Outcome:
+    """Generate every request of ``config``; ``guards`` (a ``guardrails.GuardSet``) replaces the guards the options
     would build -- the injection point for custom guards (single process)."""
-    pin_cpu_threads(args.cpu_threads)
+    pin_cpu_threads(config.runtime.cpu_threads)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from transfer.distributed.runtime import run_distributed
 
-        run_distributed(args)  # exits the process
-    job = plan_job(args)
+        run_distributed(config)  # exits the process
+    job = plan_job(config)
     freeze_heap()
     job.failures.write()  # bad batch lines found while planning (or no file: an older one goes)
-    gate = make_gate(args, job, guards=guards)
+    gate = make_gate(job, guards=guards)
     try:
         return run_job(job, gate)
     finally:
@@ -95,11 +98,10 @@ def generate_all(job, prepared, gate) -> None:
 
 def load_pipeline(job) -> TransferPipeline:
     device = default_device()
-    dtype = dtype_for(device, job.dtype)
+    dtype = dtype_for(device, job.runtime.dtype)
     modalities = sorted({m for r in job.requests for m in r.controls})
     where = job.info.root or "random weights (--random_weights)"
     logger.info(f"checkpoint {where} on {device} ({dtype}), controls: {', '.join(modalities)}")
-    stages, job.residency = load_stages(job.info, ["text", "vae", "dit"], modalities, device, dtype, job.compile, job.offload,
-                                        job.attention, job.step_cache)
+    stages, job.residency = load_stages(job.info, ["text", "vae", "dit"], modalities, device, dtype, job.runtime)
     freeze_heap()
     return TransferPipeline(stages["text"], stages["vae"], stages["dit"], job.limits, job.settings)

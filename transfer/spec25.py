@@ -14,16 +14,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from configs.models import MODALITIES
+from configs.controls import BY_NAME, MODALITIES, SPEC_EXTRAS, UPSTREAM_CONTROLS
+from transfer.config import FORM_DEFAULTS, GenerationSettings
 from transfer.errors import TransferError
 from transfer.specs import (
     DEFAULT_NEGATIVE_PROMPT, T1_ONLY, T25_ONLY, ControlSpec, Request, _load_json, _weight, check_name,
     parse_json, spec_form,
 )
 
-#: Upstream's per-sample defaults (``cosmos_transfer2/config.py``).
-DEFAULTS = {"seed": 2025, "guidance": 3, "num_steps": 35, "num_video_frames_per_chunk": 93,
-            "num_conditional_frames": 1, "resolution": "720", "keep_input_resolution": True}
+#: Upstream's per-sample defaults (``cosmos_transfer2/config.py``): the form's own (``transfer.config.FORM_DEFAULTS``)
+#: over the generation defaults both forms share.
+DEFAULTS = {"guidance": GenerationSettings.guidance, "num_steps": GenerationSettings.num_steps,
+            "num_video_frames_per_chunk": GenerationSettings.num_frames_per_chunk,
+            "num_conditional_frames": GenerationSettings.num_conditional_frames, "resolution": "720",
+            "keep_input_resolution": True, **FORM_DEFAULTS["transfer2.5"]}
 #: Per-sample fields that a flag of the same name overrides (the flag's ``dest``: this fork's name where it differs).
 FLAG_FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "guidance": "guidance",
                "num_steps": "num_steps", "num_video_frames_per_chunk": "num_frames_per_chunk",
@@ -33,9 +37,6 @@ FLAG_FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed":
                "image_context_path": "image_context_path"}
 SAMPLE_FIELDS = ("name", "prompt", "negative_prompt", "seed", *T25_ONLY)
 CONTROL_FIELDS = ("control_path", "control_weight", "mask_path", "mask_prompt")
-#: Control extras and the modality each belongs to.
-EXTRAS = {"preset_edge_threshold": "edge", "preset_blur_strength": "vis", "control_prompt": "seg"}
-UPSTREAM_CONTROLS = ("edge", "depth", "vis", "seg")
 
 
 def _path(value, base_dir: Path, where: str, key: str) -> Path:
@@ -65,8 +66,7 @@ def parse_sample(obj: dict, *, where: str, base_dir: Path, flags: dict, chunk_co
     """One Transfer2.5 sample; ``flags``: the per-sample fields given on the command line (override the sample's);
     ``names``: the names taken so far in this run (a duplicate is refused); ``defaults``: the checkpoint's own
     defaults for some fields (they replace ``DEFAULTS``; the sample's fields override them)."""
-    from preprocessors import edge, vis
-    from transfer.pipeline import GenerationSettings
+    import importlib
 
     if not isinstance(obj, dict):
         raise TransferError(f"{where}: a sample must be a JSON object, got {type(obj).__name__}")
@@ -124,7 +124,6 @@ def parse_sample(obj: dict, *, where: str, base_dir: Path, flags: dict, chunk_co
                  if _bool(values.get(flag, False), where, flag))
 
     controls = {}
-    presets = {"edge": edge.PRESETS, "vis": vis.PRESETS}
     for key in MODALITIES:
         block = obj.get(key)
         if block is None:
@@ -132,15 +131,14 @@ def parse_sample(obj: dict, *, where: str, base_dir: Path, flags: dict, chunk_co
         if not isinstance(block, dict):
             raise TransferError(f"{where}: control {key!r} must be an object with control_path / control_weight")
         for field in block:
-            if field not in CONTROL_FIELDS and EXTRAS.get(field) != key:
-                known = [*CONTROL_FIELDS, *(k for k, m in EXTRAS.items() if m == key)]
+            if field not in CONTROL_FIELDS and SPEC_EXTRAS.get(field) != key:
+                known = [*CONTROL_FIELDS, *BY_NAME[key].spec_extras]
                 raise TransferError(f"{where}: control {key!r}: unknown key {field!r} (known: {', '.join(known)})")
-        preset = None
-        for extra in ("preset_edge_threshold", "preset_blur_strength"):
-            if extra in block:
-                preset = block[extra]
-                if preset not in presets[key]:
-                    raise TransferError(f"{where}: {key}.{extra} must be one of {', '.join(presets[key])}, got {preset!r}")
+        preset, extra = None, BY_NAME[key].preset_extra
+        if extra in block:  # checked against the preprocessor's own presets
+            preset, presets = block[extra], importlib.import_module(BY_NAME[key].preprocessor).PRESETS
+            if preset not in presets:
+                raise TransferError(f"{where}: {key}.{extra} must be one of {', '.join(presets)}, got {preset!r}")
         mask_prompt = block.get("mask_prompt")
         for text_key in ("mask_prompt", "control_prompt"):
             text = block.get(text_key)

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from configs.models import MODALITIES
+from configs.controls import MODALITIES, SPEC_EXTRAS
 from transfer.errors import TransferError
 
 #: Keys only a cosmos-transfer1 spec has (request level, control level).
@@ -36,8 +36,7 @@ T1_CONTROL_ONLY = ("input_control", "input_control_prompt")
 T25_ONLY = ("prompt_path", "video_path", "guidance", "num_steps", "num_video_frames_per_chunk", "num_conditional_frames",
             "resolution", "keep_input_resolution", "max_frames", "sigma_max", "show_control_condition", "show_input",
             "context_frame_index", "image_context_path")
-T25_CONTROL_ONLY = ("control_path", "mask_path", "mask_prompt", "preset_edge_threshold", "preset_blur_strength",
-                    "control_prompt")
+T25_CONTROL_ONLY = ("control_path", "mask_path", "mask_prompt", *SPEC_EXTRAS)
 
 #: Spec keys cosmos-transfer1 knows but this fork has no model for.
 UNSUPPORTED_CONTROLS = ("upscale", "hdmap", "lidar")

@@ -15,8 +15,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 from loguru import logger
 
+from transfer.config import cfg_on
 from transfer.residency import OnDevice
-from transfer.step_cache import StepCacheConfig
+from transfer.step_cache import StepCacheConfig, new_cache
 
 #: Timestep given to conditioning latent frames (Transfer2.5 default).
 CONDITIONAL_FRAME_TIMESTEP = 0.1
@@ -184,7 +185,7 @@ class DiT(OnDevice):
         cond_timestep = torch.ones_like(cond_indicator) * CONDITIONAL_FRAME_TIMESTEP
         controls = {m: c.to(device=device, dtype=dtype) for m, c in control_latents.items()}
         positive = self.context(prompt_embeds)
-        negative = self.context(negative_embeds) if guidance > 1.0 else None
+        negative = self.context(negative_embeds) if cfg_on(guidance) else None
         gt_velocity = (latents - cond_latents) * cond_mask
         return ChunkState(latents, cond_latents, cond_indicator, cond_mask, padding_mask, cond_timestep, controls,
                           positive, negative, gt_velocity)
@@ -261,7 +262,7 @@ class DiT(OnDevice):
         state = self.prepare(noise, cond_latents, num_cond_latent_frames, control_latents, prompt_embeds,
                              negative_embeds, guidance, pixel_size)
         self.scheduler.set_timesteps(num_steps, device=self.device)
-        cache = self.step_cache.new(num_steps)
+        cache = new_cache(self.step_cache, num_steps)
         for i, t in enumerate(self.scheduler.timesteps):
             pred = self.predict(state, i, self.scheduler.sigmas[i].item(), control_scales, guidance, split, cache)
             state.latents = self.scheduler.step(pred, t, state.latents, return_dict=False)[0]

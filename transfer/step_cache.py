@@ -23,7 +23,7 @@ collective is needed):
   stays under ``threshold``, at most ``max_skips`` steps in a row. The first ``warmup`` steps and the last step are
   always computed.
 
-Each chunk starts afresh (``StepCacheConfig.new``); its computed and skipped steps are logged per chunk.
+Each chunk starts afresh (``new_cache``); its computed and skipped steps are logged per chunk.
 """
 
 from __future__ import annotations
@@ -32,35 +32,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-STEP_CACHE_METHODS = ("off", "taylorseer", "adaptive")
+from transfer.config import StepCacheConfig
 
 
-@dataclass(frozen=True)
-class StepCacheConfig:
-    method: str = "off"
-    threshold: float = 0.03
-    """``adaptive``: the accumulated relative velocity change allowed across skipped steps."""
-    interval: int = 2
-    """``taylorseer``: compute every ``interval``-th step after the warm-up."""
-    warmup: int = 2
-    """Steps always computed at the start."""
-    max_skips: int = 3
-    """``adaptive``: consecutive skipped steps at most."""
-
-    def __post_init__(self):
-        if self.method not in STEP_CACHE_METHODS:
-            raise ValueError(f"step cache method {self.method!r}: one of {', '.join(STEP_CACHE_METHODS)}")
-
-    def new(self, num_steps: int) -> "StepCache | None":
-        """The cache of one chunk's ``num_steps`` steps (None when off)."""
-        return None if self.method == "off" else StepCache(self, num_steps)
-
-    def describe(self) -> str:
-        if self.method == "taylorseer":
-            return f"taylorseer (interval {self.interval}, warmup {self.warmup})"
-        if self.method == "adaptive":
-            return f"adaptive (threshold {self.threshold}, warmup {self.warmup}, max skips {self.max_skips})"
-        return "off"
+def new_cache(config: StepCacheConfig, num_steps: int) -> "StepCache | None":
+    """The cache of one chunk's ``num_steps`` steps (None when off)."""
+    return None if config.method == "off" else StepCache(config, num_steps)
 
 
 @dataclass

@@ -9,7 +9,7 @@ code, not ours), runs every request of the spec or batch, and writes ``{name}.mp
 implementations can agree exactly where they are meant to:
 
 1. control and conditioning latents come from ``latent_dist.mode()`` (diffusers samples them with
-   the generator; ours are deterministic, DESIGN.md section 3);
+   the generator; ours are deterministic, docs/ab.md);
 2. the noise is one tensor drawn from ``torch.Generator().manual_seed(seed)`` -- our chunk 0 noise --
    which diffusers reuses for every chunk (ours draws fresh noise per chunk), so single-chunk
    requests can match bit for bit and multi-chunk ones diverge from chunk 1 on, by design;
@@ -23,7 +23,6 @@ diffusers' pipeline takes one ControlNet, so requests with several controls are 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -114,17 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from loguru import logger
 
-    from transfer.cli import parse_args
+    from transfer.cli import parse_config
     from transfer.errors import TransferError
-    from transfer.job import default_device, dtype_for, pin_cpu_threads, plan_job
+    from transfer.device import default_device, dtype_for, pin_cpu_threads
+    from transfer.job import plan_job
     from transfer.pipeline import prepare_request
     from transfer.checkpoint import load_text_encoder
     from transfer.video_io import write_mp4, write_npz
 
-    args = parse_args(argv, prog="python -m transfer.upstream", description=__doc__)  # transfer.py's flags and defaults
     try:
-        pin_cpu_threads(args.cpu_threads)  # the same float sums as transfer.py's run of the same flags
-        job = plan_job(args)
+        config = parse_config(argv, prog="python -m transfer.upstream", description=__doc__)  # transfer.py's flags
+        pin_cpu_threads(config.runtime.cpu_threads)  # the same float sums as transfer.py's run of the same flags
+        job = plan_job(config)
         for request in job.requests:
             if len(request.controls) != 1:
                 raise TransferError(f"{request.source or request.name}: diffusers' pipeline takes one control, "
@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     import PIL.Image
 
     device = default_device()
-    dtype = dtype_for(device, job.dtype)
+    dtype = dtype_for(device, job.runtime.dtype)
     encoder = load_text_encoder(job.info, device, dtype)
-    folder = Path(args.video_save_folder)
+    folder = config.output.folder
     s = job.settings
     timings, start_all, pipes = {}, time.perf_counter(), {}
     for request, ready in zip(job.requests, prepared):
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                        num_ar_conditional_frames=s.num_conditional_frames, output_type="np")
         frames = np.rint(np.asarray(out.frames[0]) * 255).astype(np.uint8)  # [T, H, W, 3]: diffusers quantised already
         write_npz(folder / f"{request.name}.npz", frames=frames)
-        write_mp4(folder / f"{request.name}.mp4", frames, args.fps)
+        write_mp4(folder / f"{request.name}.mp4", frames, config.output.fps)
         timings[request.name] = time.perf_counter() - start
         logger.info(f"wrote {folder / request.name}.mp4 ({timings[request.name]:.1f} s)")
     timings["total"] = time.perf_counter() - start_all

@@ -61,7 +61,7 @@ class RequestDropped(Exception):
 
 class DiTGroupRole:
     """The DiT leader's and the CFG partner's message handlers (state: ``dit_jobs``, ``dit_inputs``,
-    ``cfg_context``, made by ``RankLoop.__init__``)."""
+    made by ``RankLoop.__init__``)."""
 
     def on_job(self, msg: Message) -> None:
         self.dit_jobs[msg.meta["j"]] = {**msg.meta, "noise": SeededNoise(msg.meta["seed"]), "next": 0,

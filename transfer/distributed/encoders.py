@@ -29,7 +29,7 @@ class EncoderRoles:
         j = msg.meta["j"]
         with self.tracer.span("text", "encode", request=j):
             tensors = {"prompt": self.text_encoder.encode(msg.meta["prompt"])}
-            if self.job.requests[j].settings.guidance > 1.0:
+            if self.job.requests[j].settings.cfg:
                 tensors["negative"] = self.text_encoder.encode(msg.meta["negative"])
         self.transport.send(msg.meta["leader"], "embeds", {"j": j}, tensors)
 

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transfer.config import cfg_on
 from transfer.errors import TransferError
 
 STAGES = ("coordinator", "text", "vae", "dit")
@@ -236,7 +237,7 @@ def choose_preset(world_size: int, *, requests: int = 1, guidance: float = 3.0, 
             raise TransferError(f"--context_parallel_size {sp} needs at least {sp} processes, got 1")
         return PresetChoice(Placement(1), "one process holds every stage")
     per_node = min(per_node or world_size, world_size)
-    cfgs = (2, 1) if guidance > 1.0 else (1,)
+    cfgs = (2, 1) if cfg_on(guidance) else (1,)
     degrees = [sp] if sp else [d for d in range(per_node if split_sequence else 1, 0, -1) if heads_split(heads, d)]
     if sp and (sp > per_node or not heads_split(heads, sp)):
         why = (f"more than the {per_node} ranks of a node" if sp > per_node

@@ -34,16 +34,20 @@ import torch.distributed as dist
 import guardrails
 from loguru import logger
 
+from transfer.config import RunConfig
 from transfer.distributed.coordinator import CoordinatorRole
 from transfer.distributed.dit_group import DiTGroupRole, RequestDropped
 from transfer.distributed.encoders import EncoderRoles
 from transfer.distributed import sequence_parallel
+from transfer.distributed.protocol import PROTOCOL, receives
 from transfer.distributed.placement import Placement, PresetChoice, choose_preset, from_file
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
 from transfer.distributed.transport import Message, PeerFailure, Transport, direction_groups
 from transfer.errors import (STOPPED_CLEANLY, Terminated, TransferError, check_stop, raise_on_stop_signals,
                               report_stop)
-from transfer.job import default_device, dtype_for, make_gate, plan_job
+from transfer.device import default_device, dtype_for
+from transfer.job import plan_job
+from transfer.outputs import make_gate
 from transfer.loading import load_stages
 from transfer.residency import describe
 from transfer.video_io import freeze_heap
@@ -56,31 +60,25 @@ GROUP_TIMEOUT = datetime.timedelta(hours=6)
 SHARE_STAGES_GB = 64
 
 
-#: Messages that are one request's work on a stage: in a batch, an error while handling one fails that request
-#: (recorded in failures.jsonl, the others go on); the coordinator's own work (decoded, released) is not in it.
-REQUEST_WORK = {"precompute", "text", "controls", "decode", "job", "embeds", "control_latents", "cond", "shard_chunk"}
-
-
 class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
     """One rank's event loop: message plumbing, per-request failure, shutdown. The stages' handlers are mixins, one file
     each: ``CoordinatorRole`` (coordinator.py), ``EncoderRoles`` (encoders.py: text, VAE, preprocess) and
     ``DiTGroupRole`` (dit_group.py)."""
 
-    def __init__(self, rank: int, placement: Placement, job, args, transport: Transport, tracer: Tracer,
+    def __init__(self, rank: int, placement: Placement, job, transport: Transport, tracer: Tracer,
                  branches: dict | None = None):
-        self.rank, self.placement, self.job, self.args = rank, placement, job, args
+        self.rank, self.placement, self.job = rank, placement, job
         self.transport, self.tracer = transport, tracer
         self.stages = placement.stages_of(rank)
         self.deferred: deque[Message] = deque()
         self.running = True
         device = default_device()
-        dtype = dtype_for(device, job.dtype)
+        dtype = dtype_for(device, job.runtime.dtype)
         modalities = sorted({m for r in job.requests for m in r.controls})
         held = [s for s in ("text", "vae", "dit") if s in self.stages]
         if held:
             logger.info(f"rank {rank}: {', '.join(held)} on {device} ({dtype})")
-        loaded, self.residency = load_stages(job.info, held, modalities, device, dtype, job.compile, job.offload,
-                                                    job.attention, job.step_cache)
+        loaded, self.residency = load_stages(job.info, held, modalities, device, dtype, job.runtime)
         self.text_encoder, self.vae, self.dit = (loaded.get(s) for s in ("text", "vae", "dit"))
         self.sequence_parallel = None
         """This rank's sequence-parallel DiT (``sequence_parallel.SequenceParallelDiT``) when its group has sp > 1."""
@@ -92,7 +90,7 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
         self.dit_dtype = dtype
         freeze_heap()  # imports and models: out of the collector's view (imageio collects on every video close)
         # guards: built on the coordinator only; an asynchronous release wakes this loop with a "released" message
-        self.gate = make_gate(args, job, notify=lambda: transport.send(rank, "released")) if "coordinator" in self.stages else None
+        self.gate = make_gate(job, notify=lambda: transport.send(rank, "released")) if "coordinator" in self.stages else None
         # stage state
         self.vae_controls: dict[int, dict] = {}
         self.vae_work: deque[tuple[int, int]] = deque()
@@ -142,10 +140,10 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
         if j in self.dropped:
             return
         handler = getattr(self, f"on_{msg.kind}", None)
-        if handler is None:  # a protocol bug: say what came from where, not just a missing attribute
-            raise RuntimeError(f"rank {self.rank} ({'+'.join(self.stages)}) has no handler for a {msg.kind!r} message "
-                               f"from rank {msg.src} ({msg.meta})")
-        if msg.kind in REQUEST_WORK:
+        if handler is None or not receives(self.stages, msg.kind):  # a protocol bug: say what came from where
+            raise RuntimeError(f"rank {self.rank} ({'+'.join(self.stages)}) does not handle a {msg.kind!r} message "
+                               f"(from rank {msg.src}, {msg.meta}): protocol.KINDS")
+        if PROTOCOL[msg.kind].request_work:
             self.for_request(j, msg.kind, handler, msg)
         else:
             handler(msg)
@@ -229,20 +227,21 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
         self.running = False
 
 
-def placement_from_args(args, world_size: int, requests: int = 1, heads: int = 16) -> PresetChoice:
+def choose_placement(config: RunConfig, world_size: int, requests: int = 1, heads: int = 16) -> PresetChoice:
     """``--placement``, else the preset for this run: request count, guidance, the DiT's heads,
     ``--context_parallel_size`` and the ranks per node (LOCAL_WORLD_SIZE). On CPU the preset splits no sequence
     unless asked (its outputs then equal one process's bit for bit); ``--plan`` plans for GPUs."""
-    if args.placement:
-        return PresetChoice(from_file(args.placement, world_size), f"--placement {args.placement}")
+    parallel, plan = config.parallel, config.plan
+    if parallel.placement_file:
+        return PresetChoice(from_file(parallel.placement_file, world_size), f"--placement {parallel.placement_file}")
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    if args.plan:
-        share = args.gpu_memory_gb >= SHARE_STAGES_GB
+    if plan is not None:
+        share = plan.gpu_memory_gb >= SHARE_STAGES_GB
     else:
         share = not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory / 1e9 >= SHARE_STAGES_GB
-    return choose_preset(world_size, requests=requests, guidance=args.guidance, heads=heads,
-                         sp=args.context_parallel_size, per_node=per_node, share_stages=share,
-                         split_sequence=args.plan or torch.cuda.is_available())
+    return choose_preset(world_size, requests=requests, guidance=config.generation.guidance, heads=heads,
+                         sp=parallel.sp_degree, per_node=per_node, share_stages=share,
+                         split_sequence=plan is not None or torch.cuda.is_available())
 
 
 def _exit(code: int, message: str | None = None) -> None:
@@ -269,18 +268,18 @@ def make_transport(rank: int, world: int, cuda: bool, placement: Placement) -> T
     return Transport(rank, world, pairs=pairs, device=default_device(), all_via_pairs=forced and not cuda)
 
 
-def run_distributed(args) -> None:
+def run_distributed(config: RunConfig) -> None:
     """Entry for WORLD_SIZE > 1 (under torchrun). Never returns: exits the process with its status."""
     raise_on_stop_signals()  # torchrun sends SIGTERM when another rank died or it was itself stopped
     try:
-        _run_distributed(args)
+        _run_distributed(config)
     except Terminated as stop:  # before the rank loop (planning, process groups, loading): no output to finish
         message = f"transfer.py: rank {os.environ.get('RANK', '?')} stopped by {stop}"
         report_stop(message)
         _exit(stop.exit_code, message)  # not the interpreter's teardown of half-made process groups (2.4 s seen)
 
 
-def _run_distributed(args) -> None:
+def _run_distributed(config: RunConfig) -> None:
     cuda = torch.cuda.is_available()
     if cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -302,11 +301,11 @@ def _run_distributed(args) -> None:
         logger.remove()
         logger.add(sys.stderr, level="WARNING", format=f"rank {rank} | {{level}} | {{message}}")
     try:
-        job = plan_job(args)
-        choice = placement_from_args(args, world, len(job.requests), job.info.transformer["num_attention_heads"])
+        job = plan_job(config)
+        choice = choose_placement(config, world, len(job.requests), job.info.transformer["num_attention_heads"])
         placement = choice.placement
-        if job.compile != "none" and any(g.sp > 1 for g in placement.dit_groups):
-            raise TransferError(f"--compile {job.compile} is not supported in sequence-parallel DiT groups (untested "
+        if job.runtime.compile != "none" and any(g.sp > 1 for g in placement.dit_groups):
+            raise TransferError(f"--compile {job.runtime.compile} is not supported in sequence-parallel DiT groups (untested "
                                 "with diffusers' context-parallel hooks): use --compile none, or --placement / "
                                 "--context_parallel_size 1 for groups without sequence parallelism")
     except TransferError as e:  # every rank validates the same inputs and fails the same way
@@ -323,7 +322,7 @@ def _run_distributed(args) -> None:
     tracer = Tracer(rank, t0)
     loop, code, message = None, None, None
     try:
-        loop = RankLoop(rank, placement, job, args, transport, tracer, branches)
+        loop = RankLoop(rank, placement, job, transport, tracer, branches)
         loop.run()
     except Terminated as stop:
         code = stop.exit_code
@@ -360,14 +359,14 @@ def _run_distributed(args) -> None:
         params = {rank: loop.held_parameters(), **{t["rank"]: t["params"] for t in loop.traces}}
         guards = {rank: list(guardrails.BUILT), **{t["rank"]: t["guards"] for t in loop.traces}}
         memory = {rank: loop.residency.report(), **{t["rank"]: t["memory"] for t in loop.traces}}
-        if args.trace:
-            write_chrome_trace(args.trace, spans, {"placement": placement.describe(), "wall_s": wall,
+        if config.runtime.trace:
+            write_chrome_trace(config.runtime.trace, spans, {"placement": placement.describe(), "wall_s": wall,
                                                    "bytes_sent_by_rank": {str(r): b for r, b in sorted(sent.items())},
                                                    "send_seconds_by_rank": {str(r): w for r, w in sorted(wire.items())},
                                                    "parameters_by_rank": {str(r): p for r, p in sorted(params.items())},
                                                    "guards_by_rank": {str(r): g for r, g in sorted(guards.items())},
                                                    "memory_by_rank": {str(r): m for r, m in sorted(memory.items())}})
-            logger.info(f"trace written to {args.trace}")
+            logger.info(f"trace written to {config.runtime.trace}")
         print(stage_table(spans, wall, sent, wire), file=sys.stderr)
         for r, report in sorted(memory.items()):
             if report["stage_bytes"]:

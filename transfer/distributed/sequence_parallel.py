@@ -13,7 +13,7 @@ Built on diffusers' context-parallel machinery, with the models left unmodified:
   its keys and values (the text and image context) are whole on every rank. **The stock processors ignore the
   parallel config and attend within one shard: a plausible, wrong video.** ``check_processors`` refuses such a model
   at start-up and before every chunk.
-* ``branch_meshes(placement)``: one ``DeviceMesh`` ("ring" = 1, "ulysses" = sp) per sequence-parallel branch, built
+* ``branch_meshes(branches, device_type)``: one ``DeviceMesh`` ("ring" = 1, "ulysses" = sp) per sequence-parallel branch, built
   and flattened on *every* rank in the same order (process groups are named from a global counter; a rank that
   skipped one would hang the next world-wide group).
 

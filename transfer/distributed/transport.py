@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from transfer.distributed.protocol import check_message
+
 HEADER, PAYLOAD = 1, 2
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool)}
@@ -90,7 +92,9 @@ class Transport:
 
     def send(self, dst: int, kind: str, meta: dict | None = None, tensors: dict[str, torch.Tensor] | None = None):
         """Queue a message for ``dst``; returns at once (an event set once sent). CUDA tensors stay on the
-        device when a direction group carries them, else go through the CPU. Do not mutate them after."""
+        device when a direction group carries them, else go through the CPU. Do not mutate them after. The message
+        must be one of the protocol's (``protocol.check_message``)."""
+        check_message(kind, meta or {})
         tensors = {k: (v.detach() if self._via_pair(v, dst) else v.detach().cpu()).contiguous()
                    for k, v in (tensors or {}).items()}
         if dst == self.rank:
