@@ -148,12 +148,14 @@ def main() -> int:
         boundaries = [start + 1 for start, _ in chunks[1:]]
         print(f"\n{args.long_scenes} held-out scenes x {LONG} frames: {len(chunks)} chunks of {CHUNK} frames, "
               "1 conditional frame (demo defaults)\n")
-        print("| chunk conditioning | seam ratio (output) | seam ratio (input) | edge F1 | color accuracy | run s |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for mode in ("roundtrip", "latent"):
-            r = run_row(batch, cases, work, "demo", ["--chunk_conditioning", mode], args.threads, boundaries)
-            print(f"| {mode} | {r['seam']:.3f} | {r['seam_input']:.3f} | {r['edge_f1']:.3f} | {r['color']:.1%} "
-                  f"| {r['seconds']:.0f} |")
+        print("| checkpoint | chunk conditioning | seam ratio (output) | seam ratio (input) | edge F1 | color accuracy "
+              "| background accuracy | videos whose background colour holds at every boundary | run s |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for name, checkpoint in [("demo", "demo"), *((str(f), f.resolve()) for f in args.checkpoint_dir)]:
+            for mode in ("roundtrip", "latent"):
+                r = run_row(batch, cases, work, checkpoint, ["--chunk_conditioning", mode], args.threads, boundaries)
+                print(f"| {name} | {mode} | {r['seam']:.3f} | {r['seam_input']:.3f} | {r['edge_f1']:.3f} "
+                      f"| {r['color']:.1%} | {r['background']:.1%} | {r['background_holds']:.0%} | {r['seconds']:.0f} |")
     return 0
 
 

@@ -7,7 +7,8 @@ Shared by ``benchmarks/quality.py`` (the table) and ``tests/test_demo_checkpoint
 * ``generate``: one ``transfer.py --batch_input_path`` run (a subprocess) with a checkpoint preset and flags;
 * ``score``: edge F1 against the edges the tool computed from the decoded input, prompt color accuracy and
   background accuracy of each output mp4 (``demo.metrics``), the per-frame goals (background pixels, shapes' colour
-  in >= 90% of frames), and the seam ratio at the chunk boundaries;
+  in >= 90% of frames), and the seam ratio at the chunk boundaries and whether the background's colour holds
+  across every one of them;
 * ``round_trip``: the inputs through the checkpoint's VAE alone (the ceiling a perfect DiT could reach).
 """
 
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from demo.metrics import (background_accuracy, background_pixels, color_accuracy, edge_f1, edges, seam_ratio,
-                          shape_colors)
+from demo.metrics import (background_accuracy, background_holds, background_pixels, color_accuracy, edge_f1, edges,
+                          seam_ratio, shape_colors)
 from demo.world import HELD_OUT_SEEDS, Scene, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +101,7 @@ def score(out: Path, case: Case, boundaries: list[int] | None = None) -> dict:
     if boundaries:
         result["seam"] = seam_ratio(output, boundaries)
         result["seam_input"] = seam_ratio(given, boundaries)
+        result["background_holds"] = float(background_holds(output, case.masks, boundaries))
     return result
 
 

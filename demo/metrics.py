@@ -69,13 +69,22 @@ def color_accuracy(output: np.ndarray, scene: Scene, masks: np.ndarray) -> float
     return sum(pairs) / len(pairs) if pairs else 0.0
 
 
+def background_colors(output: np.ndarray, masks: np.ndarray) -> list[str]:
+    """Per frame: the named colour (or gray) nearest the median of the pixels outside every shape (eroded)."""
+    return [nearest_color(np.median(frame[_erode(~frame_masks.any(0))], axis=0), tuple(BACKGROUNDS))
+            for frame, frame_masks in zip(output, masks)]
+
+
 def background_accuracy(output: np.ndarray, scene: Scene, masks: np.ndarray) -> float:
     """Fraction of frames whose dominant colour outside every shape is the prompt's background."""
-    hits = 0
-    for frame, frame_masks in zip(output, masks):
-        outside = _erode(~frame_masks.any(0))
-        hits += nearest_color(np.median(frame[outside], axis=0), tuple(BACKGROUNDS)) == scene.background
-    return hits / len(output)
+    return sum(c == scene.background for c in background_colors(output, masks)) / len(output)
+
+
+def background_holds(output: np.ndarray, masks: np.ndarray, boundaries: list[int]) -> bool:
+    """Whether the background's dominant colour is the same on both sides of every chunk boundary (``boundaries``:
+    the first new frame of each later chunk) -- issue 31's "no drift between chunks", whatever the colour is."""
+    colors = background_colors(output, masks)
+    return all(colors[t] == colors[t - 1] for t in boundaries if 0 < t < len(colors))
 
 
 def background_pixels(output: np.ndarray, scene: Scene, masks: np.ndarray) -> np.ndarray:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from demo.metrics import (background_accuracy, background_pixels, color_accuracy, edge_f1, edges, seam_ratio,
-                          shape_colors)
+from demo.metrics import (background_accuracy, background_holds, background_pixels, color_accuracy, edge_f1, edges,
+                          seam_ratio, shape_colors)
 from demo.world import BACKGROUNDS, COLORS, HELD_OUT_SEEDS, TRAIN_SEEDS, Scene, render
 
 
@@ -60,3 +60,14 @@ def test_seam_ratio_sees_a_jump_at_chunk_boundaries():
     for t in (9, 17):  # every later chunk brightened: a visible jump where it starts
         jumpy[t:] = np.clip(jumpy[t:].astype(np.int16) + 12, 0, 255).astype(np.uint8)
     assert 0.5 < smooth < 2.0 and seam_ratio(jumpy, [9, 17]) > 3 * seam_ratio(frames, [9, 17])
+
+
+def test_background_holds_sees_a_colour_change_at_a_boundary_only():
+    scene = Scene.from_seed(1_000_002)
+    frames, masks = render(scene, 21)
+    other = next(c for c in BACKGROUNDS if c != scene.background)
+    repainted = frames.copy()  # from frame 9 on, the background another named colour
+    repainted[9:][~masks.any(1)[9:]] = BACKGROUNDS[other]
+    assert background_holds(frames, masks, [5, 9, 13, 17])
+    assert not background_holds(repainted, masks, [9, 17])  # changes where chunk 2 starts
+    assert background_holds(repainted, masks, [5, 13, 17])  # a change inside a chunk is not a boundary's

@@ -42,7 +42,17 @@ STOPPED_CLEANLY = "outputs already written are complete, nothing half-written is
 def report_stop(message: str) -> None:
     """Print a stop line (once per process: the watchdog then prints none of its own)."""
     raise_on_stop_signals.reported = True
-    print(message, file=sys.stderr, flush=True)
+    write_line(message)
+
+
+def write_line(message: str) -> None:
+    """``message`` and its newline to stderr in one write: the ranks of a torchrun share one stream, and ``print``'s
+    two writes (text, then newline) interleaved there (two ranks' stop lines glued on one line)."""
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), (message + "\n").encode())
+    except (OSError, ValueError, AttributeError):  # no real file behind stderr (a test's capture)
+        print(message, file=sys.stderr, flush=True)
 
 
 class raise_on_stop_signals:

@@ -44,7 +44,7 @@ from transfer.distributed.placement import Placement, PresetChoice, choose_prese
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
 from transfer.distributed.transport import Message, PeerFailure, Transport, direction_groups
 from transfer.errors import (STOPPED_CLEANLY, Terminated, TransferError, check_stop, raise_on_stop_signals,
-                              report_stop)
+                              report_stop, write_line)
 from transfer.device import default_device, dtype_for
 from transfer.job import plan_job
 from transfer.outputs import make_gate
@@ -336,14 +336,14 @@ def _run_distributed(config: RunConfig) -> None:
     except TransferError as e:
         transport.abort_all(str(e))
         message = f"transfer.py: error: {e}"
-        print(message, file=sys.stderr)
+        write_line(message)
         code = 2
     except Exception as e:  # a stage crashed: tell everyone, show the original error
         where = f"rank {rank} ({'+'.join(placement.stages_of(rank))})"
         traceback.print_exc()
         transport.abort_all(f"{where} failed: {type(e).__name__}: {e}")
         message = f"transfer.py: error: {where} failed: {type(e).__name__}: {e}"
-        print(message, file=sys.stderr)
+        write_line(message)
         code = 1
     if code is not None:
         if loop is not None and loop.gate is not None:
