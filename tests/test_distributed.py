@@ -307,23 +307,25 @@ def test_process_groups_only_between_ranks_that_talk():
 def test_early_velocity_waits_for_its_step_and_unknown_messages_are_named():
     """The event loop's dispatch, on a rank with no models (one process: the transport delivers to itself): a
     counterpart's velocity that comes before this rank's chunk is kept and handed to that step's swap, not to
-    the loop; a message kind no stage handles fails naming the kind, its sender and its ids."""
+    the loop; a message kind this rank's roles do not receive fails naming the kind, its sender and its ids."""
     from collections import deque
 
     import torch
 
-    from transfer.distributed.dit_group import BranchExchange
+    from transfer.distributed.dit_group import BranchExchange, DiTRole
     from transfer.distributed.runtime import RankLoop
     from transfer.distributed.transport import Message, Transport
 
-    loop = RankLoop.__new__(RankLoop)  # the handlers' state only (__init__ loads the stages' models)
-    loop.rank, loop.stages, loop.dropped, loop.dit, loop.dit_inputs = 0, ["dit"], set(), None, {}
+    loop = RankLoop.__new__(RankLoop)  # the loop's own state and one role (__init__ loads the stages' models)
+    loop.rank, loop.stages, loop.dropped = 0, ["dit"], set()
     loop.transport, loop.deferred = Transport(0, 1), deque()
+    role = DiTRole(loop, dit=None)
+    loop.roles = {"dit": role}
     early = torch.arange(4.0)
     loop.dispatch(Message("velocity", 0, {"j": 3, "k": 1, "i": 0}, {"velocity": early}))
-    assert list(loop.dit_inputs) == [("velocity", 3, 1, 0)] and loop.transport.get(0) is None
-    swap = BranchExchange(loop, counterpart=0, positive=False, j=3, k=1)
-    assert torch.equal(swap.swap(0, torch.zeros(4)), early) and not loop.dit_inputs  # the kept one, not its own echo
+    assert list(role.inputs) == [("velocity", 3, 1, 0)] and loop.transport.get(0) is None
+    swap = BranchExchange(role, counterpart=0, positive=False, j=3, k=1)
+    assert torch.equal(swap.swap(0, torch.zeros(4)), early) and not role.inputs  # the kept one, not its own echo
     assert loop.transport.get(0).kind == "velocity"  # what this rank sent its counterpart (itself here) is still queued
     with pytest.raises(RuntimeError, match=r"rank 0 \(dit\) does not handle a 'nonsense' message \(from rank 2, "
                                            r"\{'j': 3\}\)"):
@@ -332,15 +334,22 @@ def test_early_velocity_waits_for_its_step_and_unknown_messages_are_named():
         loop.dispatch(Message("decoded", 2, {"j": 3, "k": 0}))
 
 
-def test_protocol_table_matches_the_handlers_and_guards_the_sender():
-    """Every dispatched message kind has its ``on_<kind>`` handler on the role classes and every handler a kind; the
-    batch failure rule reads the table; a send with an unknown kind or other meta fields fails at the sender."""
+def test_protocol_table_matches_the_roles_and_guards_the_sender():
+    """Every dispatched message kind has its ``on_<kind>`` handler on the class of its receiving role (``any``: the
+    rank loop's own) and every handler is a kind its class receives; the batch failure rule reads the table; a send
+    with an unknown kind or other meta fields fails at the sender."""
+    from transfer.distributed.coordinator import CoordinatorRole
+    from transfer.distributed.dit_group import DiTRole
+    from transfer.distributed.encoders import PreprocessRole, TextRole, VAERole
     from transfer.distributed.protocol import KINDS, PROTOCOL, ProtocolError
     from transfer.distributed.runtime import RankLoop
     from transfer.distributed.transport import Transport
 
-    handlers = {name.removeprefix("on_") for name in dir(RankLoop) if name.startswith("on_")}
-    assert handlers == {k.name for k in KINDS if k.dispatched}
+    classes = {"any": RankLoop, "coordinator": CoordinatorRole, "preprocess": PreprocessRole, "text": TextRole,
+               "vae": VAERole, "dit": DiTRole}
+    handlers = {(receiver, name.removeprefix("on_")) for receiver, cls in classes.items()
+                for name in vars(cls) if name.startswith("on_")}
+    assert handlers == {(k.receiver, k.name) for k in KINDS if k.dispatched}
     assert {k.name for k in KINDS if k.request_work} == {"precompute", "text", "controls", "decode", "job", "embeds",
                                                           "control_latents", "cond", "shard_chunk"}
     assert all(k.per_request for k in KINDS if k.request_work)

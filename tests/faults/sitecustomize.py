@@ -20,13 +20,13 @@ _fault = os.environ.get("TRANSFER_TEST_FAULT", "")
 if _fault.endswith(":late_shard"):
     from transfer.distributed import dit_group
 
-    _on_velocity = dit_group.DiTGroupRole.on_velocity
+    _on_velocity = dit_group.DiTRole.on_velocity
 
     def on_velocity(self, msg):
         print(f"rank {self.rank}: early velocity {msg.meta}", file=sys.stderr, flush=True)
         _on_velocity(self, msg)
 
-    dit_group.DiTGroupRole.on_velocity = on_velocity
+    dit_group.DiTRole.on_velocity = on_velocity
     if os.environ.get("RANK", "0") == _fault.split(":")[0]:
         import time
 

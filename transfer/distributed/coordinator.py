@@ -4,7 +4,7 @@ The coordinator checks every request's inputs before any output is written, hand
 DiT group's leader and the VAE in a window (one per DiT group + ``LOOKAHEAD``), assembles each request's decoded
 chunks, releases it through the guardrail gate (check + write), and stops every rank when all is written.
 
-``CoordinatorRole`` is a mixin of ``transfer.distributed.runtime.RankLoop``.
+A request that a stage fails on is recorded here (``failures.jsonl``) and every rank is told to drop it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from loguru import logger
 
+from transfer.distributed.role import Role
 from transfer.distributed.transport import Message
+from transfer.outputs import make_gate
 from transfer.pipeline import GenerationResult, chunk_scales, join_chunks, plan_chunks, resize_frames
 
 #: Requests handed out beyond one per DiT group: their text and control latents are made while the DiT works on
@@ -24,7 +26,34 @@ from transfer.pipeline import GenerationResult, chunk_scales, join_chunks, plan_
 LOOKAHEAD = 2
 
 
-class CoordinatorRole:
+class CoordinatorRole(Role):
+    name = "coordinator"
+
+    def __init__(self, loop):
+        super().__init__(loop)
+        # guards: built here only; an asynchronous release wakes the loop with a "released" message
+        self.gate = make_gate(loop.job, notify=lambda: loop.transport.send(loop.rank, "released"))
+        self.results: dict[int, dict] = {}
+        """Per request in flight: its decoded chunks so far."""
+        self.traces: list[dict] = []
+        """Every other rank's report at the end (``trace`` messages)."""
+        self.window, self.pending = 0, deque()
+
+    def forget(self, j: int) -> None:
+        self.results.pop(j, None)
+
+    def fail_request(self, j: int, error) -> None:
+        """Record request ``j`` as failed and have every rank drop it."""
+        self.loop.forget(j)
+        self.job.failures.add(self.job.requests[j], error)
+        for r in range(self.placement.world_size):
+            if r != self.rank:
+                self.transport.send(r, "drop", {"j": j})
+
+    def on_failed(self, msg: Message) -> None:
+        self.fail_request(msg.meta["j"], msg.meta["error"])
+        self.after_release()
+
     def start_requests(self) -> None:
         """Check every request's inputs before any output is written (as the single process does), handing
         the first ``window`` to the stages as soon as each is ready; the rest follow as requests finish."""
@@ -43,7 +72,7 @@ class CoordinatorRole:
         for j, request in requests:
             if remote and self.job.controls.needs(request):
                 with self.tracer.span("coordinator", "wait for controls", request=j):
-                    done = self.wait_for(lambda m: m.kind in ("precomputed", "failed") and m.meta["j"] == j)
+                    done = self.loop.wait_for(lambda m: m.kind in ("precomputed", "failed") and m.meta["j"] == j)
                 if done.kind == "failed":  # e.g. its input video cannot be read
                     self.fail_request(j, done.meta["error"])
                     continue
@@ -127,14 +156,14 @@ class CoordinatorRole:
         self.after_release()
 
     def finish(self) -> None:
-        if not self.running:
+        if not self.loop.running:
             return
         self.gate.close()
         others = [r for r in range(self.placement.world_size) if r != self.rank]
         for r in others:
             self.transport.send(r, "stop")
         for _ in others:
-            msg = self.wait_for(lambda m: m.kind == "trace")
+            msg = self.loop.wait_for(lambda m: m.kind == "trace")
             self.traces.append(msg.meta)
-        self.running = False
+        self.loop.running = False
 

@@ -13,8 +13,8 @@ hold the whole velocity afterwards; with cfg 2 each rank computes its own branch
 counterpart in the other branch (``BranchExchange``), so both apply the same guidance and scheduler step. Only the
 leader's latents leave the group.
 
-``DiTGroupRole`` is a mixin of ``transfer.distributed.runtime.RankLoop`` (which owns the transport, the tracer,
-the per-request failure handling and the message dispatch: ``on_<kind>`` methods).
+``DiTRole`` holds this rank's DiT (with its ControlNets) and, on the leader, each request's job and inputs; the rank's
+``RankLoop`` owns the transport, the tracer and the per-request failure rule.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from transfer.distributed.role import Role
 from transfer.distributed.transport import Message
 from transfer.errors import check_stop
 from transfer.pipeline import SeededNoise, latent_condition, latent_shape
@@ -32,20 +33,21 @@ class BranchExchange:
     """This rank computes one guidance branch of a CFG-split group; its counterpart computes the other. ``swap``
     sends this step's velocity and returns the counterpart's."""
 
-    def __init__(self, loop, counterpart: int, positive: bool, j: int, k: int):
-        self.loop, self.counterpart, self.positive, self.j, self.k = loop, counterpart, positive, j, k
+    def __init__(self, role: "DiTRole", counterpart: int, positive: bool, j: int, k: int):
+        self.role, self.loop = role, role.loop
+        self.counterpart, self.positive, self.j, self.k = counterpart, positive, j, k
 
     def swap(self, step: int, velocity: torch.Tensor) -> torch.Tensor:
         self.loop.transport.send(self.counterpart, "velocity", {"j": self.j, "k": self.k, "i": step},
                                  {"velocity": velocity})
-        early = self.loop.dit_inputs.pop(("velocity", self.j, self.k, step), None)  # came before this chunk did
+        early = self.role.inputs.pop(("velocity", self.j, self.k, step), None)  # came before this chunk did
         if early is not None:
             return early.to(velocity.device)
         msg = self.loop.wait_for(lambda m: (m.kind == "velocity" and m.src == self.counterpart
                                             and (m.meta["j"], m.meta["k"], m.meta["i"]) == (self.j, self.k, step))
                                  or (m.kind in ("drop", "failed") and m.meta["j"] == self.j))
         if msg.kind == "failed":  # this rank is also the coordinator (a --placement file): record it here
-            self.loop.fail_request(self.j, msg.meta["error"])
+            self.loop.roles["coordinator"].fail_request(self.j, msg.meta["error"])
         if msg.kind != "velocity":  # the counterpart (or another stage) failed on this request: stop waiting for it
             raise RequestDropped(self.j)
         return msg.tensors["velocity"].to(velocity.device)
@@ -59,51 +61,66 @@ class RequestDropped(Exception):
         self.j = j
 
 
-class DiTGroupRole:
-    """The DiT leader's and the CFG partner's message handlers (state: ``dit_jobs``, ``dit_inputs``,
-    made by ``RankLoop.__init__``)."""
+class DiTRole(Role):
+    """A DiT group rank: the leader's jobs and inputs per request, and every rank's chunk loop."""
+
+    name = "dit"
+
+    def __init__(self, loop, dit, sequence_parallel=None):
+        super().__init__(loop)
+        self.dit = dit
+        self.sequence_parallel = sequence_parallel
+        """This rank's sequence-parallel DiT (``sequence_parallel.SequenceParallelDiT``) when its group has sp > 1."""
+        self.jobs: dict[int, dict] = {}
+        """Leader: per request, its job (seed, chunk windows, size, scales) and the next chunk to denoise."""
+        self.inputs: dict[tuple, object] = {}
+        """Per (kind, request[, chunk[, step]]): embeddings, control and condition latents, early velocities."""
+
+    def forget(self, j: int) -> None:
+        self.jobs.pop(j, None)
+        for key in [key for key in self.inputs if key[1] == j]:
+            del self.inputs[key]
 
     def on_job(self, msg: Message) -> None:
-        self.dit_jobs[msg.meta["j"]] = {**msg.meta, "noise": SeededNoise(msg.meta["seed"]), "next": 0,
+        self.jobs[msg.meta["j"]] = {**msg.meta, "noise": SeededNoise(msg.meta["seed"]), "next": 0,
                                         "weights": {k.removeprefix("weights."): t for k, t in msg.tensors.items()}}
 
     def on_embeds(self, msg: Message) -> None:
-        self.dit_inputs[("embeds", msg.meta["j"])] = msg.tensors
+        self.inputs[("embeds", msg.meta["j"])] = msg.tensors
 
     def on_control_latents(self, msg: Message) -> None:
-        self.dit_inputs[("controls", msg.meta["j"], msg.meta["k"])] = msg.tensors
+        self.inputs[("controls", msg.meta["j"], msg.meta["k"])] = msg.tensors
 
     def on_cond(self, msg: Message) -> None:
-        self.dit_inputs[("cond", msg.meta["j"], msg.meta["k"])] = msg.tensors["cond"]
+        self.inputs[("cond", msg.meta["j"], msg.meta["k"])] = msg.tensors["cond"]
 
     def _ready(self, j: int, k: int) -> bool:
         need = [("embeds", j), ("controls", j, k)]
         if k > 0 and self.job.requests[j].settings.reencodes_condition:
             need.append(("cond", j, k))  # latent mode: the DiT holds the previous chunk's latents itself
-        return all(key in self.dit_inputs for key in need)
+        return all(key in self.inputs for key in need)
 
-    def run_ready_dit_chunks(self) -> None:
-        if self.dit is None:
-            return
+    def after_message(self) -> None:
+        """Denoise every chunk whose inputs are all here (lowest request first)."""
         progressed = True
         while progressed:
             progressed = False
-            for j in sorted(self.dit_jobs):
-                job = self.dit_jobs[j]
+            for j in sorted(self.jobs):
+                job = self.jobs[j]
                 if self._ready(j, job["next"]):
-                    self.for_request(j, "denoise", self.denoise_chunk, j, job)
+                    self.loop.for_request(j, "denoise", self.denoise_chunk, j, job)
                     progressed = True
                     break
 
     def denoise_chunk(self, j: int, job: dict) -> None:
         s, k = self.job.requests[j].settings, job["next"]
-        embeds = self.dit_inputs[("embeds", j)]
-        controls = self.dit_inputs.pop(("controls", j, k))
+        embeds = self.inputs[("embeds", j)]
+        controls = self.inputs.pop(("controls", j, k))
         num_cond = self.job.limits.cond_latent_frames(s.num_conditional_frames) if k > 0 else 0
         if s.reuses_latents and k > 0:
             cond = latent_condition(job.pop("previous"), num_cond)
         else:
-            cond = self.dit_inputs.pop(("cond", j, k), None)
+            cond = self.inputs.pop(("cond", j, k), None)
         shape = latent_shape(self.job.limits, self.dit, s.num_frames_per_chunk, job["height"], job["width"])
         chunk = {"j": j, "k": k, "num_cond": num_cond, "pixel": [job["height"], job["width"]], "scales": job["scales"]}
         tensors = {"noise": job["noise"](k, shape), "prompt": embeds["prompt"],
@@ -122,8 +139,8 @@ class DiTGroupRole:
             job["previous"] = latents  # chunk k + 1 starts now; the VAE decodes chunk k beside it
         job["next"] += 1
         if last:
-            del self.dit_jobs[j]
-            del self.dit_inputs[("embeds", j)]
+            del self.jobs[j]
+            del self.inputs[("embeds", j)]
 
     @staticmethod
     def working_ranks(group, guided: bool) -> tuple[int, ...]:
@@ -135,7 +152,7 @@ class DiTGroupRole:
         the leader, the velocity from the counterpart (another rank, which got its own ``shard_chunk`` first), so
         either can arrive first. Kept with the chunk's other inputs for ``BranchExchange.swap``."""
         m = msg.meta
-        self.dit_inputs[("velocity", m["j"], m["k"], m["i"])] = msg.tensors["velocity"]
+        self.inputs[("velocity", m["j"], m["k"], m["i"])] = msg.tensors["velocity"]
 
     def on_shard_chunk(self, msg: Message) -> None:
         """Another rank of the leader's group: the same loop on the same inputs, in lockstep; the result stays here."""

@@ -1,30 +1,40 @@
-"""The text and VAE stages' part of a stage process (and the preprocess rank's): embeddings, control latents, decode.
+"""The text and VAE roles (and the preprocess role): embeddings, control latents, decodes.
 
 The text rank encodes each request's prompt (and negative prompt with guidance) and sends the embeddings to the
 request's DiT group leader. The VAE rank keeps each request's controls as uint8, encodes one chunk window at a time
 in idle time (ahead of the DiT), decodes finished chunks for the coordinator and, with ``roundtrip`` conditioning,
-re-encodes the next chunk's conditioning frames for the leader.
-
-``EncoderRoles`` is a mixin of ``transfer.distributed.runtime.RankLoop``.
+re-encodes the next chunk's conditioning frames for the leader. A preprocess rank (placed off the coordinator)
+computes the controls a request leaves out and tells the coordinator when they are on disk.
 """
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
+from transfer.distributed.role import Role
 from transfer.distributed.transport import Message
 from transfer.pipeline import encode_controls, roundtrip_condition, to_model_video, to_uint8_frames
 
 
-class EncoderRoles:
-    # -- preprocess (only when placed off the coordinator) ------------------------------------------
+class PreprocessRole(Role):
+    name = "preprocess"
+
     def on_precompute(self, msg: Message) -> None:
         j = msg.meta["j"]
         with self.tracer.span("preprocess", "controls", request=j):
             self.job.controls.precompute(self.job.requests[j])
         self.transport.send(self.placement.coordinator, "precomputed", {"j": j})
 
-    # -- text ------------------------------------------------------------------------------------
+
+class TextRole(Role):
+    name = "text"
+
+    def __init__(self, loop, text_encoder):
+        super().__init__(loop)
+        self.text_encoder = text_encoder
+
     def on_text(self, msg: Message) -> None:
         j = msg.meta["j"]
         with self.tracer.span("text", "encode", request=j):
@@ -33,24 +43,47 @@ class EncoderRoles:
                 tensors["negative"] = self.text_encoder.encode(msg.meta["negative"])
         self.transport.send(msg.meta["leader"], "embeds", {"j": j}, tensors)
 
-    # -- vae -------------------------------------------------------------------------------------
+
+class VAERole(Role):
+    name = "vae"
+
+    def __init__(self, loop, vae, dtype: torch.dtype):
+        super().__init__(loop)
+        self.vae, self.dtype = vae, dtype
+        """``dtype``: the DiT's (control latents are made in it)."""
+        self.controls: dict[int, dict] = {}
+        """Per request: its uint8 control frames, chunk windows, leader and chunks left to encode."""
+        self.work: deque[tuple[int, int]] = deque()
+        """(request, chunk) control encodes to do when no message waits."""
+
+    def forget(self, j: int) -> None:
+        self.controls.pop(j, None)
+        self.work = deque(w for w in self.work if w[0] != j)
+
     def on_controls(self, msg: Message) -> None:
         j = msg.meta["j"]  # kept as uint8; each chunk's window is converted when it is encoded
-        self.vae_controls[j] = {"frames": msg.tensors, "chunks": msg.meta["chunks"], "leader": msg.meta["leader"],
-                                "left": len(msg.meta["chunks"])}
-        self.vae_work.extend((j, k) for k in range(len(msg.meta["chunks"])))
+        self.controls[j] = {"frames": msg.tensors, "chunks": msg.meta["chunks"], "leader": msg.meta["leader"],
+                            "left": len(msg.meta["chunks"])}
+        self.work.extend((j, k) for k in range(len(msg.meta["chunks"])))
+
+    def idle_work(self) -> bool:
+        if not self.work:
+            return False
+        j, k = self.work.popleft()
+        self.loop.for_request(j, "encode_controls", self.encode_controls, j, k)
+        return True
 
     def encode_controls(self, j: int, k: int) -> None:
-        state = self.vae_controls[j]
+        state = self.controls[j]
         start, end = state["chunks"][k]
         with self.tracer.span("vae", "encode_controls", request=j, chunk=k):
             videos = {m: to_model_video(v[start:end].numpy()) for m, v in state["frames"].items()}
             frames_per_chunk = self.job.requests[j].settings.num_frames_per_chunk
-            latents = encode_controls(self.vae, videos, (0, end - start), frames_per_chunk, self.dit_dtype)
+            latents = encode_controls(self.vae, videos, (0, end - start), frames_per_chunk, self.dtype)
         self.transport.send(state["leader"], "control_latents", {"j": j, "k": k}, latents)
         state["left"] -= 1
         if state["left"] == 0:
-            del self.vae_controls[j]
+            del self.controls[j]
 
     def on_decode(self, msg: Message) -> None:
         j, k, last = msg.meta["j"], msg.meta["k"], msg.meta["last"]
@@ -64,4 +97,3 @@ class EncoderRoles:
             with self.tracer.span("vae", "reencode", request=j, chunk=k + 1):
                 cond = roundtrip_condition(self.vae, video, s.num_conditional_frames)
             self.transport.send(msg.src, "cond", {"j": j, "k": k + 1}, {"cond": cond})
-

@@ -100,9 +100,3 @@ def check_message(kind: str, meta: dict) -> Kind:
         missing, extra = sorted(spec.meta - set(meta)), sorted(set(meta) - spec.meta)
         raise ProtocolError(f"a {kind!r} message needs meta {sorted(spec.meta)}: missing {missing}, unexpected {extra}")
     return spec
-
-
-def receives(roles, kind: str) -> bool:
-    """Whether a rank holding ``roles`` (its stages; a DiT group rank holds ``dit``) handles ``kind``."""
-    receiver = PROTOCOL[kind].receiver
-    return receiver == "any" or receiver in roles

@@ -36,10 +36,11 @@ from loguru import logger
 
 from transfer.config import RunConfig
 from transfer.distributed.coordinator import CoordinatorRole
-from transfer.distributed.dit_group import DiTGroupRole, RequestDropped
-from transfer.distributed.encoders import EncoderRoles
+from transfer.distributed.dit_group import DiTRole, RequestDropped
+from transfer.distributed.encoders import PreprocessRole, TextRole, VAERole
+from transfer.distributed.role import Role
 from transfer.distributed import sequence_parallel
-from transfer.distributed.protocol import PROTOCOL, receives
+from transfer.distributed.protocol import PROTOCOL
 from transfer.distributed.placement import Placement, PresetChoice, choose_preset, from_file
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
 from transfer.distributed.transport import Message, PeerFailure, Transport, direction_groups
@@ -47,7 +48,6 @@ from transfer.errors import (STOPPED_CLEANLY, Terminated, TransferError, check_s
                               report_stop, write_line)
 from transfer.device import default_device, dtype_for
 from transfer.job import plan_job
-from transfer.outputs import make_gate
 from transfer.loading import load_stages
 from transfer.residency import describe
 from transfer.video_io import freeze_heap
@@ -60,10 +60,9 @@ GROUP_TIMEOUT = datetime.timedelta(hours=6)
 SHARE_STAGES_GB = 64
 
 
-class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
-    """One rank's event loop: message plumbing, per-request failure, shutdown. The stages' handlers are mixins, one file
-    each: ``CoordinatorRole`` (coordinator.py), ``EncoderRoles`` (encoders.py: text, VAE, preprocess) and
-    ``DiTGroupRole`` (dit_group.py)."""
+class RankLoop:
+    """One rank's event loop: one ``Role`` object per role the placement gives this rank (``roles``), message
+    dispatch to the role that receives each kind (``protocol.KINDS``), the per-request failure rule, shutdown."""
 
     def __init__(self, rank: int, placement: Placement, job, transport: Transport, tracer: Tracer,
                  branches: dict | None = None):
@@ -72,6 +71,8 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
         self.stages = placement.stages_of(rank)
         self.deferred: deque[Message] = deque()
         self.running = True
+        self.dropped: set[int] = set()
+        """Requests a stage failed on: their state is gone and late messages about them are ignored."""
         device = default_device()
         dtype = dtype_for(device, job.runtime.dtype)
         modalities = sorted({m for r in job.requests for m in r.controls})
@@ -79,27 +80,30 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
         if held:
             logger.info(f"rank {rank}: {', '.join(held)} on {device} ({dtype})")
         loaded, self.residency = load_stages(job.info, held, modalities, device, dtype, job.runtime)
-        self.text_encoder, self.vae, self.dit = (loaded.get(s) for s in ("text", "vae", "dit"))
-        self.sequence_parallel = None
-        """This rank's sequence-parallel DiT (``sequence_parallel.SequenceParallelDiT``) when its group has sp > 1."""
-        group = placement.group_of(rank)
-        if group is not None and group.sp > 1:
-            models = {"transformer": self.dit.transformer, **{f"controlnet/{m}": c for m, c in self.dit.controlnets.items()}}
-            self.sequence_parallel = sequence_parallel.enable(models, branches[group.branch_of(rank)])
-            self.dit.shard_tokens = self.sequence_parallel.shard_tokens  # weight maps cut like the residuals
-        self.dit_dtype = dtype
+        self.roles: dict[str, Role] = {}
+        if "coordinator" in self.stages:
+            self.roles["coordinator"] = CoordinatorRole(self)
+        if "preprocess" in self.stages:
+            self.roles["preprocess"] = PreprocessRole(self)
+        if "text" in loaded:
+            self.roles["text"] = TextRole(self, loaded["text"])
+        if "vae" in loaded:
+            self.roles["vae"] = VAERole(self, loaded["vae"], dtype)
+        if "dit" in loaded:
+            dit, parallel = loaded["dit"], None
+            group = placement.group_of(rank)
+            if group.sp > 1:
+                models = {"transformer": dit.transformer, **{f"controlnet/{m}": c for m, c in dit.controlnets.items()}}
+                parallel = sequence_parallel.enable(models, branches[group.branch_of(rank)])
+                dit.shard_tokens = parallel.shard_tokens  # weight maps cut like the residuals
+            self.roles["dit"] = DiTRole(self, dit, parallel)
         freeze_heap()  # imports and models: out of the collector's view (imageio collects on every video close)
-        # guards: built on the coordinator only; an asynchronous release wakes this loop with a "released" message
-        self.gate = make_gate(job, notify=lambda: transport.send(rank, "released")) if "coordinator" in self.stages else None
-        # stage state
-        self.vae_controls: dict[int, dict] = {}
-        self.vae_work: deque[tuple[int, int]] = deque()
-        self.dit_jobs: dict[int, dict] = {}
-        self.dit_inputs: dict[tuple, object] = {}
-        self.results: dict[int, dict] = {}
-        self.traces: list[dict] = []
-        self.dropped: set[int] = set()
-        """Requests a stage failed on: their state is gone and late messages about them are ignored."""
+
+    @property
+    def gate(self):
+        """The coordinator's output gate (None on other ranks)."""
+        coordinator = self.roles.get("coordinator")
+        return coordinator.gate if coordinator is not None else None
 
     # -- message plumbing ---------------------------------------------------------------------
     def next_message(self, timeout: float) -> Message | None:
@@ -123,43 +127,58 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
             self.deferred.append(m)
 
     def run(self) -> None:
-        if "coordinator" in self.stages:
-            self.start_requests()
+        if "coordinator" in self.roles:
+            self.roles["coordinator"].start_requests()
         while self.running:
             check_stop()
-            msg = self.next_message(0.0 if self.vae_work else 0.5)
+            idle = any(role.work for role in self.roles.values() if isinstance(role, VAERole))
+            msg = self.next_message(0.0 if idle else 0.5)
             if msg is not None:
                 self.dispatch(msg)
-            elif self.vae_work:
-                j, k = self.vae_work.popleft()
-                self.for_request(j, "encode_controls", self.encode_controls, j, k)
+            else:
+                for role in self.roles.values():
+                    if role.idle_work():
+                        break
+
+    def handler(self, kind: str):
+        """The ``on_<kind>`` of the role on this rank that receives ``kind``, or None."""
+        spec = PROTOCOL.get(kind)
+        if spec is None:
+            return None
+        owners = [self] if spec.receiver == "any" else [self.roles.get(spec.receiver)]
+        if spec.receiver == "any" and not hasattr(self, f"on_{kind}"):
+            owners = list(self.roles.values())
+        return next((getattr(o, f"on_{kind}") for o in owners if o is not None and hasattr(o, f"on_{kind}")), None)
 
     def dispatch(self, msg: Message) -> None:
-        """Hand one message to its ``on_<kind>`` handler, then denoise whatever chunks became ready."""
+        """Hand one message to the handler of the role receiving its kind, then let the roles do what became ready
+        (the DiT's chunks)."""
         j = msg.meta.get("j")
         if j in self.dropped:
             return
-        handler = getattr(self, f"on_{msg.kind}", None)
-        if handler is None or not receives(self.stages, msg.kind):  # a protocol bug: say what came from where
+        handler = self.handler(msg.kind)
+        if handler is None:  # a protocol bug: say what came from where
             raise RuntimeError(f"rank {self.rank} ({'+'.join(self.stages)}) does not handle a {msg.kind!r} message "
                                f"(from rank {msg.src}, {msg.meta}): protocol.KINDS")
         if PROTOCOL[msg.kind].request_work:
             self.for_request(j, msg.kind, handler, msg)
         else:
             handler(msg)
-        self.run_ready_dit_chunks()
+        for role in self.roles.values():
+            role.after_message()
 
     # -- a request that fails on a stage --------------------------------------------------------------
     def for_request(self, j: int, what: str, work, *args) -> None:
         """Run one request's ``work``; in a batch, an error fails request ``j`` only: this rank forgets it and the
         coordinator records it (``failures.jsonl``) and tells every rank to drop it. A single request's error
         fails the run."""
+        coordinator = self.roles.get("coordinator")
         try:
             work(*args)
         except RequestDropped:
             self.forget(j)
-            if self.gate is not None:
-                self.after_release()
+            if coordinator is not None:
+                coordinator.after_release()
         except PeerFailure:
             raise
         except Exception as e:
@@ -170,9 +189,9 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
             error = e if isinstance(e, TransferError) else f"rank {self.rank} ({stage}) failed on it ({what}): {type(e).__name__}: {e}"
             if not isinstance(e, TransferError):
                 logger.opt(exception=e).warning(f"request {j}: {error}")
-            if self.gate is not None:
-                self.fail_request(j, error)
-                self.after_release()
+            if coordinator is not None:
+                coordinator.fail_request(j, error)
+                coordinator.after_release()
             else:
                 self.forget(j)
                 self.transport.send(self.placement.coordinator, "failed", {"j": j, "error": str(error)})
@@ -180,25 +199,9 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
     def forget(self, j: int) -> None:
         """Drop every piece of state this rank holds for request ``j``."""
         self.dropped.add(j)
-        self.results.pop(j, None)
-        self.vae_controls.pop(j, None)
-        self.vae_work = deque(w for w in self.vae_work if w[0] != j)
-        self.dit_jobs.pop(j, None)
-        for key in [key for key in self.dit_inputs if key[1] == j]:
-            del self.dit_inputs[key]
+        for role in self.roles.values():
+            role.forget(j)
         self.deferred = deque(m for m in self.deferred if m.meta.get("j") != j)
-
-    def fail_request(self, j: int, error) -> None:
-        """Coordinator: record request ``j`` as failed and have every rank drop it."""
-        self.forget(j)
-        self.job.failures.add(self.job.requests[j], error)
-        for r in range(self.placement.world_size):
-            if r != self.rank:
-                self.transport.send(r, "drop", {"j": j})
-
-    def on_failed(self, msg: Message) -> None:
-        self.fail_request(msg.meta["j"], msg.meta["error"])
-        self.after_release()
 
     def on_drop(self, msg: Message) -> None:
         self.forget(msg.meta["j"])
@@ -206,13 +209,14 @@ class RankLoop(CoordinatorRole, EncoderRoles, DiTGroupRole):
     def held_parameters(self) -> dict[str, int]:
         """Parameter counts of the models this rank built (proves each rank loads only its stages)."""
         held = {}
-        if self.text_encoder is not None:
-            held["text_encoder"] = sum(p.numel() for p in self.text_encoder.model.parameters())
-        if self.vae is not None:
-            held["vae"] = sum(p.numel() for p in self.vae.vae.parameters())
-        if self.dit is not None:
-            held["transformer"] = sum(p.numel() for p in self.dit.transformer.parameters())
-            held["controlnets"] = sum(p.numel() for c in self.dit.controlnets.values() for p in c.parameters())
+        if "text" in self.roles:
+            held["text_encoder"] = sum(p.numel() for p in self.roles["text"].text_encoder.model.parameters())
+        if "vae" in self.roles:
+            held["vae"] = sum(p.numel() for p in self.roles["vae"].vae.vae.parameters())
+        if "dit" in self.roles:
+            dit = self.roles["dit"].dit
+            held["transformer"] = sum(p.numel() for p in dit.transformer.parameters())
+            held["controlnets"] = sum(p.numel() for c in dit.controlnets.values() for p in c.parameters())
         return held
 
     # -- shutdown -------------------------------------------------------------------------------
@@ -353,12 +357,13 @@ def _run_distributed(config: RunConfig) -> None:
         _exit(code, message)
     if rank == placement.coordinator:
         wall = time.time() - t0
-        spans = tracer.spans + [s for t in loop.traces for s in t["spans"]]
-        sent = {rank: transport.bytes_sent, **{t["rank"]: t["bytes_sent"] for t in loop.traces}}
-        wire = {rank: transport.send_seconds, **{t["rank"]: t["send_seconds"] for t in loop.traces}}
-        params = {rank: loop.held_parameters(), **{t["rank"]: t["params"] for t in loop.traces}}
-        guards = {rank: list(guardrails.BUILT), **{t["rank"]: t["guards"] for t in loop.traces}}
-        memory = {rank: loop.residency.report(), **{t["rank"]: t["memory"] for t in loop.traces}}
+        traces = loop.roles["coordinator"].traces
+        spans = tracer.spans + [s for t in traces for s in t["spans"]]
+        sent = {rank: transport.bytes_sent, **{t["rank"]: t["bytes_sent"] for t in traces}}
+        wire = {rank: transport.send_seconds, **{t["rank"]: t["send_seconds"] for t in traces}}
+        params = {rank: loop.held_parameters(), **{t["rank"]: t["params"] for t in traces}}
+        guards = {rank: list(guardrails.BUILT), **{t["rank"]: t["guards"] for t in traces}}
+        memory = {rank: loop.residency.report(), **{t["rank"]: t["memory"] for t in traces}}
         if config.runtime.trace:
             write_chrome_trace(config.runtime.trace, spans, {"placement": placement.describe(), "wall_s": wall,
                                                    "bytes_sent_by_rank": {str(r): b for r, b in sorted(sent.items())},
