@@ -136,6 +136,9 @@ def worker(args) -> None:
               "velocity": out.flatten().tolist()}
     with open(args.worker, "a") as f:
         f.write(json.dumps(result) + "\n")
+    if args.sp > 1:  # leave together: a rank exiting with the group alive aborted once under load ("terminate called
+        dist.barrier()  # without an active exception", its gloo threads torn down by the interpreter)
+        dist.destroy_process_group()
 
 
 def measure(args) -> list[dict]:
