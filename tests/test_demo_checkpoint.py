@@ -13,6 +13,7 @@ import pytest
 
 from configs.models import DEMO_CHECKPOINT
 from demo.evaluate import Case, generate, held_out, mean, score, write_batch
+from demo.metrics import background_pixels, shape_colors
 from demo.world import Scene, render
 from tests.conftest import ROOT, run_cli
 from transfer.video_io import read_video
@@ -31,7 +32,10 @@ def user_env() -> dict:
 def test_readme_main_command_follows_edges_and_prompt(tmp_path):
     """``python transfer.py --controlnet_specs assets/demo_spec.json`` with no preset flag: the demo model, its own
     defaults (5 chunks of 9 frames). Measured on this scene: edge F1 0.76, shape color 48%, background 2%
-    (docs/demo.md; random weights: 0.00, chance 12.5%)."""
+    (docs/demo.md; random weights: 0.00, chance 12.5%). Issue 31's per-frame goals, at the levels the shipped model
+    reaches: the black circle is black in 95% of its frames (goal >= 90% for each shape; the yellow square: 0%), the
+    background's colour does not change at any of the 4 chunk boundaries (it drifts inside chunks: magenta, gray,
+    yellow; blue on >= 90% of its pixels in 0 of 41 frames, the goal is every frame)."""
     import subprocess
     import sys
 
@@ -47,11 +51,29 @@ def test_readme_main_command_follows_edges_and_prompt(tmp_path):
     frames, _ = read_video(out / "output.mp4")
     assert frames.shape == (41, 64, 64, 3)
     shutil.copy(out / "output.mp4", tmp_path / f"scene{seed}.mp4")
-    result = score(tmp_path, Case(seed, scene, render(scene, 41)[1], ROOT / "assets" / "demo_input.mp4"))
+    masks = render(scene, 41)[1]
+    result = score(tmp_path, Case(seed, scene, masks, ROOT / "assets" / "demo_input.mp4"), [9, 17, 25, 33])
     assert result["edge_f1"] >= 0.5 and result["color"] >= 0.3, result
+    circle = [s.kind for s in scene.shapes].index("circle")
+    assert shape_colors(frames, scene, masks)[circle] >= 0.9 and result["background_holds"] == 1.0, result
     own = json.loads((DEMO_CHECKPOINT / "transfer_defaults.json").read_text())
     found = values_of(json.loads((out / "manifest.json").read_text()), "num_frames_per_chunk")
     assert found and set(found) == {own["num_frames_per_chunk"]}, found  # the checkpoint's chunk length was used
+
+
+def test_readme_transfer25_form_keeps_the_prompts_background(tmp_path):
+    """The README's main request in the Transfer2.5 form (``-i assets/demo_spec25.json``: seed 2025): the background
+    is the prompt's blue on >= 90% of its pixels in every one of the 41 frames (issue 31's background goal, reached
+    here), though both shapes fade (edge F1 0.13: docs/demo.md)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "transfer.py"), "-i", "assets/demo_spec25.json", "-o",
+                           str(tmp_path / "t25")], cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scene = Scene.from_seed(1000994)
+    frames, _ = read_video(tmp_path / "t25" / "demo.mp4")
+    assert (background_pixels(frames, scene, render(scene, 41)[1]) >= 0.9).all()
 
 
 def values_of(tree, key: str) -> list:
