@@ -66,6 +66,10 @@ class VAERole(Role):
                             "left": len(msg.meta["chunks"])}
         self.work.extend((j, k) for k in range(len(msg.meta["chunks"])))
 
+    @property
+    def has_idle_work(self) -> bool:
+        return bool(self.work)
+
     def idle_work(self) -> bool:
         if not self.work:
             return False

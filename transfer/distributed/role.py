@@ -11,6 +11,7 @@ from __future__ import annotations
 
 class Role:
     name = ""
+    """The role's name in ``protocol.KINDS`` (a kind's receiver) and ``Placement.stages_of``."""
 
     def __init__(self, loop):
         self.loop = loop
@@ -37,6 +38,11 @@ class Role:
 
     def forget(self, j: int) -> None:
         """Drop every piece of state this role holds for request ``j`` (a stage failed on it)."""
+
+    @property
+    def has_idle_work(self) -> bool:
+        """Whether work that waits for no message is queued (the loop then polls for messages without waiting)."""
+        return False
 
     def idle_work(self) -> bool:
         """Do one piece of work that waits for no message (the VAE's control encodes); False when there is none."""

@@ -80,15 +80,15 @@ class RankLoop:
         if held:
             logger.info(f"rank {rank}: {', '.join(held)} on {device} ({dtype})")
         loaded, self.residency = load_stages(job.info, held, modalities, device, dtype, job.runtime)
-        self.roles: dict[str, Role] = {}
+        roles: list[Role] = []
         if "coordinator" in self.stages:
-            self.roles["coordinator"] = CoordinatorRole(self)
+            roles.append(CoordinatorRole(self))
         if "preprocess" in self.stages:
-            self.roles["preprocess"] = PreprocessRole(self)
+            roles.append(PreprocessRole(self))
         if "text" in loaded:
-            self.roles["text"] = TextRole(self, loaded["text"])
+            roles.append(TextRole(self, loaded["text"]))
         if "vae" in loaded:
-            self.roles["vae"] = VAERole(self, loaded["vae"], dtype)
+            roles.append(VAERole(self, loaded["vae"], dtype))
         if "dit" in loaded:
             dit, parallel = loaded["dit"], None
             group = placement.group_of(rank)
@@ -96,7 +96,8 @@ class RankLoop:
                 models = {"transformer": dit.transformer, **{f"controlnet/{m}": c for m, c in dit.controlnets.items()}}
                 parallel = sequence_parallel.enable(models, branches[group.branch_of(rank)])
                 dit.shard_tokens = parallel.shard_tokens  # weight maps cut like the residuals
-            self.roles["dit"] = DiTRole(self, dit, parallel)
+            roles.append(DiTRole(self, dit, parallel))
+        self.roles: dict[str, Role] = {role.name: role for role in roles}
         freeze_heap()  # imports and models: out of the collector's view (imageio collects on every video close)
 
     @property
@@ -131,8 +132,8 @@ class RankLoop:
             self.roles["coordinator"].start_requests()
         while self.running:
             check_stop()
-            idle = any(role.work for role in self.roles.values() if isinstance(role, VAERole))
-            msg = self.next_message(0.0 if idle else 0.5)
+            busy = any(role.has_idle_work for role in self.roles.values())
+            msg = self.next_message(0.0 if busy else 0.5)
             if msg is not None:
                 self.dispatch(msg)
             else:
@@ -145,10 +146,8 @@ class RankLoop:
         spec = PROTOCOL.get(kind)
         if spec is None:
             return None
-        owners = [self] if spec.receiver == "any" else [self.roles.get(spec.receiver)]
-        if spec.receiver == "any" and not hasattr(self, f"on_{kind}"):
-            owners = list(self.roles.values())
-        return next((getattr(o, f"on_{kind}") for o in owners if o is not None and hasattr(o, f"on_{kind}")), None)
+        owner = self if spec.receiver == "any" else self.roles.get(spec.receiver)  # any: the loop's drop and stop
+        return getattr(owner, f"on_{kind}", None)
 
     def dispatch(self, msg: Message) -> None:
         """Hand one message to the handler of the role receiving its kind, then let the roles do what became ready
