@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from configs.models import preset  # noqa: E402
 from transfer.acceleration import compile_stage  # noqa: E402
 from transfer.checkpoint import info_from_preset, load_dit, load_vae  # noqa: E402
-from transfer.pipeline import ModelLimits  # noqa: E402
+from transfer.prepare import ModelLimits  # noqa: E402
 from transfer.residency import Residency  # noqa: E402
 from transfer.stages import DiT, VideoVAE  # noqa: E402
 

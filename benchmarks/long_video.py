@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from transfer.distributed.trace import spans_from_chrome_trace  # noqa: E402
-from transfer.pipeline import plan_chunks  # noqa: E402
+from transfer.chunks import plan_chunks  # noqa: E402
 
 
 def run(cmd: list[str], env: dict) -> float:

@@ -34,7 +34,7 @@ from configs.models import DEMO_CHECKPOINT  # noqa: E402
 import numpy as np  # noqa: E402
 
 from demo.evaluate import generate, held_out, mean, round_trip, score, write_batch  # noqa: E402
-from transfer.pipeline import plan_chunks  # noqa: E402
+from transfer.chunks import plan_chunks  # noqa: E402
 from transfer.video_io import read_video  # noqa: E402
 
 CHUNK, LONG = 9, 41  # the demo's chunk length; 5 chunks of 9 frames overlapping by 1

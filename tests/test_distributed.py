@@ -350,7 +350,7 @@ def test_protocol_table_matches_the_roles_and_guards_the_sender():
     handlers = {(receiver, name.removeprefix("on_")) for receiver, cls in classes.items()
                 for name in vars(cls) if name.startswith("on_")}
     assert handlers == {(k.receiver, k.name) for k in KINDS if k.dispatched}
-    assert {k.name for k in KINDS if k.request_work} == {"precompute", "text", "controls", "decode", "job", "embeds",
+    assert {k.name for k in KINDS if k.request_work} == {"precompute", "text", "controls", "decode", "chunk_plan", "embeds",
                                                           "control_latents", "cond", "shard_chunk"}
     assert all(k.per_request for k in KINDS if k.request_work)
     transport = Transport(0, 1)

@@ -11,7 +11,10 @@ import torch
 from tests.conftest import ROOT, example_frames, run_cli
 from tests.test_distributed import launch
 from transfer.checkpoint import inspect_checkpoint, load_dit, load_text_encoder, load_vae
-from transfer.pipeline import GenerationSettings, ModelLimits, TransferPipeline, latent_condition, prepare_request
+from transfer.chunks import latent_condition
+from transfer.config import GenerationSettings
+from transfer.pipeline import TransferPipeline
+from transfer.prepare import ModelLimits, prepare_request
 from transfer.specs import load_spec
 from transfer.video_io import write_mp4
 

@@ -151,7 +151,8 @@ def test_half_mask_zeroes_residuals_outside_it(folder, tiny_ckpt):
     half, unchanged (equal to the unmasked run's) on the left half."""
     from transfer.checkpoint import inspect_checkpoint
     from transfer.loading import load_stages
-    from transfer.pipeline import ModelLimits, chunk_scales, encode_controls, prepare_request, to_model_video
+    from transfer.chunks import ChunkSchedule
+    from transfer.prepare import ModelLimits, prepare_request
     from transfer.spec25 import parse_sample
 
     info = inspect_checkpoint(tiny_ckpt)
@@ -162,12 +163,13 @@ def test_half_mask_zeroes_residuals_outside_it(folder, tiny_ckpt):
               "edge": {"control_path": str(folder / "edge.mp4"), "mask_path": str(folder / "half.mp4")}}
     request = parse_sample(sample, where="test", base_dir=folder, flags={"num_video_frames_per_chunk": 5})
     prepared = prepare_request(request, limits)
-    window = (0, 5)
-    masked = chunk_scales(prepared, window, limits, request.settings)["edge"]  # [T, h, w] token weights
+    schedule = ChunkSchedule.of(prepared, limits)
+    assert schedule.windows[0] == (0, 5)
+    masked = schedule.scales(request.scales(), 0)["edge"]  # [T, h, w] token weights
     T, h, w = masked.shape
     assert (masked[:, :, : w // 2] == 1).all() and (masked[:, :, w // 2:] == 0).all()
 
-    controls = encode_controls(vae, {"edge": to_model_video(prepared.controls["edge"])}, window, 5, torch.float32)
+    controls = schedule.control_latents(vae, prepared.controls, 0, torch.float32)
     state = dit.prepare(torch.randn(1, 16, T, h * 2, w * 2, generator=torch.Generator().manual_seed(0)), None, 0,
                         controls, stages["text"].encode("a ball"), None, 1.0, (96, 160))
     args = (state.latents, torch.full((1, 1, T, 1, 1), 0.5), state.positive, state.controls)
@@ -255,7 +257,7 @@ def test_mask_prompt_is_what_the_seg_preprocessor_finds(folder, tiny_ckpt, tmp_p
     from preprocessors.tiny import write_tiny_preprocessors
     from transfer.checkpoint import inspect_checkpoint
     from transfer.control_weights import mask_weights, token_grid
-    from transfer.pipeline import ModelLimits, prepare_request
+    from transfer.prepare import ModelLimits, prepare_request
     from transfer.spec25 import parse_sample
 
     limits = ModelLimits.from_info(inspect_checkpoint(tiny_ckpt))

@@ -141,7 +141,7 @@ def latent_distance(vae, a: np.ndarray, b: np.ndarray) -> dict:
 
 def boundaries(num_frames: int, per_chunk: int, cond: int) -> list[int]:
     """First frame of each chunk after the first (where its new frames begin)."""
-    from transfer.pipeline import plan_chunks
+    from transfer.chunks import plan_chunks
 
     try:
         chunks = plan_chunks(num_frames, per_chunk, cond)

@@ -1,5 +1,5 @@
 """A job: the run's validated requests, checkpoint configs and settings (``plan_job``), shared by every execution path,
-and the per-request failure rule (``Job.prepare``, ``Job.to_do``, ``Failures``).
+and the per-request failure rule (``request_failure``, ``Job.fail``, ``Failures``).
 
 Everything here runs before any model loads, so bad input fails fast and the same way on every rank.
 """
@@ -20,7 +20,7 @@ from transfer.config import GenerationSettings, RunConfig, RuntimeConfig
 from transfer.errors import TransferError
 from transfer.manifest import Manifest
 from transfer.outputs import RunRecord
-from transfer.pipeline import ModelLimits, preflight, prepare_request
+from transfer.prepare import ModelLimits, preflight, prepare_request
 from transfer.requests import requests_from
 from transfer.specs import Request
 from transfer.video_io import write_text
@@ -75,9 +75,7 @@ class Job:
                 if self.manifest.needs_run(request, self.controls):
                     todo.append(j)
             except TransferError as e:
-                if not self.batch:
-                    raise
-                self.failures.add(request, e)
+                self.fail(request, e)
         summary = self.manifest.summary()
         if summary:
             logger.info(summary)
@@ -88,10 +86,21 @@ class Job:
         try:
             return prepare_request(request, self.limits, self.controls, log)
         except TransferError as e:
-            if not self.batch:
-                raise
-            self.failures.add(request, e)
+            self.fail(request, e)
             return None
+
+    def fail(self, request, error: Exception, context: str = "") -> None:
+        """The per-request failure rule (``request_failure``) where the failure is recorded (the writing rank)."""
+        self.failures.add(request, request_failure(error, self.batch, context))
+
+
+def request_failure(error: Exception, batch: bool, context: str = ""):
+    """The per-request failure rule, once for every path and rank: a single request's error ends the run (raised
+    again); in a batch only that request fails, recorded with this message (a ``TransferError`` as it is, anything
+    else with its type, after ``context``) while the rest runs."""
+    if not batch:
+        raise error
+    return error if isinstance(error, TransferError) else f"{context}{type(error).__name__}: {error}"
 
 
 class Failures:
@@ -189,9 +198,7 @@ def plan_job(config: RunConfig) -> Job:
                 limits.check_settings(request.settings, f"{request.source} ({request.name}): ")
             usable.append(request)
         except TransferError as e:
-            if not inputs.batch:
-                raise
-            failures.add(request, e, write=False)
+            failures.add(request, request_failure(e, inputs.batch), write=False)
     if not usable:
         raise TransferError(f"no request can run: {located(failures.records[0]['source'], failures.records[0]['error'])}")
     declared = config.checkpoint.defaults.get("resolution")

@@ -124,7 +124,7 @@ def dit_step(dit, x: dict, guidance: float) -> torch.Tensor:
 def call_inputs(info: CheckpointInfo, request: Request, dtype: torch.dtype) -> dict:
     """Host tensors as the pipeline hands them to the stages: a control chunk in [-1, 1] (float32), its latents,
     the DiT's noise (float32) and control latents and prompt embeddings (run dtype)."""
-    from transfer.pipeline import ModelLimits
+    from transfer.prepare import ModelLimits
 
     limits = ModelLimits.from_info(info)
     f = limits.spatial_factor

@@ -12,7 +12,8 @@ from loguru import logger
 
 from transfer.device import default_device, dtype_for
 from transfer.manifest import run_settings
-from transfer.pipeline import GenerationResult, prepare_request, resize_frames
+from transfer.chunks import GenerationResult
+from transfer.prepare import prepare_request, resize_frames
 from transfer.specs import Request
 from transfer.video_io import write_mp4, write_npz, write_text
 

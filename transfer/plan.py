@@ -165,7 +165,7 @@ def run_plan(config) -> str:
     from transfer.device import DTYPES
     from transfer.requests import requests_from
     from transfer.memory import Request, estimate_calls
-    from transfer.pipeline import ModelLimits
+    from transfer.prepare import ModelLimits
 
     plan, choice, inputs, guidance = config.plan, config.checkpoint, config.inputs, config.generation.guidance
     if plan.gpu_memory_gb <= 0:

@@ -54,7 +54,7 @@ def crop16(frames: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def encode_frames(vae, frames: np.ndarray) -> np.ndarray:
     """Normalised latents ``(T', h, w, 16)`` of uint8 frames ``(T, H, W, 3)``."""
-    from transfer.pipeline import to_model_video
+    from transfer.chunks import to_model_video
 
     frames = crop16(frames)
     frames = frames[: 1 + (len(frames) - 1) // 4 * 4]

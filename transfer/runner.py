@@ -9,12 +9,13 @@ from pathlib import Path
 from loguru import logger
 
 from transfer.config import RunConfig
-from transfer.errors import Terminated, TransferError, check_stop
+from transfer.errors import Terminated, check_stop
 from transfer.device import default_device, dtype_for, pin_cpu_threads
 from transfer.job import plan_job
 from transfer.outputs import make_gate
 from transfer.loading import load_stages
 from transfer.pipeline import TransferPipeline
+from transfer.request_loop import RequestLoop
 from transfer.residency import describe
 from transfer.video_io import freeze_heap
 
@@ -50,16 +51,12 @@ def run(config: RunConfig, guards=None) -> Outcome:
 
 
 def run_job(job, gate) -> Outcome:
-    job.requests = [job.requests[j] for j in job.to_do()]  # complete ones (manifest.json) are skipped
+    requests = RequestLoop(job, gate)
     # Decode and check every input before loading models; a batch request that fails is recorded and skipped.
-    checked = [(request, job.prepare(request)) for request in job.requests]
-    job.requests = [request for request, ready in checked if ready is not None]
-    prepared = [ready for _, ready in checked if ready is not None]
-    if len(prepared) > 1:
-        prepared = [None] * len(prepared)  # batch: keep memory flat, decode again when its turn comes
-    job.manifest.hold_folder()  # a second run into the folder fails from here on; a killed run's temp files go
+    if len(list(requests.check())) > 1:
+        requests.drop_kept()  # batch: keep memory flat, decode again when its turn comes
     try:
-        generate_all(job, prepared, gate)
+        generate_all(job, requests, gate)
         gate.close()
         check_stop()  # a stop whose exception a finalizer swallowed still ends the run as stopped
     except Terminated:
@@ -72,34 +69,27 @@ def run_job(job, gate) -> Outcome:
     return Outcome(gate.written, job.failures.finish(), memory)
 
 
-def generate_all(job, prepared, gate) -> None:
-    gate.start(enumerate(job.requests))  # async: every text check starts now, beside model loading and generation
+def generate_all(job, requests: RequestLoop, gate) -> None:
     pipeline = None
-    for j, (request, ready) in enumerate(zip(job.requests, prepared)):
+    while True:
         check_stop()
-        gate.admit(j, request)  # on: the text check, before generating
-        if gate.skip_generation(j):
-            gate.release(j, request, None)  # its record
-            continue
-        pipeline = pipeline or load_pipeline(job)
-        ready = ready or job.prepare(request)
-        if ready is None:
-            continue
+        turn = requests.next()
+        if turn is None:
+            return
+        j, ready = turn
+        pipeline = pipeline or load_pipeline(job, requests.modalities())
         try:
             result = pipeline.generate(ready)
-        except Exception as e:  # a batch goes on without this request; a single request fails the run
-            if not job.batch:
-                raise
-            job.failures.add(request, e if isinstance(e, TransferError) else f"{type(e).__name__}: {e}")
+        except Exception as e:  # the failure rule: a batch goes on without this request; a single request fails the run
+            job.fail(ready.request, e)
             continue
         gate.check()
-        gate.release(j, request, result)  # async: checked and written while the next request generates
+        gate.release(j, ready.request, result)  # async: checked and written while the next request generates
 
 
-def load_pipeline(job) -> TransferPipeline:
+def load_pipeline(job, modalities: list[str]) -> TransferPipeline:
     device = default_device()
     dtype = dtype_for(device, job.runtime.dtype)
-    modalities = sorted({m for r in job.requests for m in r.controls})
     where = job.info.root or "random weights (--random_weights)"
     logger.info(f"checkpoint {where} on {device} ({dtype}), controls: {', '.join(modalities)}")
     stages, job.residency = load_stages(job.info, ["text", "vae", "dit"], modalities, device, dtype, job.runtime)

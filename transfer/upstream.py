@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from transfer.errors import TransferError
     from transfer.device import default_device, dtype_for, pin_cpu_threads
     from transfer.job import plan_job
-    from transfer.pipeline import prepare_request
+    from transfer.prepare import prepare_request
     from transfer.checkpoint import load_text_encoder
     from transfer.video_io import write_mp4, write_npz
 

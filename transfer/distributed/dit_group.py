@@ -1,10 +1,10 @@
 """The DiT group's part of a stage process: its chunk loop hand-off, its shards and its CFG exchange.
 
 A DiT group (``placement.DiTGroup``, cfg x sp ranks) serves whole requests (``Placement.dit_group_for``). Its leader
-keeps, per request, the job (plan, seed, scales) and the inputs that arrive from the other stages -- prompt
-embeddings from the text rank, control latents and (``roundtrip``) condition latents from the VAE rank -- and
-denoises any request whose next chunk has all of them (lowest request first), then hands the chunk's latents to the
-VAE rank for decoding.
+keeps, per request, its chunk plan (the schedule, ``transfer.chunks.ChunkSchedule``, seed and scales) and the inputs
+that arrive from the other stages -- prompt embeddings from the text rank, control latents and (``roundtrip``)
+condition latents from the VAE rank -- and denoises any request whose next chunk has all of them (lowest request
+first), then hands the chunk's latents to the VAE rank for decoding.
 
 Every other rank of the group gets the chunk's inputs from the leader (``shard_chunk``: noise, condition, embeddings,
 control latents) and runs the same denoising loop in lockstep: the ranks of a branch split each DiT and ControlNet
@@ -13,8 +13,8 @@ hold the whole velocity afterwards; with cfg 2 each rank computes its own branch
 counterpart in the other branch (``BranchExchange``), so both apply the same guidance and scheduler step. Only the
 leader's latents leave the group.
 
-``DiTRole`` holds this rank's DiT (with its ControlNets) and, on the leader, each request's job and inputs; the rank's
-``RankLoop`` owns the transport, the tracer and the per-request failure rule.
+``DiTRole`` holds this rank's DiT (with its ControlNets) and, on the leader, each request's chunk plan and inputs;
+the rank's ``RankLoop`` owns the transport, the tracer and the per-request failure rule.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from transfer.distributed.role import Role
 from transfer.distributed.transport import Message
 from transfer.errors import check_stop
-from transfer.pipeline import SeededNoise, latent_condition, latent_shape
+from transfer.chunks import ChunkSchedule, SeededNoise
 
 
 class BranchExchange:
@@ -62,7 +62,7 @@ class RequestDropped(Exception):
 
 
 class DiTRole(Role):
-    """A DiT group rank: the leader's jobs and inputs per request, and every rank's chunk loop."""
+    """A DiT group rank: the leader's chunk plans and inputs per request, and every rank's chunk loop."""
 
     name = "dit"
 
@@ -71,19 +71,22 @@ class DiTRole(Role):
         self.dit = dit
         self.sequence_parallel = sequence_parallel
         """This rank's sequence-parallel DiT (``sequence_parallel.SequenceParallelDiT``) when its group has sp > 1."""
-        self.jobs: dict[int, dict] = {}
-        """Leader: per request, its job (seed, chunk windows, size, scales) and the next chunk to denoise."""
+        self.plans: dict[int, dict] = {}
+        """Leader: per request, its chunk schedule, noise, scales and the next chunk to denoise."""
         self.inputs: dict[tuple, object] = {}
         """Per (kind, request[, chunk[, step]]): embeddings, control and condition latents, early velocities."""
 
     def forget(self, j: int) -> None:
-        self.jobs.pop(j, None)
+        self.plans.pop(j, None)
         for key in [key for key in self.inputs if key[1] == j]:
             del self.inputs[key]
 
-    def on_job(self, msg: Message) -> None:
-        self.jobs[msg.meta["j"]] = {**msg.meta, "noise": SeededNoise(msg.meta["seed"]), "next": 0,
-                                        "weights": {k.removeprefix("weights."): t for k, t in msg.tensors.items()}}
+    def on_chunk_plan(self, msg: Message) -> None:
+        m = msg.meta
+        schedule = ChunkSchedule(self.job.requests[m["j"]].settings, self.job.limits, m["num_frames"], m["height"],
+                                 m["width"])
+        self.plans[m["j"]] = {"schedule": schedule, "scales": m["scales"], "noise": SeededNoise(m["seed"]), "next": 0,
+                              "weights": {k.removeprefix("weights."): t for k, t in msg.tensors.items()}}
 
     def on_embeds(self, msg: Message) -> None:
         self.inputs[("embeds", msg.meta["j"])] = msg.tensors
@@ -94,9 +97,10 @@ class DiTRole(Role):
     def on_cond(self, msg: Message) -> None:
         self.inputs[("cond", msg.meta["j"], msg.meta["k"])] = msg.tensors["cond"]
 
-    def _ready(self, j: int, k: int) -> bool:
+    def _ready(self, j: int, plan: dict) -> bool:
+        k = plan["next"]
         need = [("embeds", j), ("controls", j, k)]
-        if k > 0 and self.job.requests[j].settings.reencodes_condition:
+        if plan["schedule"].waits_for_reencode(k):
             need.append(("cond", j, k))  # latent mode: the DiT holds the previous chunk's latents itself
         return all(key in self.inputs for key in need)
 
@@ -105,41 +109,38 @@ class DiTRole(Role):
         progressed = True
         while progressed:
             progressed = False
-            for j in sorted(self.jobs):
-                job = self.jobs[j]
-                if self._ready(j, job["next"]):
-                    self.loop.for_request(j, "denoise", self.denoise_chunk, j, job)
+            for j in sorted(self.plans):
+                plan = self.plans[j]
+                if self._ready(j, plan):
+                    self.loop.for_request(j, "denoise", self.denoise_chunk, j, plan)
                     progressed = True
                     break
 
-    def denoise_chunk(self, j: int, job: dict) -> None:
-        s, k = self.job.requests[j].settings, job["next"]
+    def denoise_chunk(self, j: int, plan: dict) -> None:
+        schedule, k = plan["schedule"], plan["next"]
         embeds = self.inputs[("embeds", j)]
         controls = self.inputs.pop(("controls", j, k))
-        num_cond = self.job.limits.cond_latent_frames(s.num_conditional_frames) if k > 0 else 0
-        if s.reuses_latents and k > 0:
-            cond = latent_condition(job.pop("previous"), num_cond)
-        else:
-            cond = self.inputs.pop(("cond", j, k), None)
-        shape = latent_shape(self.job.limits, self.dit, s.num_frames_per_chunk, job["height"], job["width"])
-        chunk = {"j": j, "k": k, "num_cond": num_cond, "pixel": [job["height"], job["width"]], "scales": job["scales"]}
-        tensors = {"noise": job["noise"](k, shape), "prompt": embeds["prompt"],
+        cond = schedule.condition(k, plan.pop("previous", None), self.inputs.pop(("cond", j, k), None))
+        chunk = {"j": j, "k": k, "num_cond": schedule.num_cond(k), "pixel": [schedule.height, schedule.width],
+                 "scales": plan["scales"]}
+        tensors = {"noise": plan["noise"](k, schedule.noise_shape(self.dit)), "prompt": embeds["prompt"],
                    **({"negative": embeds["negative"]} if "negative" in embeds else {}),
                    **({"cond": cond} if cond is not None else {}),
                    **{f"control.{m}": c for m, c in controls.items()},
-                   **{f"weights.{m}": w[k] for m, w in job["weights"].items()}}
+                   **{f"weights.{m}": w[k] for m, w in plan["weights"].items()}}
         group = self.placement.dit_group_for(j)
         for r in self.working_ranks(group, "negative" in embeds):
             if r != self.rank:
                 self.transport.send(r, "shard_chunk", chunk, tensors)
         latents = self.run_chunk(chunk, tensors, "denoise")
-        last = k == len(job["chunks"]) - 1
-        self.transport.send(self.placement.vae, "decode", {"j": j, "k": k, "last": last}, {"latents": latents})
-        if s.reuses_latents and not last:
-            job["previous"] = latents  # chunk k + 1 starts now; the VAE decodes chunk k beside it
-        job["next"] += 1
-        if last:
-            del self.jobs[j]
+        self.transport.send(self.placement.vae, "decode", {"j": j, "k": k,
+                                                           "reencode": schedule.waits_for_reencode(k + 1)},
+                            {"latents": latents})
+        if schedule.keeps_latents(k):
+            plan["previous"] = latents  # chunk k + 1 starts now; the VAE decodes chunk k beside it
+        plan["next"] += 1
+        if schedule.is_last(k):
+            del self.plans[j]
             del self.inputs[("embeds", j)]
 
     @staticmethod

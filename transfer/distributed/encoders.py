@@ -15,7 +15,7 @@ import torch
 
 from transfer.distributed.role import Role
 from transfer.distributed.transport import Message
-from transfer.pipeline import encode_controls, roundtrip_condition, to_model_video, to_uint8_frames
+from transfer.chunks import ChunkSchedule, roundtrip_condition, to_uint8_frames
 
 
 class PreprocessRole(Role):
@@ -61,10 +61,10 @@ class VAERole(Role):
         self.work = deque(w for w in self.work if w[0] != j)
 
     def on_controls(self, msg: Message) -> None:
-        j = msg.meta["j"]  # kept as uint8; each chunk's window is converted when it is encoded
-        self.controls[j] = {"frames": msg.tensors, "chunks": msg.meta["chunks"], "leader": msg.meta["leader"],
-                            "left": len(msg.meta["chunks"])}
-        self.work.extend((j, k) for k in range(len(msg.meta["chunks"])))
+        j, m = msg.meta["j"], msg.meta  # kept as uint8; each chunk's window is converted when it is encoded
+        schedule = ChunkSchedule(self.job.requests[j].settings, self.job.limits, m["num_frames"], m["height"], m["width"])
+        self.controls[j] = {"frames": msg.tensors, "schedule": schedule, "leader": m["leader"], "left": len(schedule)}
+        self.work.extend((j, k) for k in range(len(schedule)))
 
     @property
     def has_idle_work(self) -> bool:
@@ -79,25 +79,21 @@ class VAERole(Role):
 
     def encode_controls(self, j: int, k: int) -> None:
         state = self.controls[j]
-        start, end = state["chunks"][k]
         with self.tracer.span("vae", "encode_controls", request=j, chunk=k):
-            videos = {m: to_model_video(v[start:end].numpy()) for m, v in state["frames"].items()}
-            frames_per_chunk = self.job.requests[j].settings.num_frames_per_chunk
-            latents = encode_controls(self.vae, videos, (0, end - start), frames_per_chunk, self.dtype)
+            latents = state["schedule"].control_latents(self.vae, state["frames"], k, self.dtype)
         self.transport.send(state["leader"], "control_latents", {"j": j, "k": k}, latents)
         state["left"] -= 1
         if state["left"] == 0:
             del self.controls[j]
 
     def on_decode(self, msg: Message) -> None:
-        j, k, last = msg.meta["j"], msg.meta["k"], msg.meta["last"]
+        j, k = msg.meta["j"], msg.meta["k"]
         with self.tracer.span("vae", "decode", request=j, chunk=k):
             video = self.vae.decode(msg.tensors["latents"])
         frames = torch.from_numpy(to_uint8_frames(video))
         self.transport.send(self.placement.coordinator, "decoded", {"j": j, "k": k},
                             {"frames": frames, "latents": msg.tensors["latents"].cpu()})
-        s = self.job.requests[j].settings
-        if not last and s.reencodes_condition:
+        if msg.meta["reencode"]:  # the leader's schedule says chunk k + 1 waits for it
             with self.tracer.span("vae", "reencode", request=j, chunk=k + 1):
-                cond = roundtrip_condition(self.vae, video, s.num_conditional_frames)
+                cond = roundtrip_condition(self.vae, video, self.job.requests[j].settings.num_conditional_frames)
             self.transport.send(msg.src, "cond", {"j": j, "k": k + 1}, {"cond": cond})

@@ -47,7 +47,7 @@ from transfer.distributed.transport import Message, PeerFailure, Transport, dire
 from transfer.errors import (STOPPED_CLEANLY, Terminated, TransferError, check_stop, raise_on_stop_signals,
                               report_stop, write_line)
 from transfer.device import default_device, dtype_for
-from transfer.job import plan_job
+from transfer.job import plan_job, request_failure
 from transfer.loading import load_stages
 from transfer.residency import describe
 from transfer.video_io import freeze_heap
@@ -182,10 +182,10 @@ class RankLoop:
             raise
         except Exception as e:
             group = self.placement.group_of(self.rank)
-            if not self.job.batch or (what in ("denoise", "shard_chunk") and group.sp > 1):
+            if what in ("denoise", "shard_chunk") and group.sp > 1:
                 raise  # a sequence-parallel group's shards are inside collectives together: the run ends
             stage = "+".join(s for s in self.stages if s != "coordinator") or "coordinator"
-            error = e if isinstance(e, TransferError) else f"rank {self.rank} ({stage}) failed on it ({what}): {type(e).__name__}: {e}"
+            error = request_failure(e, self.job.batch, f"rank {self.rank} ({stage}) failed on it ({what}): ")
             if not isinstance(e, TransferError):
                 logger.opt(exception=e).warning(f"request {j}: {error}")
             if coordinator is not None:
