@@ -31,7 +31,7 @@ from transfer.acceleration import compile_stage  # noqa: E402
 from transfer.checkpoint import info_from_preset, load_dit, load_vae  # noqa: E402
 from transfer.prepare import ModelLimits  # noqa: E402
 from transfer.residency import Residency  # noqa: E402
-from transfer.stages import DiT, VideoVAE  # noqa: E402
+from transfer.stages import Denoiser, VideoVAE  # noqa: E402
 
 
 def build(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -44,7 +44,7 @@ def build(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
     return load_vae(info, device, dtype), load_dit(info, ["edge"], device, dtype), embeds
 
 
-def chunk(vae: VideoVAE, dit: DiT, limits: ModelLimits, video, embeds, steps: int):
+def chunk(vae: VideoVAE, dit: Denoiser, limits: ModelLimits, video, embeds, steps: int):
     """One chunk through the stages; returns (latents, frames)."""
     controls = {"edge": vae.encode(video, dit.dtype)}
     f = limits.spatial_factor

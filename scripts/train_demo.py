@@ -12,7 +12,7 @@ Stages, each resumable from its own checkpoint in ``--work`` (models, optimizer,
   (``flow_times``); for half the clips the first latent frame held clean (timestep 0.1, as chunk conditioning does)
   and excluded from the loss; the prompt replaced by the default negative prompt 10% of the time (for guidance);
   the edge control is the project's edge preprocessor on the clip; the velocity comes from the product's own
-  ``transfer.stages.DiT.velocity`` (the inference arithmetic, ControlNet residuals included). ``--keep_every N``
+  ``transfer.stages.Denoiser.velocity`` (the inference arithmetic, ControlNet residuals included). ``--keep_every N``
   also keeps the models every N steps. Options the shipped recipe does not use (tried, docs/demo.md: no gain in
   shape color at 16-17 minutes): ``--image_steps K`` trains the first K steps on single frames, ``--image_batch``
   of them per step (about 4x the scenes per second); ``--shape_weight A`` weighs each latent cell's loss by
@@ -282,13 +282,13 @@ def flow_times(n: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_dit(args) -> None:
-    """Rectified flow on the demo world, through the product's own ``stages.DiT.velocity`` (the inference arithmetic)."""
+    """Rectified flow on the demo world, through the product's own ``stages.Denoiser.velocity`` (the inference arithmetic)."""
     from diffusers import CosmosControlNetModel, CosmosTransformer3DModel, UniPCMultistepScheduler
 
     from configs.models import TRANSFER25_SCHEDULER
     from preprocessors import edge
     from transfer.specs import DEFAULT_NEGATIVE_PROMPT
-    from transfer.stages import CONDITIONAL_FRAME_TIMESTEP, DiT, VideoVAE
+    from transfer.stages import CONDITIONAL_FRAME_TIMESTEP, Denoiser, VideoVAE
     from transfer.text_encoding import TextEncoder
 
     device = torch.device(args.device)
@@ -298,7 +298,7 @@ def train_dit(args) -> None:
     transformer, controlnet = CosmosTransformer3DModel(**t_cfg), CosmosControlNetModel(**c_cfg)
     transformer, controlnet = transformer.to(device), controlnet.to(device)
     text = TextEncoder(demo_text_model().to(device), demo_tokenizer(), device, torch.float32)
-    dit = DiT(transformer, {"edge": controlnet}, UniPCMultistepScheduler(**TRANSFER25_SCHEDULER), device)
+    dit = Denoiser(transformer, {"edge": controlnet}, UniPCMultistepScheduler(**TRANSFER25_SCHEDULER), device)
     models = {"transformer": transformer, "controlnet": controlnet, "text_encoder": text.model.train()}
     stage = Stage(args.work, args.dit_name, models, lr=args.lr or 3e-4, init=args.init)
     canny = edge.Preprocessor(edge.Config())

@@ -1,4 +1,4 @@
-"""A/B against diffusers' pipeline (``transfer.upstream`` + ``transfer.ab``) and VAE representations."""
+"""A/B against diffusers' pipeline (``transfer.reference`` + ``transfer.ab``) and VAE representations."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def runs(tiny_ckpt, spec, tmp_path_factory) -> dict[str, Path]:
     """diffusers' pipeline (adapter) and ours on the same tiny weights, seed 5; ours again with seed 6."""
     root = tmp_path_factory.mktemp("ab_runs")
     out = {}
-    proc = run_module("transfer.upstream", "--controlnet_specs", str(spec), "--video_save_folder", str(root / "upstream"),
+    proc = run_module("transfer.reference", "--controlnet_specs", str(spec), "--video_save_folder", str(root / "upstream"),
                       "--seed", "5", *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out["upstream"] = root / "upstream"
@@ -135,7 +135,7 @@ def test_represent_loads_only_the_vae_and_is_deterministic(tiny_ckpt, tmp_path, 
 
 
 def test_upstream_takes_the_checkpoint_defaults_on_the_demo(tmp_path):
-    """Issue 30: ``transfer.upstream`` on the demo checkpoint with no chunk flag (its 9-frame chunks, 20 steps, guidance
+    """Issue 30: ``transfer.reference`` on the demo checkpoint with no chunk flag (its 9-frame chunks, 20 steps, guidance
     1 come from its transfer_defaults.json) runs diffusers' pipeline and, on a one-chunk request, gives our frames bit
     for bit; a request the pipeline cannot take is one line."""
     from demo.world import Scene, render
@@ -146,7 +146,7 @@ def test_upstream_takes_the_checkpoint_defaults_on_the_demo(tmp_path):
     spec.write_text(json.dumps({"prompt": scene.prompt, "input_video_path": str(tmp_path / "in.mp4"),
                                 "edge": {"control_weight": 1.0}}))
     demo = ["--checkpoint_preset", "demo", "--controlnet_specs", str(spec), "--seed", "5", "--guardrail", "off"]
-    up = run_module("transfer.upstream", *demo, "--video_save_folder", str(tmp_path / "upstream"))
+    up = run_module("transfer.reference", *demo, "--video_save_folder", str(tmp_path / "upstream"))
     assert up.returncode == 0, up.stderr[-3000:]
     ours = subprocess.run([sys.executable, str(ROOT / "transfer.py"), *demo, "--video_save_folder", str(tmp_path / "ours"),
                            "--save_raw"], cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -156,6 +156,6 @@ def test_upstream_takes_the_checkpoint_defaults_on_the_demo(tmp_path):
     assert a.shape == (9, 64, 64, 3) and np.array_equal(a, b)
     both = json.loads(spec.read_text()) | {"vis": {"control_weight": 0.5}}
     spec.write_text(json.dumps(both))
-    refused = run_module("transfer.upstream", *demo, "--video_save_folder", str(tmp_path / "two"))
+    refused = run_module("transfer.reference", *demo, "--video_save_folder", str(tmp_path / "two"))
     assert refused.returncode == 2 and not (tmp_path / "two").exists()
-    assert refused.stderr.strip().splitlines()[-1].startswith("python -m transfer.upstream: error: ")
+    assert refused.stderr.strip().splitlines()[-1].startswith("python -m transfer.reference: error: ")

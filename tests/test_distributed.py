@@ -256,14 +256,14 @@ def test_placement_presets_and_validation():
     assert preset(8, sp=8).dit_groups == (DiTGroup(tuple(range(8)), 1, 8),)  # upstream's default: CP over all 8
     # small GPUs: text encoder and VAE apart and off the DiT ranks
     small = preset(8, share_stages=False)
-    assert (small.text, small.vae, small.dit_groups) == (0, 7, (DiTGroup((1, 2, 3, 4, 5, 6), 2, 3),))
+    assert (small.text.leader, small.vae.leader, small.dit_groups) == (0, 7, (DiTGroup((1, 2, 3, 4, 5, 6), 2, 3),))
     # a batch: groups chosen by the cost model, printed
     many = choose_preset(7, requests=3, heads=2)
-    assert many.placement.dit_groups == tuple(DiTGroup((a, a + 1), 2, 1) for a in (1, 3, 5)) and many.placement.text == 0
+    assert many.placement.dit_groups == tuple(DiTGroup((a, a + 1), 2, 1) for a in (1, 3, 5)) and many.placement.text.leader == 0
     assert many.why.startswith("a batch of 3 requests on 7 ranks: 3 DiT groups of cfg 2 x sp 1")
     # two nodes of 3: sequence-parallel branches inside a node, the CFG branches across
     two = preset(6, heads=2, per_node=3)
-    assert two.dit_groups == (DiTGroup((1, 2, 3, 4), 2, 2),) and (two.text, two.vae) == (0, 5)
+    assert two.dit_groups == (DiTGroup((1, 2, 3, 4), 2, 2),) and (two.text.ranks, two.vae.ranks) == ((0,), (5,))
     assert heads_split(16, 4) and heads_split(16, 3) and not heads_split(16, 5) and not heads_split(2, 3)
     # any world size; beyond what 16 heads split one video over, ranks stay idle rather than slow it down
     assert preset(12).dit_groups == (DiTGroup(tuple(range(12)), 2, 6),)
@@ -285,6 +285,15 @@ def test_placement_presets_and_validation():
         Placement(4, text=1, vae=2, dit_groups=((0,),))
     with pytest.raises(TransferError, match="DiT replicas must not share"):
         Placement(4, text=1, vae=2, dit_groups=((0,), (3,)))
+    # stages are rank groups: a VAE group of several ranks is expressible (placement files too), run on one rank today
+    wide_vae = Placement(5, text=1, vae=(2, 3), dit_groups=((4,),))
+    assert wide_vae.vae.leader == 2 and wide_vae.stages_of(3) == ["vae"] and (0, 3) in wide_vae.talking_pairs()
+    assert (3, 4) not in wide_vae.talking_pairs()  # the group's leader talks to the DiT leader
+    with pytest.raises(TransferError, match=r"the vae stage on ranks \[2, 3\]: it runs on one rank"):
+        wide_vae.check_runnable()
+    Placement(4, text=1, vae=2, dit_groups=((3,),)).check_runnable()
+    with pytest.raises(TransferError, match="distinct ranks"):
+        Placement(4, text=1, vae=(2, 2), dit_groups=((3,),))
 
 
 def test_process_groups_only_between_ranks_that_talk():
@@ -313,12 +322,12 @@ def test_early_velocity_waits_for_its_step_and_unknown_messages_are_named():
     import torch
 
     from transfer.distributed.dit_group import BranchExchange, DiTRole
-    from transfer.distributed.runtime import RankLoop
-    from transfer.distributed.transport import Message, Transport
+    from transfer.distributed.rank_loop import RankLoop
+    from transfer.distributed.transport import LocalTransport, Message
 
     loop = RankLoop.__new__(RankLoop)  # the loop's own state and one role (__init__ loads the stages' models)
     loop.rank, loop.stages, loop.dropped = 0, ["dit"], set()
-    loop.transport, loop.deferred = Transport(0, 1), deque()
+    loop.transport, loop.deferred = LocalTransport(0), deque()
     role = DiTRole(loop, dit=None)
     loop.roles = {"dit": role}
     early = torch.arange(4.0)
@@ -342,8 +351,8 @@ def test_protocol_table_matches_the_roles_and_guards_the_sender():
     from transfer.distributed.dit_group import DiTRole
     from transfer.distributed.encoders import PreprocessRole, TextRole, VAERole
     from transfer.distributed.protocol import KINDS, PROTOCOL, ProtocolError
-    from transfer.distributed.runtime import RankLoop
-    from transfer.distributed.transport import Transport
+    from transfer.distributed.rank_loop import RankLoop
+    from transfer.distributed.transport import LocalTransport
 
     classes = {"any": RankLoop, "coordinator": CoordinatorRole, "preprocess": PreprocessRole, "text": TextRole,
                "vae": VAERole, "dit": DiTRole}
@@ -353,13 +362,13 @@ def test_protocol_table_matches_the_roles_and_guards_the_sender():
     assert {k.name for k in KINDS if k.request_work} == {"precompute", "text", "controls", "decode", "chunk_plan", "embeds",
                                                           "control_latents", "cond", "shard_chunk"}
     assert all(k.per_request for k in KINDS if k.request_work)
-    transport = Transport(0, 1)
+    transport = LocalTransport(0)
     with pytest.raises(ProtocolError, match="unknown message kind 'nonsense'"):
         transport.send(0, "nonsense", {"j": 1})
-    with pytest.raises(ProtocolError, match=r"a 'decode' message needs meta \['j', 'k', 'last'\]: missing \['last'\], "
+    with pytest.raises(ProtocolError, match=r"a 'decode' message needs meta \['j', 'k', 'reencode'\]: missing \['reencode'\], "
                                             r"unexpected \['x'\]"):
         transport.send(0, "decode", {"j": 1, "k": 0, "x": 2})
-    transport.send(0, "decode", {"j": 1, "k": 0, "last": True})
+    transport.send(0, "decode", {"j": 1, "k": 0, "reencode": True})
     assert transport.get(0).kind == "decode" and set(PROTOCOL) == {k.name for k in KINDS}
 
 

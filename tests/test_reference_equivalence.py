@@ -13,7 +13,7 @@ What this test adjusts in the reference, and why (nothing else is touched):
 3. diffusers requires a safety checker; it gets a pass-through one (guardrails are a
    separate stage in this project and are not under test here).
 
-The reference side is ``transfer.upstream`` (also the A/B adapter, ``python -m transfer.upstream``).
+The reference side is ``transfer.reference`` (also the A/B adapter, ``python -m transfer.reference``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from transfer.config import GenerationSettings
 from transfer.pipeline import TransferPipeline
 from transfer.prepare import ModelLimits, PreparedRequest
 from transfer.specs import ControlSpec, Request
-from transfer.upstream import deterministic_latents, reference_pipeline
+from transfer.reference import deterministic_latents, reference_pipeline
 
 
 class FixedNoise:

@@ -1,6 +1,6 @@
 """A/B report between two runs: ``python -m transfer.ab RUN_A RUN_B --out REPORT_DIR``.
 
-RUN_A and RUN_B are output folders (ours in either layout, ``python -m transfer.upstream``'s, cosmos-transfer1's
+RUN_A and RUN_B are output folders (ours in either layout, ``python -m transfer.reference``'s, cosmos-transfer1's
 ``--video_save_folder``, cosmos-transfer2.5's ``-o`` folder, or any folder of mp4s with matching names) or single
 video files. Videos are matched by file stem (a sample's name); computed control files (``*_input_control_*``) and
 Transfer2.5's ``<name>_control_<key>.mp4`` / ``<name>_mask_<key>.mp4`` are not outputs and are ignored.
@@ -23,7 +23,7 @@ compared, but the difference is expected). For each pair:
 
 Frames come from ``{name}.npz`` (``--save_raw``: the exact frames, before H.264) when both sides
 have one, else from the decoded mp4s. Timings come from each run's ``timings.json``
-(``transfer.upstream``) or ``trace.json`` (``--trace``) when present. Output: ``report.html``,
+(``transfer.reference``) or ``trace.json`` (``--trace``) when present. Output: ``report.html``,
 ``report.json`` and the PNGs in REPORT_DIR. Videos found on one side only are listed.
 """
 

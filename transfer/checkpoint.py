@@ -295,7 +295,7 @@ def load_dit(info: CheckpointInfo, modalities, device: torch.device, dtype: torc
     """Build the DiT stage: transformer, the ControlNets for ``modalities``, the scheduler."""
     from diffusers import CosmosControlNetModel, CosmosTransformer3DModel, UniPCMultistepScheduler
 
-    from transfer.stages import DiT
+    from transfer.stages import Denoiser
 
     require_modalities(info, modalities)
     if info.root is None:  # --random_weights; ControlNet seeds follow the checkpoint's modality order
@@ -303,7 +303,7 @@ def load_dit(info: CheckpointInfo, modalities, device: torch.device, dtype: torc
                                    RANDOM_SEEDS["transformer"])
         controlnets = {m: random_model(lambda m=m: CosmosControlNetModel(**info.controlnets[m]), device, dtype,
                                        RANDOM_SEEDS["controlnet"] + info.modalities.index(m)) for m in modalities}
-        return DiT(transformer, controlnets, UniPCMultistepScheduler(**info.scheduler), device)
+        return Denoiser(transformer, controlnets, UniPCMultistepScheduler(**info.scheduler), device)
     transformer = _load(
         "transformer", CosmosTransformer3DModel.from_pretrained, info.root / "transformer",
         torch_dtype=dtype, local_files_only=True,
@@ -316,7 +316,7 @@ def load_dit(info: CheckpointInfo, modalities, device: torch.device, dtype: torc
         for m in modalities
     }
     scheduler = _load("scheduler", UniPCMultistepScheduler.from_pretrained, info.root / "scheduler", local_files_only=True)
-    return DiT(transformer.to(device).eval(), controlnets, scheduler, device)
+    return Denoiser(transformer.to(device).eval(), controlnets, scheduler, device)
 
 
 def load_stage(info: CheckpointInfo, name: str, modalities, device: torch.device, dtype: torch.dtype):

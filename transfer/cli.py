@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None, descripti
                ) -> argparse.Namespace:
     """Parse (both spellings), note which flags were given (``args.given``: a Transfer2.5 flag overrides the field in
     every sample) and fill the form's defaults and the checkpoint's own. ``prog`` / ``description``: another
-    program taking transfer.py's flags (``python -m transfer.upstream``)."""
+    program taking transfer.py's flags (``python -m transfer.reference``)."""
     parser = build_parser()
     if prog:
         parser.prog, parser.description = prog, description or parser.description

@@ -13,7 +13,7 @@ the DiT's token grid of the chunk (latent frames x height / 16 x width / 16 for 
 pixel frame to the first latent frame and the other ``4k`` frames to the other ``k`` latent frames, trilinear,
 ``align_corners=False`` -- and at every token the weights are divided by ``max(sum over controls, 1)`` (upstream caps the
 sum at 1 the same way; cosmos-transfer1 divides at pixel resolution before resizing). The map multiplies that
-control's ControlNet residuals token by token (``stages.DiT.control_residuals``).
+control's ControlNet residuals token by token (``stages.Denoiser.control_residuals``).
 
 A constant map gives the scalar path's weights bit for bit: the resize of a constant is exact (every interpolation
 weight is 0.5 or 1 for the integer factors involved) and the division is the same float64 arithmetic as

@@ -95,7 +95,7 @@ def rank_activations(placement: Placement, calls: dict[str, dict[str, int]], gui
             peaks += calls["vae"].values()
         group = placement.group_of(rank)
         if group is not None:  # a sequence shard holds 1/sp of the per-token activations (approximately)
-            peaks.append(calls["dit"][dit_call(group.cfg, guidance)] // group.sp)
+            peaks.append(calls["dit"][dit_call(group.cfg_degree, guidance)] // group.sp_degree)
         out.append(max(peaks))
     return out
 
@@ -144,7 +144,7 @@ def format_plan(title: str, placement: Placement, by_stage, calls, guidance: flo
     lines.append(f"{'ranks':>5}  {'DiT groups':<28}{'largest':>9}{sizes}")
     for world, p in presets.items():
         peak = max(r.total + act for r, act in rank_totals(p, by_stage, calls, guidance))
-        shape = ", ".join(f"{g.cfg}x{g.sp}" for g in p.dit_groups)
+        shape = ", ".join(f"{g.cfg_degree}x{g.sp_degree}" for g in p.dit_groups)
         lines.append(f"{world:>5}  {'cfg x sp ' + shape:<28}{peak / scale:>9.2f}"
                      + "".join(f"{'yes' if peak / GB < g else 'NO':>7}" for g in GPU_SIZES_GB))
     lines += ["", "not counted: the CUDA context (about 0.5 GB a process), allocator slack, cuDNN workspaces, tensors "
@@ -159,7 +159,7 @@ def run_plan(config) -> str:
     from configs.models import preset
     from transfer.checkpoint import info_from_preset, inspect_checkpoint, require_modalities
     from transfer.distributed.placement import preset as placement_preset
-    from transfer.distributed.runtime import SHARE_STAGES_GB, choose_placement
+    from transfer.distributed.rank_loop import SHARE_STAGES_GB, choose_placement
     from transfer.errors import TransferError
     from transfer.checkpoint import resolve_checkpoint
     from transfer.device import DTYPES

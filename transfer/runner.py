@@ -34,7 +34,7 @@ def run(config: RunConfig, guards=None) -> Outcome:
     would build -- the injection point for custom guards (single process)."""
     pin_cpu_threads(config.runtime.cpu_threads)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from transfer.distributed.runtime import run_distributed
+        from transfer.distributed.rank_loop import run_distributed
 
         run_distributed(config)  # exits the process
     job = plan_job(config)

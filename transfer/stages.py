@@ -63,7 +63,7 @@ class VideoVAE(OnDevice):
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].cpu()
 
 
-class DiT(OnDevice):
+class Denoiser(OnDevice):
     """Transformer + per-modality ControlNets + scheduler: denoises one chunk's latents."""
 
     def __init__(self, transformer, controlnets: Mapping[str, torch.nn.Module], scheduler, device: torch.device):

@@ -32,14 +32,17 @@ if _fault.endswith(":late_shard"):
 
         from transfer.distributed import transport
 
-        _send_now = transport.Transport._send_now
+        class LateTransport(transport.TorchTransport):
+            """The stage processes' transport, delivering one kind of message late (its wire, ``deliver``)."""
 
-        def _send_late(self, dst, kind, meta, tensors):
-            if kind == "shard_chunk" and dst == int(os.environ["WORLD_SIZE"]) - 2:
-                time.sleep(1.0)
-            _send_now(self, dst, kind, meta, tensors)
+            def deliver(self, dst, kind, meta, tensors):
+                if kind == "shard_chunk" and dst == int(os.environ["WORLD_SIZE"]) - 2:
+                    time.sleep(1.0)
+                super().deliver(dst, kind, meta, tensors)
 
-        transport.Transport._send_now = _send_late
+        from transfer.distributed import rank_loop
+
+        rank_loop.TorchTransport = LateTransport  # the implementation the runtime builds
 elif _fault and os.environ.get("RANK", "0") == _fault.split(":")[0]:
     from transfer import stages, text_encoding
 
@@ -64,9 +67,9 @@ elif _fault and os.environ.get("RANK", "0") == _fault.split(":")[0]:
     elif stage == "vae":  # encoding the control video of one chunk
         _wrap(stages.VideoVAE, "encode", lambda video, *a: video.shape[-2] == POISON_HEIGHT)
     elif stage == "dit":
-        _wrap(stages.DiT, "denoise", lambda *a: a[9][0] == POISON_HEIGHT)  # pixel size (height, width)
+        _wrap(stages.Denoiser, "denoise", lambda *a: a[9][0] == POISON_HEIGHT)  # pixel size (height, width)
     elif stage == "partner":  # the negative branch of a CFG pair, set up per chunk on the partner rank
-        _wrap(stages.DiT, "chunk_masks", lambda shape, n, pixel: pixel[0] == POISON_HEIGHT)
+        _wrap(stages.Denoiser, "chunk_masks", lambda shape, n, pixel: pixel[0] == POISON_HEIGHT)
     elif stage == "stock_processor":  # one self-attention module keeps diffusers' stock (shard-local) processor
         from diffusers.models.transformers.transformer_cosmos import CosmosAttnProcessor2_0
 

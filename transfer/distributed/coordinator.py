@@ -116,7 +116,7 @@ class CoordinatorRole(Role):
         schedule = ChunkSchedule.of(prepared, self.job.limits)
         leader = self.placement.dit_group_for(j).leader
         self.results[j] = {"request": request, "schedule": schedule, "frames": {}, "latents": {}}
-        self.transport.send(self.placement.text, "text", {"j": j, "leader": leader, "prompt": request.prompt,
+        self.transport.send(self.placement.text.leader, "text", {"j": j, "leader": leader, "prompt": request.prompt,
                                                           "negative": request.negative_prompt})
         weights = {}  # spatial control weights: each control's token weights, chunk after chunk
         if prepared.weights is not None:
@@ -125,7 +125,7 @@ class CoordinatorRole(Role):
         self.transport.send(leader, "chunk_plan", {"j": j, "seed": request.seed, **schedule.size,
                                                    "scales": request.scales()}, weights)
         u8 = {m: torch.from_numpy(np.ascontiguousarray(v)) for m, v in prepared.controls.items()}
-        self.transport.send(self.placement.vae, "controls", {"j": j, "leader": leader, **schedule.size}, u8)
+        self.transport.send(self.placement.vae.leader, "controls", {"j": j, "leader": leader, **schedule.size}, u8)
 
     def on_decoded(self, msg: Message) -> None:
         j, k = msg.meta["j"], msg.meta["k"]

@@ -133,7 +133,7 @@ class DiTRole(Role):
             if r != self.rank:
                 self.transport.send(r, "shard_chunk", chunk, tensors)
         latents = self.run_chunk(chunk, tensors, "denoise")
-        self.transport.send(self.placement.vae, "decode", {"j": j, "k": k,
+        self.transport.send(self.placement.vae.leader, "decode", {"j": j, "k": k,
                                                            "reencode": schedule.waits_for_reencode(k + 1)},
                             {"latents": latents})
         if schedule.keeps_latents(k):
@@ -146,7 +146,7 @@ class DiTRole(Role):
     @staticmethod
     def working_ranks(group, guided: bool) -> tuple[int, ...]:
         """The ranks that denoise a chunk: the whole group, or without guidance only the conditional branch."""
-        return group.ranks if guided or group.cfg == 1 else group.branches()[0]
+        return group.ranks if guided or group.cfg_degree == 1 else group.branches()[0]
 
     def on_velocity(self, msg: Message) -> None:
         """The counterpart's velocity for a step of a chunk this rank has not started: its ``shard_chunk`` comes from
@@ -164,7 +164,7 @@ class DiTRole(Role):
         j, k = chunk["j"], chunk["k"]
         group = self.placement.group_of(self.rank)
         split = None
-        if group.cfg == 2 and "negative" in tensors:
+        if group.cfg_degree == 2 and "negative" in tensors:
             split = BranchExchange(self, group.counterpart(self.rank), self.rank in group.branches()[0], j, k)
         controls = {key.removeprefix("control."): t for key, t in tensors.items() if key.startswith("control.")}
         maps = {key.removeprefix("weights."): t for key, t in tensors.items() if key.startswith("weights.")}

@@ -46,17 +46,43 @@ def heads_split(heads: int, sp: int) -> bool:
 
 
 @dataclass(frozen=True)
-class DiTGroup:
-    """``cfg x sp`` ranks that denoise one request together; ranks cfg-major (the conditional branch's first)."""
+class StageGroup:
+    """The ranks that run one stage together; the first, the leader, takes the stage's messages. The text encoder and
+    the VAE run as groups of one rank; a placement may name a VAE group of several (``Placement.check_runnable``
+    refuses it until the VAE splits a chunk over ranks)."""
 
     ranks: tuple[int, ...]
-    cfg: int = 1
-    sp: int = 1
 
     def __post_init__(self):
-        if self.cfg not in (1, 2) or self.sp < 1 or len(self.ranks) != self.cfg * self.sp:
+        if not self.ranks or len(set(self.ranks)) != len(self.ranks):
+            raise TransferError(f"placement: a stage group needs distinct ranks, got {list(self.ranks)}")
+
+    @classmethod
+    def parse(cls, entry) -> "StageGroup":
+        """A group from a placement: a rank ``r`` or a list of ranks ``[a, b, ...]``."""
+        if isinstance(entry, StageGroup):
+            return entry
+        return cls(tuple(entry) if isinstance(entry, (list, tuple)) else (entry,))
+
+    @property
+    def leader(self) -> int:
+        return self.ranks[0]
+
+
+@dataclass(frozen=True)
+class DiTGroup(StageGroup):
+    """``cfg_degree x sp_degree`` ranks that denoise one request together; ranks cfg-major (the conditional branch's
+    first)."""
+
+    cfg_degree: int = 1
+    sp_degree: int = 1
+
+    def __post_init__(self):
+        cfg, sp = self.cfg_degree, self.sp_degree
+        if cfg not in (1, 2) or sp < 1 or len(self.ranks) != cfg * sp:
             raise TransferError(f"placement: DiT group {list(self.ranks)} must have cfg (1 or 2) x sp ranks, "
-                                f"got cfg {self.cfg}, sp {self.sp}")
+                                f"got cfg {cfg}, sp {sp}")
+        super().__post_init__()
 
     @classmethod
     def parse(cls, entry) -> "DiTGroup":
@@ -77,13 +103,10 @@ class DiTGroup:
                                 'larger groups are {"ranks": [...], "cfg": 1|2, "sp": N}')
         return cls(ranks, len(ranks), 1)
 
-    @property
-    def leader(self) -> int:
-        return self.ranks[0]
-
     def branches(self) -> list[tuple[int, ...]]:
         """The sp ranks of each guidance branch (conditional first)."""
-        return [self.ranks[b * self.sp:(b + 1) * self.sp] for b in range(self.cfg)]
+        sp = self.sp_degree
+        return [self.ranks[b * sp:(b + 1) * sp] for b in range(self.cfg_degree)]
 
     def branch_of(self, rank: int) -> tuple[int, ...]:
         return next(b for b in self.branches() if rank in b)
@@ -91,10 +114,10 @@ class DiTGroup:
     def counterpart(self, rank: int) -> int:
         """The rank at the same sequence shard in the other guidance branch (cfg 2)."""
         i = self.ranks.index(rank)
-        return self.ranks[(i + self.sp) % len(self.ranks)]
+        return self.ranks[(i + self.sp_degree) % len(self.ranks)]
 
     def describe(self) -> str:
-        return f"{list(self.ranks)} (cfg {self.cfg} x sp {self.sp})"
+        return f"{list(self.ranks)} (cfg {self.cfg_degree} x sp {self.sp_degree})"
 
 
 @dataclass(frozen=True)
@@ -103,10 +126,10 @@ class Placement:
     """Number of processes (torchrun --nproc_per_node x --nnodes)."""
     coordinator: int = 0
     """Rank that parses specs, runs preprocessors and guardrails, and writes outputs."""
-    text: int = 0
-    """Rank holding the text encoder."""
-    vae: int = 0
-    """Rank holding the VAE (control encode, decode, re-encode)."""
+    text: StageGroup | int = 0
+    """Rank(s) holding the text encoder (a ``StageGroup``; a rank is read as a group of one)."""
+    vae: StageGroup | int = 0
+    """Rank(s) holding the VAE (control encode, decode, re-encode; a ``StageGroup``, a rank read as a group of one)."""
     dit_groups: tuple[DiTGroup, ...] = field(default=((0,),))
     """DiT + ControlNet groups (``DiTGroup``; a list ``[r]`` or ``[a, b]`` is read as one rank or a CFG pair)."""
     preprocess: int | None = None
@@ -122,20 +145,32 @@ class Placement:
         if not self.dit_groups:
             raise TransferError("placement: at least one DiT group is needed")
         object.__setattr__(self, "dit_groups", tuple(DiTGroup.parse(g) for g in self.dit_groups))
-        ranks = [self.coordinator, self.text, self.vae, self.preprocess_rank, *self.dit_ranks()]
+        object.__setattr__(self, "text", StageGroup.parse(self.text))
+        object.__setattr__(self, "vae", StageGroup.parse(self.vae))
+        stage_ranks = {self.coordinator, *self.text.ranks, *self.vae.ranks}
+        ranks = [*stage_ranks, self.preprocess_rank, *self.dit_ranks()]
         bad = [r for r in ranks if not isinstance(r, int) or not 0 <= r < self.world_size]
         if bad:
             raise TransferError(f"placement names rank {bad[0]!r}, outside 0..{self.world_size - 1} (WORLD_SIZE {self.world_size})")
         dit = self.dit_ranks()
         if len(set(dit)) != len(dit):
             raise TransferError("placement: a rank appears in two DiT groups (or twice in one)")
-        if len(self.dit_groups) > 1 and any(r in (self.coordinator, self.text, self.vae) for r in dit):
+        if len(self.dit_groups) > 1 and any(r in stage_ranks for r in dit):
             raise TransferError("placement: DiT replicas must not share a rank with another stage")
         if set(self.idle) & set(ranks):
             raise TransferError("placement: an idle rank has a stage")
         unused = set(range(self.world_size)) - set(ranks) - set(self.idle)
         if unused:
             raise TransferError(f"placement leaves rank {min(unused)} without a stage")
+
+    def check_runnable(self) -> None:
+        """What the runtime cannot run yet, refused in one line: a text encoder or VAE group of several ranks (the
+        placement can say it; a chunk's VAE work is not split over ranks yet)."""
+        for stage in ("text", "vae"):
+            group = getattr(self, stage)
+            if len(group.ranks) > 1:
+                raise TransferError(f"placement: the {stage} stage on ranks {list(group.ranks)}: it runs on one rank "
+                                    "(a group of several is not run yet)")
 
     def dit_ranks(self) -> list[int]:
         return [r for g in self.dit_groups for r in g.ranks]
@@ -145,7 +180,8 @@ class Placement:
 
     def stages_of(self, rank: int) -> list[str]:
         """The stages a rank runs, in STAGES order."""
-        out = [s for s in ("coordinator", "text", "vae") if getattr(self, s) == rank]
+        out = ["coordinator"] if rank == self.coordinator else []
+        out += [s for s in ("text", "vae") if rank in getattr(self, s).ranks]
         if self.preprocess_rank == rank != self.coordinator:
             out.append("preprocess")
         return out + (["dit"] if self.group_of(rank) is not None else [])
@@ -163,14 +199,14 @@ class Placement:
             if a != b:
                 edges.update({(a, b), (b, a)})
 
-        for r in (self.text, self.vae, self.preprocess_rank, *self.dit_ranks()):
+        for r in (*self.text.ranks, *self.vae.ranks, self.preprocess_rank, *self.dit_ranks()):
             link(self.coordinator, r)
         for group in self.dit_groups:
-            link(self.text, group.leader)
-            link(self.vae, group.leader)
+            link(self.text.leader, group.leader)
+            link(self.vae.leader, group.leader)
             for r in group.ranks:
                 link(group.leader, r)
-                if group.cfg == 2:
+                if group.cfg_degree == 2:
                     link(r, group.counterpart(r))
         return sorted(edges)
 
@@ -267,7 +303,8 @@ def choose_preset(world_size: int, *, requests: int = 1, guidance: float = 3.0, 
 
 def from_file(path: str | Path, world_size: int) -> Placement:
     """A placement from JSON: ``{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}``, optionally
-    ``"preprocess": RANK``; a group is ``[r]``, ``[a, b]`` (CFG pair) or ``{"ranks": [...], "cfg": 1|2, "sp": N}``."""
+    ``"preprocess": RANK``; a DiT group is ``[r]``, ``[a, b]`` (CFG pair) or ``{"ranks": [...], "cfg": 1|2, "sp": N}``;
+    ``text`` and ``vae`` a rank or a list of ranks (a stage group)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -276,5 +313,5 @@ def from_file(path: str | Path, world_size: int) -> Placement:
     if unknown:
         raise TransferError(f"placement file {path}: unknown key {sorted(unknown)[0]!r}")
     groups = tuple(DiTGroup.parse(g) for g in data.get("dit_groups", [[0]]))
-    return Placement(world_size, data.get("coordinator", 0), data.get("text", 0), data.get("vae", 0), groups,
-                     data.get("preprocess"))
+    return Placement(world_size, data.get("coordinator", 0), StageGroup.parse(data.get("text", 0)),
+                     StageGroup.parse(data.get("vae", 0)), groups, data.get("preprocess"))

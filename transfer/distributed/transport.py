@@ -33,6 +33,7 @@ import math
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -63,39 +64,46 @@ def direction_groups(pairs: list[tuple[int, int]], backend: str) -> dict[tuple[i
     return {(src, dst): dist.new_group([src, dst], backend=backend) for src, dst in pairs}
 
 
-class Transport:
-    """Message passing for one rank: metadata over gloo (``group``), tensors over gloo or NCCL.
+class Transport(ABC):
+    """The interface a rank's loop talks through: ``send`` queues a protocol message for a rank and returns at once;
+    ``get`` takes the next message received; ``flush`` waits until everything queued is delivered; ``abort_all`` tells
+    every other rank to stop. One sender thread per process delivers whole messages in order and one receiver thread
+    takes whole messages into the inbox (the module docstring says why); messages to the own rank never leave the
+    process. An implementation puts a message on its wire (``deliver``) and takes the next one off (``receive``):
+    ``TorchTransport`` (torch.distributed: gloo, NCCL), ``LocalTransport`` (one process, nothing to deliver)."""
 
-    ``pairs`` maps ``(src, dst)`` to that direction's process group (``direction_groups``); to a
-    destination with one, CUDA tensors (or every tensor, ``all_via_pairs``) travel there; to any
-    other, everything goes over ``group`` and CUDA tensors are staged through the CPU.
-    """
-
-    def __init__(self, rank: int, world_size: int, group=None, pairs: dict | None = None,
-                 device: torch.device | None = None, all_via_pairs: bool = False):
-        self.rank, self.world_size, self.group = rank, world_size, group
-        self.pairs, self.device, self.all_via_pairs = pairs or {}, device or torch.device("cpu"), all_via_pairs
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
         self.inbox: queue.Queue[Message] = queue.Queue()
         self._outbox: queue.Queue = queue.Queue()
         self.bytes_sent = 0
         self.send_seconds = 0.0
-        """Time the sender thread spent in ``dist.send`` (bytes on the wire, and waiting for the peer's receiver)."""
+        """Time the sender thread spent delivering (bytes on the wire, and waiting for the peer's receiver)."""
         self._sender = threading.Thread(target=self._send_loop, name="transport-send", daemon=True)
         self._receiver = threading.Thread(target=self._recv_loop, name="transport-recv", daemon=True)
         if world_size > 1:
             self._sender.start()
             self._receiver.start()
 
-    # -- sending -------------------------------------------------------------------------------
-    def _via_pair(self, t: torch.Tensor, dst: int) -> bool:
-        return (self.rank, dst) in self.pairs and (t.is_cuda or self.all_via_pairs)
+    @abstractmethod
+    def deliver(self, dst: int, kind: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Put one message on the wire to ``dst`` (the sender thread; blocks until the peer takes it)."""
 
+    @abstractmethod
+    def receive(self) -> Message:
+        """Take the next message off the wire, from any peer (the receiver thread; blocks)."""
+
+    def keeps_on_device(self, tensor: torch.Tensor, dst: int) -> bool:
+        """Whether ``tensor`` travels to ``dst`` from where it is (else it is copied to the CPU when queued)."""
+        return False
+
+    # -- sending -------------------------------------------------------------------------------
     def send(self, dst: int, kind: str, meta: dict | None = None, tensors: dict[str, torch.Tensor] | None = None):
         """Queue a message for ``dst``; returns at once (an event set once sent). CUDA tensors stay on the
-        device when a direction group carries them, else go through the CPU. Do not mutate them after. The message
-        must be one of the protocol's (``protocol.check_message``)."""
+        device when the wire carries them (``keeps_on_device``), else go through the CPU. Do not mutate them after.
+        The message must be one of the protocol's (``protocol.check_message``)."""
         check_message(kind, meta or {})
-        tensors = {k: (v.detach() if self._via_pair(v, dst) else v.detach().cpu()).contiguous()
+        tensors = {k: (v.detach() if self.keeps_on_device(v, dst) else v.detach().cpu()).contiguous()
                    for k, v in (tensors or {}).items()}
         if dst == self.rank:
             self.inbox.put(Message(kind, self.rank, dict(meta or {}), tensors))
@@ -119,59 +127,22 @@ class Transport:
                 done.set()
                 continue
             try:
-                self._send_now(dst, kind, meta, tensors)
+                self.deliver(dst, kind, meta, tensors)
             except Exception as e:  # the peer is gone; surface it to our compute thread
                 self.inbox.put(Message("abort", dst, {"error": f"lost connection to rank {dst}: {e}", "rank": dst}))
             done.set()
-
-    def _send_now(self, dst: int, kind: str, meta: dict, tensors: dict[str, torch.Tensor]):
-        start = time.perf_counter()
-        specs = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
-                  "via": "pair" if self._via_pair(v, dst) else "gloo", "cuda": v.is_cuda} for k, v in tensors.items()]
-        payload = json.dumps({"kind": kind, "meta": meta, "tensors": specs}).encode()
-        dist.send(torch.tensor([len(payload), len(tensors)], dtype=torch.int64), dst, group=self.group, tag=HEADER)
-        dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst, group=self.group, tag=PAYLOAD)
-        for spec, t in zip(specs, tensors.values()):
-            if not t.numel():
-                continue
-            if spec["via"] == "pair":
-                dist.send(t.reshape(-1).view(torch.uint8), dst, group=self.pairs[(self.rank, dst)])
-            else:
-                dist.send(t.reshape(-1).view(torch.uint8), dst, group=self.group, tag=PAYLOAD)
-        self.bytes_sent += len(payload) + sum(t.numel() * t.element_size() for t in tensors.values())
-        self.send_seconds += time.perf_counter() - start
 
     # -- receiving -----------------------------------------------------------------------------
     def _recv_loop(self):
         while True:
             try:
-                header = torch.empty(2, dtype=torch.int64)
-                src = dist.recv(header, None, group=self.group, tag=HEADER)
-                raw = torch.empty(int(header[0]), dtype=torch.uint8)
-                dist.recv(raw, src, group=self.group, tag=PAYLOAD)
-                envelope = json.loads(bytes(raw.numpy()).decode())
-                tensors = {}
-                for spec in envelope["tensors"]:
-                    tensors[spec["name"]] = self._recv_tensor(src, spec)
+                msg = self.receive()
             except Exception as e:  # a peer died or the group broke
                 self.inbox.put(Message("abort", -1, {"error": f"lost connection to a peer: {e}", "rank": -1}))
                 return
-            self.inbox.put(Message(envelope["kind"], src, envelope["meta"], tensors))
-            if envelope["kind"] == "stop":
+            self.inbox.put(msg)
+            if msg.kind == "stop":
                 return
-
-    def _recv_tensor(self, src: int, spec: dict) -> torch.Tensor:
-        dtype = _DTYPES[spec["dtype"]]
-        pair = spec["via"] == "pair"
-        device = self.device if pair and spec["cuda"] else torch.device("cpu")
-        nbytes = math.prod(spec["shape"]) * dtype.itemsize
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        if nbytes:
-            if pair:
-                dist.recv(buf, src, group=self.pairs[(src, self.rank)])
-            else:
-                dist.recv(buf, src, group=self.group, tag=PAYLOAD)
-        return buf.view(dtype).reshape(spec["shape"])
 
     def get(self, timeout: float | None = None) -> Message | None:
         """Next message, or None after ``timeout`` seconds. An ``abort`` raises ``PeerFailure``."""
@@ -190,3 +161,74 @@ class Transport:
         for e in events:
             if e is not None:
                 e.wait(max(0.0, deadline - time.monotonic()))
+
+
+class LocalTransport(Transport):
+    """One process: every message is to itself (tests, and a loop of one rank)."""
+
+    def __init__(self, rank: int = 0):
+        super().__init__(rank, 1)
+
+    def deliver(self, dst, kind, meta, tensors) -> None:
+        raise RuntimeError(f"rank {dst} does not exist in a one-process transport")
+
+    def receive(self) -> Message:
+        raise RuntimeError("a one-process transport receives nothing from a wire")
+
+
+class TorchTransport(Transport):
+    """Messages over torch.distributed: metadata over gloo (``group``), tensors over gloo or NCCL.
+
+    ``pairs`` maps ``(src, dst)`` to that direction's process group (``direction_groups``); to a
+    destination with one, CUDA tensors (or every tensor, ``all_via_pairs``) travel there; to any
+    other, everything goes over ``group`` and CUDA tensors are staged through the CPU.
+    """
+
+    def __init__(self, rank: int, world_size: int, group=None, pairs: dict | None = None,
+                 device: torch.device | None = None, all_via_pairs: bool = False):
+        self.group, self.pairs = group, pairs or {}
+        self.device, self.all_via_pairs = device or torch.device("cpu"), all_via_pairs
+        super().__init__(rank, world_size)
+
+    def keeps_on_device(self, t: torch.Tensor, dst: int) -> bool:
+        return (self.rank, dst) in self.pairs and (t.is_cuda or self.all_via_pairs)
+
+    def deliver(self, dst: int, kind: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        start = time.perf_counter()
+        specs = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
+                  "via": "pair" if self.keeps_on_device(v, dst) else "gloo", "cuda": v.is_cuda}
+                 for k, v in tensors.items()]
+        payload = json.dumps({"kind": kind, "meta": meta, "tensors": specs}).encode()
+        dist.send(torch.tensor([len(payload), len(tensors)], dtype=torch.int64), dst, group=self.group, tag=HEADER)
+        dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst, group=self.group, tag=PAYLOAD)
+        for spec, t in zip(specs, tensors.values()):
+            if not t.numel():
+                continue
+            if spec["via"] == "pair":
+                dist.send(t.reshape(-1).view(torch.uint8), dst, group=self.pairs[(self.rank, dst)])
+            else:
+                dist.send(t.reshape(-1).view(torch.uint8), dst, group=self.group, tag=PAYLOAD)
+        self.bytes_sent += len(payload) + sum(t.numel() * t.element_size() for t in tensors.values())
+        self.send_seconds += time.perf_counter() - start
+
+    def receive(self) -> Message:
+        header = torch.empty(2, dtype=torch.int64)
+        src = dist.recv(header, None, group=self.group, tag=HEADER)
+        raw = torch.empty(int(header[0]), dtype=torch.uint8)
+        dist.recv(raw, src, group=self.group, tag=PAYLOAD)
+        envelope = json.loads(bytes(raw.numpy()).decode())
+        tensors = {spec["name"]: self._recv_tensor(src, spec) for spec in envelope["tensors"]}
+        return Message(envelope["kind"], src, envelope["meta"], tensors)
+
+    def _recv_tensor(self, src: int, spec: dict) -> torch.Tensor:
+        dtype = _DTYPES[spec["dtype"]]
+        pair = spec["via"] == "pair"
+        device = self.device if pair and spec["cuda"] else torch.device("cpu")
+        nbytes = math.prod(spec["shape"]) * dtype.itemsize
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        if nbytes:
+            if pair:
+                dist.recv(buf, src, group=self.pairs[(src, self.rank)])
+            else:
+                dist.recv(buf, src, group=self.group, tag=PAYLOAD)
+        return buf.view(dtype).reshape(spec["shape"])

@@ -43,7 +43,7 @@ from transfer.distributed import sequence_parallel
 from transfer.distributed.protocol import PROTOCOL
 from transfer.distributed.placement import Placement, PresetChoice, choose_preset, from_file
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
-from transfer.distributed.transport import Message, PeerFailure, Transport, direction_groups
+from transfer.distributed.transport import Message, PeerFailure, TorchTransport, Transport, direction_groups
 from transfer.errors import (STOPPED_CLEANLY, Terminated, TransferError, check_stop, raise_on_stop_signals,
                               report_stop, write_line)
 from transfer.device import default_device, dtype_for
@@ -92,7 +92,7 @@ class RankLoop:
         if "dit" in loaded:
             dit, parallel = loaded["dit"], None
             group = placement.group_of(rank)
-            if group.sp > 1:
+            if group.sp_degree > 1:
                 models = {"transformer": dit.transformer, **{f"controlnet/{m}": c for m, c in dit.controlnets.items()}}
                 parallel = sequence_parallel.enable(models, branches[group.branch_of(rank)])
                 dit.shard_tokens = parallel.shard_tokens  # weight maps cut like the residuals
@@ -182,7 +182,7 @@ class RankLoop:
             raise
         except Exception as e:
             group = self.placement.group_of(self.rank)
-            if what in ("denoise", "shard_chunk") and group.sp > 1:
+            if what in ("denoise", "shard_chunk") and group.sp_degree > 1:
                 raise  # a sequence-parallel group's shards are inside collectives together: the run ends
             stage = "+".join(s for s in self.stages if s != "coordinator") or "coordinator"
             error = request_failure(e, self.job.batch, f"rank {self.rank} ({stage}) failed on it ({what}): ")
@@ -236,7 +236,9 @@ def choose_placement(config: RunConfig, world_size: int, requests: int = 1, head
     unless asked (its outputs then equal one process's bit for bit); ``--plan`` plans for GPUs."""
     parallel, plan = config.parallel, config.plan
     if parallel.placement_file:
-        return PresetChoice(from_file(parallel.placement_file, world_size), f"--placement {parallel.placement_file}")
+        placement = from_file(parallel.placement_file, world_size)
+        placement.check_runnable()
+        return PresetChoice(placement, f"--placement {parallel.placement_file}")
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if plan is not None:
         share = plan.gpu_memory_gb >= SHARE_STAGES_GB
@@ -268,7 +270,7 @@ def make_transport(rank: int, world: int, cuda: bool, placement: Placement) -> T
     testable here)."""
     forced = os.environ.get("TRANSFER_TRANSPORT", "") == "pairs"
     pairs = direction_groups(placement.talking_pairs(), "nccl" if cuda else "gloo") if cuda or forced else None
-    return Transport(rank, world, pairs=pairs, device=default_device(), all_via_pairs=forced and not cuda)
+    return TorchTransport(rank, world, pairs=pairs, device=default_device(), all_via_pairs=forced and not cuda)
 
 
 def run_distributed(config: RunConfig) -> None:
@@ -307,7 +309,7 @@ def _run_distributed(config: RunConfig) -> None:
         job = plan_job(config)
         choice = choose_placement(config, world, len(job.requests), job.info.transformer["num_attention_heads"])
         placement = choice.placement
-        if job.runtime.compile != "none" and any(g.sp > 1 for g in placement.dit_groups):
+        if job.runtime.compile != "none" and any(g.sp_degree > 1 for g in placement.dit_groups):
             raise TransferError(f"--compile {job.runtime.compile} is not supported in sequence-parallel DiT groups (untested "
                                 "with diffusers' context-parallel hooks): use --compile none, or --placement / "
                                 "--context_parallel_size 1 for groups without sequence parallelism")
@@ -320,7 +322,7 @@ def _run_distributed(config: RunConfig) -> None:
         logger.info(f"placement: {placement.describe()}")
     transport = make_transport(rank, world, cuda, placement)
     # every rank builds every sequence-parallel branch's mesh, in the same order (process groups are numbered)
-    branches = sequence_parallel.branch_meshes([b for g in placement.dit_groups if g.sp > 1 for b in g.branches()],
+    branches = sequence_parallel.branch_meshes([b for g in placement.dit_groups if g.sp_degree > 1 for b in g.branches()],
                                                "cuda" if cuda else "cpu")
     tracer = Tracer(rank, t0)
     loop, code, message = None, None, None

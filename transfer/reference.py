@@ -1,6 +1,6 @@
 """Run diffusers' own ``Cosmos2_5_TransferPipeline`` on a spec: the upstream side of an A/B.
 
-    python -m transfer.upstream --controlnet_specs SPEC.json --video_save_folder runs/upstream [--seed 1 ...]
+    python -m transfer.reference --controlnet_specs SPEC.json --video_save_folder runs/upstream [--seed 1 ...]
 
 It loads the same checkpoint directory with diffusers' and transformers' classes (its own loading
 code, not ours), runs every request of the spec or batch, and writes ``{name}.mp4``, ``{name}.npz``
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from transfer.video_io import write_mp4, write_npz
 
     try:
-        config = parse_config(argv, prog="python -m transfer.upstream", description=__doc__)  # transfer.py's flags
+        config = parse_config(argv, prog="python -m transfer.reference", description=__doc__)  # transfer.py's flags
         pin_cpu_threads(config.runtime.cpu_threads)  # the same float sums as transfer.py's run of the same flags
         job = plan_job(config)
         for request in job.requests:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                                     f"this request has {len(request.controls)}")
         prepared = [prepare_request(r, job.limits, job.controls) for r in job.requests]
     except TransferError as e:
-        print(f"python -m transfer.upstream: error: {e}", file=sys.stderr)
+        print(f"python -m transfer.reference: error: {e}", file=sys.stderr)
         return 2
     import PIL.Image
 
