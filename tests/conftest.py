@@ -15,6 +15,12 @@ ASSETS = ROOT / "assets"
 #: The suite runs the random-weight ``tiny`` preset (every control, fast) unless a test names another; the user's
 #: default (the shipped ``demo``) has tests of its own (tests/test_demo_checkpoint.py).
 os.environ["TRANSFER_CHECKPOINT_PRESET"] = "tiny"
+#: The suite runs in two pytest-xdist workers (README's test command: ``-n 2 --dist loadfile``, a file's tests in one
+#: worker, its module fixtures built once); each worker's torchrun launches take their own rendezvous port (torchrun
+#: reads ``PET_MASTER_PORT``; two launches on its default 29500 at once would collide).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw"):
+    os.environ["PET_MASTER_PORT"] = str(29500 + 100 * (int(_WORKER[2:]) + 1))
 
 
 @pytest.fixture(scope="session")
