@@ -41,7 +41,7 @@ from transfer.acceleration import CPU_ATTENTION, compile_stage, set_attention_ba
 from transfer.checkpoint import info_from_preset, load_stage  # noqa: E402
 from transfer.errors import TransferError  # noqa: E402
 from transfer.device import dtype_for  # noqa: E402
-from transfer.memory import Request, call_inputs, dit_step, measured_peak  # noqa: E402
+from transfer.memory import ChunkSize, call_inputs, dit_step, measured_peak  # noqa: E402
 
 #: Upstream's published one-GPU times of one Transfer2.5-2B edge chunk, 720p, 93 frames, 35 steps (docs/performance.md).
 UPSTREAM_ONE_GPU = {"H200 NVL": 374.4, "H100 NVL": 502.6, "B200": 179.7}
@@ -50,7 +50,7 @@ UPSTREAM_ONE_GPU = {"H200 NVL": 374.4, "H100 NVL": 502.6, "B200": 179.7}
 BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", "sage", "xformers")
 
 
-def step_flops(info, request: Request, dtype: torch.dtype, guidance: float) -> int:
+def step_flops(info, request: ChunkSize, dtype: torch.dtype, guidance: float) -> int:
     """FLOPs of one ``dit_step`` at ``request``'s size, counted on fake tensors (shapes only) on the CPU."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -68,7 +68,7 @@ def step_flops(info, request: Request, dtype: torch.dtype, guidance: float) -> i
     return counter.get_total_flops()
 
 
-def random_inputs(info, request: Request, dtype: torch.dtype) -> dict:
+def random_inputs(info, request: ChunkSize, dtype: torch.dtype) -> dict:
     """``call_inputs`` filled with seeded random values (zeros would make every backend agree trivially)."""
     inputs = call_inputs(info, request, dtype)
     generator = torch.Generator().manual_seed(0)
@@ -120,7 +120,7 @@ def main() -> None:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     dtype = dtype_for(device, args.dtype)
     info = info_from_preset(preset(args.preset))
-    edge, both = Request(args.height, args.width, args.frames, ("edge",)), Request(args.height, args.width, args.frames, ("edge", "vis"))
+    edge, both = ChunkSize(args.height, args.width, args.frames, ("edge",)), ChunkSize(args.height, args.width, args.frames, ("edge", "vis"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{args.preset}, random weights, {name} ({str(dtype).removeprefix('torch.')}), chunk "
           f"{args.frames}x{args.height}x{args.width}\n")

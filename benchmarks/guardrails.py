@@ -94,7 +94,7 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=4)
     args = p.parse_args()
 
-    from transfer.tiny import ensure_tiny_checkpoint
+    from transfer.embedded_checkpoint import ensure_tiny_checkpoint
 
     ensure_tiny_checkpoint("tiny")
     work = Path(tempfile.mkdtemp(prefix="bench_guard_"))

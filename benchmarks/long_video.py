@@ -68,7 +68,7 @@ def main() -> None:
               "--controlnet_specs", str(ROOT / "assets" / "example_multi_spec.json"), "--num_steps", str(args.num_steps),
               "--num_frames_per_chunk", str(F), "--num_conditional_frames", str(C), "--save_raw",
               "--checkpoint_preset", "tiny"]
-    subprocess.run([sys.executable, "-c", "from transfer.tiny import ensure_tiny_checkpoint as e; e('tiny')"],
+    subprocess.run([sys.executable, "-c", "from transfer.embedded_checkpoint import ensure_tiny_checkpoint as e; e('tiny')"],
                    cwd=ROOT, env=env, check=True)
     rows, frames = {}, {}
     for mode in ("roundtrip", "latent"):

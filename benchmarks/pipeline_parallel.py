@@ -75,7 +75,7 @@ def main() -> None:
               "--batch_input_path", str(batch), "--num_steps", str(args.num_steps), "--save_raw",
               "--checkpoint_preset", args.checkpoint_preset]
     # build the checkpoint outside the timed runs
-    subprocess.run([sys.executable, "-c", f"from transfer.tiny import ensure_tiny_checkpoint as e; e({args.checkpoint_preset!r})"],
+    subprocess.run([sys.executable, "-c", f"from transfer.embedded_checkpoint import ensure_tiny_checkpoint as e; e({args.checkpoint_preset!r})"],
                    cwd=ROOT, env=env, check=True)
 
     one = timed([sys.executable, str(ROOT / "transfer.py"), *common, "--video_save_folder", str(work / "one")], env)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from configs.models import preset  # noqa: E402
 from transfer.checkpoint import info_from_preset, load_stage  # noqa: E402
 from transfer.device import dtype_for  # noqa: E402
-from transfer.memory import CALLS, Request, call_inputs, estimate_calls, measured_peak  # noqa: E402
+from transfer.memory import CALLS, ChunkSize, call_inputs, estimate_calls, measured_peak  # noqa: E402
 from transfer.residency import stage_modules, tensor_bytes  # noqa: E402
 
 #: Upstream's published times for one Transfer2.5-2B edge-control video, 720p, 93 frames per chunk (H100 NVL).
@@ -63,7 +63,7 @@ def stage_costs(args, device: torch.device, dtype: torch.dtype) -> dict:
     memory of each call measured in a call of its own (``transfer.memory.measured_peak``), beside ``--plan``'s
     estimate of it (``estimate_calls``)."""
     info = info_from_preset(preset(args.preset))
-    request = Request(args.height, args.width, args.frames, CONTROLS)
+    request = ChunkSize(args.height, args.width, args.frames, CONTROLS)
     estimates = {name: peak for calls in estimate_calls(info, request, dtype, device.type).values()
                  for name, peak in calls.items()}
     inputs = call_inputs(info, request, dtype)

@@ -4,7 +4,7 @@ The modalities a spec may name (``MODALITIES``: cosmos-transfer1 spec keys, chec
 ``--model`` choices), which ones cosmos-transfer2.5 itself has, each one's Transfer2.5 spec extras, the preprocessor
 module that computes it from the input video and the weight folders that preprocessor loads under
 ``--preprocessor_dir`` all derive from ``CONTROLS``. Adding a control = one entry here + its preprocessor module
-(``preprocessors/<name>.py``: ``Config.from_options``, ``Preprocessor``) + its test weights (``preprocessors/tiny.py``)
+(``preprocessors/<name>.py``: ``Config.from_options``, ``Preprocessor``) + its test weights (``preprocessors/random_weights.py``)
 + a ControlNet in the checkpoints that carry it.
 
 No torch, no heavy imports: the command line reads this table.

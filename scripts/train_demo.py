@@ -216,7 +216,7 @@ def stage_patch(work: Path, name: str, patch: int | None, start: bool = False) -
 
 def demo_tokenizer():
     """The demo's word-level tokenizer over its world's words (``demo.world.WORDS``)."""
-    from transfer.tiny import build_tokenizer
+    from transfer.embedded_checkpoint import build_tokenizer
 
     return build_tokenizer(chat=False, words=WORDS)
 

@@ -32,14 +32,14 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(cache_dir) -> Path:
-    from transfer.tiny import ensure_tiny_checkpoint
+    from transfer.embedded_checkpoint import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint("tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_reason_ckpt(cache_dir) -> Path:
-    from transfer.tiny import ensure_tiny_checkpoint
+    from transfer.embedded_checkpoint import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint("tiny-reason")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from transfer.tiny import build_tokenizer
+from transfer.embedded_checkpoint import build_tokenizer
 
 #: A guard LLM chat template with plain string content (Llama Guard / Qwen3Guard style turns).
 GUARD_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

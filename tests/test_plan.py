@@ -10,7 +10,7 @@ from configs.models import preset as checkpoint_preset
 from tests.conftest import run_cli
 from transfer.checkpoint import info_from_preset, inspect_checkpoint, load_dit, load_stage, load_text_encoder, load_vae
 from transfer.distributed.placement import Placement, preset
-from transfer.memory import CALLS, Request, call_inputs, estimate_calls, measured_peak
+from transfer.memory import CALLS, ChunkSize, call_inputs, estimate_calls, measured_peak
 from transfer.plan import component_bytes, plan_ranks
 
 
@@ -99,7 +99,7 @@ def test_activation_estimate_matches_measured_peaks():
     """``--plan``'s activations (stage calls on fake tensors) against the same calls on real tensors, measured by
     the CPU allocator's events: within 25% for every call, in fp32 and bf16."""
     info = info_from_preset(checkpoint_preset("transfer2.5-2b-small"))
-    request = Request(64, 96, 9, ("edge", "vis"))
+    request = ChunkSize(64, 96, 9, ("edge", "vis"))
     cpu = torch.device("cpu")
     for dtype in (torch.float32, torch.bfloat16):
         estimates = estimate_calls(info, request, dtype, "cpu")

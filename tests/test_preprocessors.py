@@ -16,7 +16,7 @@ import pytest
 from preprocessors import REGISTRY, ControlMaker
 from preprocessors import edge as edge_module
 from preprocessors import vis as vis_module
-from preprocessors.tiny import write_tiny_preprocessors
+from preprocessors.random_weights import write_tiny_preprocessors
 from tests.conftest import example_frames, failure, ROOT
 from tests.test_distributed import launch
 from transfer.specs import ControlSpec, Request

@@ -59,7 +59,7 @@ def assert_same(ref: Path, got: Path) -> None:
 
 @pytest.fixture(scope="module")
 def four_head(cache_dir):
-    from transfer.tiny import ensure_tiny_checkpoint
+    from transfer.embedded_checkpoint import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint("tiny-4head")
 

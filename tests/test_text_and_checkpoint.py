@@ -13,7 +13,7 @@ import torch
 from configs.models import preset
 from transfer.checkpoint import inspect_checkpoint, load_dit, load_text_encoder
 from transfer.errors import TransferError
-from transfer.tiny import write_checkpoint
+from transfer.embedded_checkpoint import write_checkpoint
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 PROMPT = "A robot arm folds a blue cloth on a yellow cushion."

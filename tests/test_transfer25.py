@@ -254,7 +254,7 @@ def test_mask_prompt_is_what_the_seg_preprocessor_finds(folder, tiny_ckpt, tmp_p
     """mask_prompt: the seg preprocessor runs on that text (its own cached control file, keyed by the text) and the
     control's mask is the union of what it found; the control's weights are that mask, resized to the token grid."""
     from preprocessors import ControlMaker
-    from preprocessors.tiny import write_tiny_preprocessors
+    from preprocessors.random_weights import write_tiny_preprocessors
     from transfer.checkpoint import inspect_checkpoint
     from transfer.control_weights import mask_weights, token_grid
     from transfer.prepare import ModelLimits, prepare_request

@@ -269,7 +269,7 @@ def load_text_encoder(info: CheckpointInfo, device: torch.device, dtype: torch.d
 
     cls = text_encoder_class(info.text_encoder_type)
     if info.root is None:  # --random_weights: a local character tokenizer, the preset's config
-        from transfer.tiny import build_tokenizer
+        from transfer.embedded_checkpoint import build_tokenizer
 
         tokenizer = build_tokenizer(chat=info.text_encoder_type != "t5")  # ids below any vocabulary's size
         model = random_model(lambda: cls(info.text_config), device, dtype, RANDOM_SEEDS["text_encoder"])
@@ -331,7 +331,7 @@ def load_stage(info: CheckpointInfo, name: str, modalities, device: torch.device
 def resolve_checkpoint(choice: "CheckpointChoice") -> Path:
     if choice.dir:
         return Path(choice.dir)
-    from transfer.tiny import ensure_tiny_checkpoint
+    from transfer.embedded_checkpoint import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint(choice.preset)
 

@@ -13,7 +13,7 @@ from transfer.acceleration import attention_backend_for, compile_stage, set_atte
 from transfer.checkpoint import load_stage
 from transfer.config import RuntimeConfig
 from transfer.residency import Residency
-from transfer.tiny import cache_root
+from transfer.embedded_checkpoint import cache_root
 
 
 def load_stages(info, names: list[str], modalities, device: torch.device, dtype: torch.dtype,

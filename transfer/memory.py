@@ -86,7 +86,7 @@ class TensorMemory(TorchDispatchMode):
 
 
 @dataclass(frozen=True)
-class Request:
+class ChunkSize:
     """The size of one chunk of a request: pixels, frames, controls and guidance."""
 
     height: int
@@ -121,7 +121,7 @@ def dit_step(dit, x: dict, guidance: float) -> torch.Tensor:
     return dit.predict(state, 0, 0.5, x["scales"], guidance)
 
 
-def call_inputs(info: CheckpointInfo, request: Request, dtype: torch.dtype) -> dict:
+def call_inputs(info: CheckpointInfo, request: ChunkSize, dtype: torch.dtype) -> dict:
     """Host tensors as the pipeline hands them to the stages: a control chunk in [-1, 1] (float32), its latents,
     the DiT's noise (float32) and control latents and prompt embeddings (run dtype)."""
     from transfer.prepare import ModelLimits
@@ -137,7 +137,7 @@ def call_inputs(info: CheckpointInfo, request: Request, dtype: torch.dtype) -> d
             "guidance": request.guidance, "pixels": (request.height, request.width)}
 
 
-def estimate_calls(info: CheckpointInfo, request: Request, dtype: torch.dtype, target: str = "cuda",
+def estimate_calls(info: CheckpointInfo, request: ChunkSize, dtype: torch.dtype, target: str = "cuda",
                    names=None) -> dict[str, dict[str, int]]:
     """``{stage: {call: activation peak bytes}}`` of the ``CALLS`` named in ``names`` (default: all), run on fake
     tensors with empty weights built by the product's loaders, for a ``target`` device type.

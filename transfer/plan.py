@@ -164,7 +164,7 @@ def run_plan(config) -> str:
     from transfer.checkpoint import resolve_checkpoint
     from transfer.device import DTYPES
     from transfer.requests import requests_from
-    from transfer.memory import Request, estimate_calls
+    from transfer.memory import ChunkSize, estimate_calls
     from transfer.prepare import ModelLimits
 
     plan, choice, inputs, guidance = config.plan, config.checkpoint, config.inputs, config.generation.guidance
@@ -192,7 +192,7 @@ def run_plan(config) -> str:
     placement = choose_placement(config, config.parallel.num_gpus or 1, 1, heads).placement
     dtype = DTYPES[plan.dtype]
     by_stage = component_bytes(info, modalities, dtype)
-    calls = estimate_calls(info, Request(plan.height, plan.width, frames, tuple(modalities), guidance), dtype,
+    calls = estimate_calls(info, ChunkSize(plan.height, plan.width, frames, tuple(modalities), guidance), dtype,
                            plan.device)
     title = (f"memory plan: {name}, controls {'+'.join(modalities)}, {plan.dtype}, chunk {frames}x{plan.height}x"
              f"{plan.width}, guidance {guidance:g}, {placement.world_size} rank(s), {plan.gpu_memory_gb:g} GB per "

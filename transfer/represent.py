@@ -36,7 +36,7 @@ def load_vae_only(checkpoint_dir: str | None = None):
     from transfer.device import default_device
 
     if checkpoint_dir is None:
-        from transfer.tiny import ensure_tiny_checkpoint
+        from transfer.embedded_checkpoint import ensure_tiny_checkpoint
 
         checkpoint_dir = ensure_tiny_checkpoint("tiny")
     return load_vae(inspect_checkpoint(Path(checkpoint_dir)), default_device(), torch.float32)

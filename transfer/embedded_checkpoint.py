@@ -95,7 +95,7 @@ def _save_models(cfg: CheckpointConfig, out: Path, seed: int) -> None:
         CosmosControlNetModel(**cfg.controlnet).save_pretrained(
             out / "controlnet" / modality, safe_serialization=True
         )
-    from preprocessors.tiny import write_tiny_preprocessors
+    from preprocessors.random_weights import write_tiny_preprocessors
 
     write_tiny_preprocessors(out / "preprocessors", seed)
 
