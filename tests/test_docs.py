@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
+from tests.test_cli import readme_tiny_command_writes_matching_mp4
 from tests.test_demo_checkpoint import (readme_main_output_follows_edges_and_prompt,
                                         readme_transfer25_form_keeps_the_prompts_background)
 from transfer.video_io import read_video
@@ -95,7 +96,7 @@ CLAIMS = {
     "python transfer.py          --controlnet_specs assets/demo_spec.json --video_save_folder runs/ours --seed 5 "
     "--save_raw --guardrail off": [_first_chunk_equal("runs/upstream/output.npz", "runs/ours/output.npz", 9)],
     "python transfer.py --checkpoint_preset tiny --controlnet_specs assets/example_spec.json --video_save_folder "
-    "outputs/tiny": [_frames("outputs/tiny/output.mp4", (121, 96, 160, 3))],
+    "outputs/tiny": [_on(readme_tiny_command_writes_matching_mp4, "outputs/tiny")],
     "python transfer.py -i assets/demo_spec25.json -o outputs/t25": [
         _files("outputs/t25", {"demo.mp4", "demo.json", "demo.txt", "demo_control_edge.mp4", "config.yaml",
                                "console.log"}),
