@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from configs.cosmos3 import COSMOS3_PRESETS, Cosmos3Config
 from configs.models import CheckpointConfig, preset
 from transfer.errors import TransferError
 from transfer.text_encoding import text_encoder_class
@@ -40,15 +41,17 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "cosmos-transfer-pp"
 
 
-def build_tokenizer(chat: bool, words: tuple[str, ...] | None = None):
+def build_tokenizer(chat: bool, words: tuple[str, ...] | None = None, eos: str = EOS,
+                    chat_tokens: tuple[str, ...] = CHAT_TOKENS, template: str = CHAT_TEMPLATE):
     """A fast tokenizer built locally (no download), saved like any HF tokenizer: one token per character, or with
     ``words`` one per word (lower-cased, punctuation split off; any other word is ``<unk>``: the demo checkpoint's
-    tokenizer over its world's words, ``demo.world.WORDS``)."""
+    tokenizer over its world's words, ``demo.world.WORDS``). ``eos``, ``chat_tokens`` and ``template``: a chat
+    model's own (Cosmos 3's: ``<|endoftext|>``, ``<|vision_start|>``, messages with string content)."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    specials = [PAD, EOS, UNK, *CHAT_TOKENS] if chat else [PAD, EOS, UNK]
+    specials = [PAD, eos, UNK, *chat_tokens] if chat else [PAD, eos, UNK]
     pieces = list(dict.fromkeys(words)) if words else sorted(set(string.printable) - set("\x0b\x0c"))
     vocab = {tok: i for i, tok in enumerate([*specials, *pieces])}
     tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
@@ -59,15 +62,15 @@ def build_tokenizer(chat: bool, words: tuple[str, ...] | None = None):
         tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     if not chat:  # T5 appends </s> to every sequence
         tok.post_processor = processors.TemplateProcessing(
-            single=f"$A {EOS}", special_tokens=[(EOS, vocab[EOS])]
+            single=f"$A {eos}", special_tokens=[(eos, vocab[eos])]
         )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK,
-        additional_special_tokens=list(CHAT_TOKENS) if chat else None,
+        tokenizer_object=tok, pad_token=PAD, eos_token=eos, unk_token=UNK,
+        additional_special_tokens=list(chat_tokens) if chat else None,
         model_max_length=512,
     )
     if chat:
-        fast.chat_template = CHAT_TEMPLATE
+        fast.chat_template = template
     return fast
 
 
@@ -100,13 +103,38 @@ def _save_models(cfg: CheckpointConfig, out: Path, seed: int) -> None:
     write_tiny_preprocessors(out / "preprocessors", seed)
 
 
-def write_checkpoint(cfg: CheckpointConfig, out: Path, seed: int = 0) -> Path:
+#: Cosmos 3's chat template in Qwen's shape (messages with string content), for the embedded tokenizer.
+COSMOS3_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _save_cosmos3(cfg: Cosmos3Config, out: Path, seed: int) -> None:
+    """A Cosmos 3 folder in diffusers' layout: transformer, Wan2.2 VAE, scheduler, the tokenizer of the transformer's
+    own language stream (``text_tokenizer``, the modular pipeline's component name)."""
+    from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer, UniPCMultistepScheduler
+
+    tokenizer = build_tokenizer(chat=True, eos="<|endoftext|>", chat_tokens=("<|im_start|>", "<|im_end|>",
+                                                                             "<|vision_start|>"),
+                                template=COSMOS3_CHAT_TEMPLATE)
+    if len(tokenizer) > cfg.transformer["vocab_size"]:
+        raise ValueError(f"{cfg.name}: {len(tokenizer)} tokens exceed the transformer's vocabulary")
+    tokenizer.save_pretrained(out / "text_tokenizer")
+    torch.manual_seed(seed + 1)
+    Cosmos3OmniTransformer(**cfg.transformer).save_pretrained(out / "transformer", safe_serialization=True)
+    torch.manual_seed(seed + 2)
+    AutoencoderKLWan(**cfg.vae).save_pretrained(out / "vae", safe_serialization=True)
+    UniPCMultistepScheduler(**cfg.scheduler).save_pretrained(out / "scheduler")
+
+
+def write_checkpoint(cfg: CheckpointConfig | Cosmos3Config, out: Path, seed: int = 0) -> Path:
     """Write a complete random-weight checkpoint for ``cfg`` at ``out`` (atomically)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _save_models(cfg, staging, seed)
+        (_save_cosmos3 if isinstance(cfg, Cosmos3Config) else _save_models)(cfg, staging, seed)
         try:
             os.rename(staging, out)
         except OSError:  # another process (e.g. another rank) finished first; keep theirs
@@ -120,8 +148,8 @@ def write_checkpoint(cfg: CheckpointConfig, out: Path, seed: int = 0) -> Path:
 def ensure_tiny_checkpoint(name: str = "tiny") -> Path:
     """Return the cached checkpoint directory for a tiny preset, building it on first use; a shipped preset's
     (``demo``) directory as it is."""
-    cfg = preset(name)
-    if cfg.shipped is not None:
+    cfg = COSMOS3_PRESETS[name]() if name in COSMOS3_PRESETS else preset(name)
+    if getattr(cfg, "shipped", None) is not None:
         if not (cfg.shipped / "transformer").is_dir():
             raise TransferError(f"checkpoint preset {name!r}: its shipped weights are missing from {cfg.shipped} "
                                 "(a checkout without them: run scripts/train_demo.py, or --checkpoint_preset tiny)")

@@ -1,0 +1,50 @@
+"""Cosmos 3 (issue 33), first pieces: the embedded ``cosmos3-tiny`` checkpoint in diffusers' layout, and diffusers'
+own ``Cosmos3OmniModularPipeline`` (the reference side) running transfer on it from that folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from configs.cosmos3 import COSMOS3_PRESETS, HINTS
+
+
+def test_presets_describe_nano_and_a_tiny_model():
+    from diffusers import Cosmos3OmniTransformer
+
+    nano, tiny = COSMOS3_PRESETS["cosmos3-nano"](), COSMOS3_PRESETS["cosmos3-tiny"]()
+    assert not nano.embedded and tiny.embedded and tiny.hints == HINTS == ("edge", "blur", "depth", "seg", "wsm")
+    t = nano.transformer
+    assert (t["num_hidden_layers"], t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"],
+            t["head_dim"]) == (36, 4096, 32, 8, 128)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Cosmos3OmniTransformer(**t).parameters())
+    assert 15.0e9 < params < 15.5e9, params  # Nano: 16B with its 15.2B transformer
+    assert nano.vae["z_dim"] == tiny.vae["z_dim"] == 48 and nano.vae["scale_factor_spatial"] == 16
+
+
+def test_diffusers_transfer_runs_on_the_embedded_tiny_folder(cache_dir):
+    """Two hints, two chunks, text CFG and control guidance: 3 transformer passes per step."""
+    from PIL import Image
+
+    from transfer.embedded_checkpoint import ensure_tiny_checkpoint
+    from transfer.reference import cosmos3_reference_pipeline
+
+    ckpt = ensure_tiny_checkpoint("cosmos3-tiny")
+    assert {p.name for p in ckpt.iterdir()} >= {"transformer", "vae", "scheduler", "text_tokenizer"}
+    pipe = cosmos3_reference_pipeline(ckpt)
+    calls = []
+    forward = pipe.transformer.forward
+    pipe.transformer.forward = lambda *a, **k: (calls.append(k["sequence_length"]), forward(*a, **k))[1]
+    rng = np.random.default_rng(0)
+    video = [[Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(9)] for _ in range(2)]
+    torch.set_num_threads(1)
+    out = pipe(prompt='{"scene": "a ball"}', negative_prompt="blurry", control_videos={"edge": video[0],
+               "depth": video[1]}, height=32, width=32, num_frames=9, num_video_frames_per_chunk=5,
+               num_conditional_frames=1, num_inference_steps=2, guidance_scale=3.0, control_guidance=1.5,
+               generator=torch.Generator().manual_seed(0), output_type="pt", output=["videos", "num_chunks"])
+    assert out["num_chunks"] == 2 and len(calls) == 2 * 2 * 3  # chunks x steps x passes
+    videos = out["videos"]
+    assert tuple(videos.shape) == (9, 3, 32, 32) and torch.isfinite(videos).all()
+    cond_full, cond_no_control, uncond_full = calls[:3]  # the hints' tokens only in the full passes
+    assert cond_full > cond_no_control and cond_full != uncond_full
