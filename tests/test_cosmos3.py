@@ -48,3 +48,29 @@ def test_diffusers_transfer_runs_on_the_embedded_tiny_folder(cache_dir):
     assert tuple(videos.shape) == (9, 3, 32, 32) and torch.isfinite(videos).all()
     cond_full, cond_no_control, uncond_full = calls[:3]  # the hints' tokens only in the full passes
     assert cond_full > cond_no_control and cond_full != uncond_full
+
+
+def test_stages_on_separate_states_equal_the_pipeline(cache_dir):
+    """The stage boundaries (``transfer.cosmos3_stages``) are complete: text, VAE and DiT each on its own state, only
+    the listed fields passed, give diffusers' pipeline's video bit for bit (two hints, two chunks, CFG, control
+    guidance and a guidance interval)."""
+    from PIL import Image
+
+    from transfer.cosmos3_stages import run_staged
+    from transfer.embedded_checkpoint import ensure_tiny_checkpoint
+    from transfer.reference import cosmos3_reference_pipeline
+
+    pipe = cosmos3_reference_pipeline(ensure_tiny_checkpoint("cosmos3-tiny"))
+    rng = np.random.default_rng(1)
+    video = [[Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)) for _ in range(9)] for _ in range(2)]
+    torch.set_num_threads(1)
+
+    def inputs():
+        return dict(prompt='{"scene": "a box"}', negative_prompt="dark", control_videos={"edge": video[0],
+                    "seg": video[1]}, height=32, width=48, num_frames=9, num_video_frames_per_chunk=5,
+                    num_conditional_frames=1, num_inference_steps=3, guidance_scale=3.0, control_guidance=1.5,
+                    guidance_interval=(0.0, 900.0), generator=torch.Generator().manual_seed(3), output_type="pt")
+
+    reference = pipe(**inputs(), output="videos")
+    staged = run_staged(pipe, **inputs())
+    assert staged.shape == reference.shape == (9, 3, 32, 48) and torch.equal(staged, reference)

@@ -1,0 +1,93 @@
+"""Cosmos 3 transfer cut at the stage boundaries this project places on ranks, each stage running diffusers' own
+modular blocks (``Cosmos3OmniModularPipeline``'s transfer branch), so that the stages, run one after another in one
+process, give diffusers' pipeline's output by construction, and each boundary is an explicit list of the state's
+fields that cross it (what a stage process will send).
+
+    text  (coordinator): chunk geometry and hint frames (setup), prompt token ids (no text encoder), text segments
+    vae   per chunk: hint latents (ahead: they need no earlier chunk) and the seed from the previous chunk's decode
+    dit   per chunk: noise, the packed [text | hints | target] sequences, the step loop (up to 3 passes a step)
+    vae   per chunk: decode; the coordinator stitches the chunks
+
+Issue 33's first step: the boundaries are proved complete here (``run_staged`` on separate states equals the
+pipeline); the stage processes and the DiT group's split of passes come next.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Blocks of each stage, as paths in the transfer branch's execution blocks.
+TEXT_BLOCKS = ("text_encoder.setup", "text_encoder.transfer_text", "denoise.prepare_text_segments")
+ENCODE_BLOCKS = ("denoise.chunk_denoise.encode_transfer_chunk",)
+DIT_BLOCKS = ("denoise.chunk_denoise.prepare_transfer_latents", "denoise.chunk_denoise.pack_transfer_sequence",
+              "denoise.chunk_denoise.set_timesteps", "denoise.chunk_denoise.denoise")
+DECODE_BLOCKS = ("denoise.chunk_denoise.decode_chunk",)
+STITCH_BLOCKS = ("decode",)
+
+#: The fields that cross each boundary (everything else a stage reads is the request's own settings, which every
+#: rank holds).
+TEXT_TO_VAE = ("height", "width", "control_frames", "total_frames", "chunk_frames", "num_chunks", "stride")
+TEXT_TO_DIT = ("cond_text_segment", "uncond_text_segment", "num_chunks")
+VAE_TO_DIT = ("control_latents", "x0_tokens_vision", "current_conditional_frames")
+DIT_TO_VAE = ("latents",)
+VAE_TO_STITCH = ("output_chunks", "total_frames")
+
+
+def execution_blocks(pipe, control_videos: dict):
+    """The transfer branch's blocks (diffusers picks it when ``control_videos`` is given)."""
+    return pipe.blocks.get_execution_blocks(control_videos=control_videos)
+
+
+def block_at(blocks, path: str):
+    """A block of the execution blocks, which diffusers names by its path (``denoise.chunk_denoise.denoise``)."""
+    return blocks.sub_blocks[path]
+
+
+def initial_state(blocks, inputs: dict):
+    """A state holding the request's inputs and every other input's default, as ``ModularPipeline.__call__`` makes."""
+    from diffusers.modular_pipelines import PipelineState
+
+    state = PipelineState()
+    for param in blocks.inputs:
+        if param.name is None:
+            continue
+        state.set(param.name, inputs[param.name] if param.name in inputs else param.default, param.kwargs_type)
+    return state
+
+
+def run_blocks(pipe, blocks, paths, state):
+    for path in paths:
+        _, state = block_at(blocks, path)(pipe, state)
+    return state
+
+
+def copy_fields(source, target, names) -> None:
+    """What a boundary carries: ``names`` from one stage's state into another's."""
+    for name in names:
+        target.set(name, source.get(name))
+
+
+@torch.no_grad()
+def run_staged(pipe, **inputs):
+    """Cosmos 3 transfer with each stage on its own state, only the boundary fields passed between them; returns the
+    stitched video as the pipeline's ``output_type`` gives it."""
+    blocks = execution_blocks(pipe, inputs["control_videos"])
+    text, vae, dit = (initial_state(blocks, inputs) for _ in range(3))
+    text = run_blocks(pipe, blocks, TEXT_BLOCKS, text)
+    copy_fields(text, vae, TEXT_TO_VAE)
+    copy_fields(text, dit, TEXT_TO_DIT)
+    vae.set("output_chunks", [])
+    vae.set("previous_output", None)
+    for chunk in range(text.get("num_chunks")):
+        if chunk > 0:
+            pipe.transformer._reset_stateful_cache()
+        vae.set("chunk_id", chunk)
+        dit.set("chunk_id", chunk)
+        vae = run_blocks(pipe, blocks, ENCODE_BLOCKS, vae)
+        copy_fields(vae, dit, VAE_TO_DIT)
+        dit = run_blocks(pipe, blocks, DIT_BLOCKS, dit)
+        copy_fields(dit, vae, DIT_TO_VAE)
+        vae = run_blocks(pipe, blocks, DECODE_BLOCKS, vae)
+    stitch = initial_state(blocks, inputs)
+    copy_fields(vae, stitch, VAE_TO_STITCH)
+    return run_blocks(pipe, blocks, STITCH_BLOCKS, stitch).get("videos")
