@@ -8,11 +8,14 @@ fields that cross it (what a stage process will send).
     dit   per chunk: noise, the packed [text | hints | target] sequences, the step loop (up to 3 passes a step)
     vae   per chunk: decode; the coordinator stitches the chunks
 
-Issue 33's first step: the boundaries are proved complete here (``run_staged`` on separate states equals the
-pipeline); the stage processes and the DiT group's split of passes come next.
+Issue 33's first step: the boundaries are proved complete and message-able here (``run_staged`` on separate
+states, each field packed as a message would carry it, equals the pipeline); the stage processes and the DiT group's
+split of passes come next.
 """
 
 from __future__ import annotations
+
+import json
 
 import torch
 
@@ -61,10 +64,47 @@ def run_blocks(pipe, blocks, paths, state):
     return state
 
 
+def pack_fields(state, names) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``names`` from a stage's state as a message: their structure (dicts, lists, ints, floats, strings) as JSON-able
+    meta, their tensors named by path (``control_frames.edge``, ``control_latents.0``)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def pack(value, path: str) -> dict:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value
+            return {"tensor": path}
+        if isinstance(value, dict):
+            return {"dict": {str(k): pack(v, f"{path}.{k}") for k, v in value.items()}}
+        if isinstance(value, (list, tuple)):
+            return {"list": [pack(v, f"{path}.{i}") for i, v in enumerate(value)]}
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            raise TypeError(f"state field {path}: {type(value).__name__} cannot cross a stage boundary")
+        return {"value": value}
+
+    return {name: pack(state.get(name), name) for name in names}, tensors
+
+
+def unpack_fields(meta: dict, tensors: dict[str, torch.Tensor], state) -> None:
+    """The fields of ``pack_fields``' message into a stage's state."""
+
+    def unpack(node: dict):
+        if "tensor" in node:
+            return tensors[node["tensor"]]
+        if "dict" in node:
+            return {k: unpack(v) for k, v in node["dict"].items()}
+        if "list" in node:
+            return [unpack(v) for v in node["list"]]
+        return node["value"]
+
+    for name, node in meta.items():
+        state.set(name, unpack(node))
+
+
 def copy_fields(source, target, names) -> None:
-    """What a boundary carries: ``names`` from one stage's state into another's."""
-    for name in names:
-        target.set(name, source.get(name))
+    """What a boundary carries: ``names`` from one stage's state into another's, as a message would (meta through
+    JSON, tensors copied)."""
+    meta, tensors = pack_fields(source, names)
+    unpack_fields(json.loads(json.dumps(meta)), {k: t.clone() for k, t in tensors.items()}, target)
 
 
 @torch.no_grad()
