@@ -74,3 +74,15 @@ def test_stages_on_separate_states_equal_the_pipeline(cache_dir):
     reference = pipe(**inputs(), output="videos")
     staged = run_staged(pipe, **inputs())
     assert staged.shape == reference.shape == (9, 3, 32, 48) and torch.equal(staged, reference)
+
+
+def test_a_cosmos3_folder_given_to_transfer_py_is_one_line(cache_dir):
+    """Until transfer.py runs Cosmos 3, its folder is recognised and refused by name, not by a missing part."""
+    import pytest
+
+    from transfer.checkpoint import inspect_checkpoint
+    from transfer.embedded_checkpoint import ensure_tiny_checkpoint
+    from transfer.errors import TransferError
+
+    with pytest.raises(TransferError, match="is a Cosmos 3 checkpoint .*Cosmos3OmniTransformer"):
+        inspect_checkpoint(ensure_tiny_checkpoint("cosmos3-tiny"))

@@ -115,6 +115,10 @@ def inspect_checkpoint(root: str | Path) -> CheckpointInfo:
     root = Path(root)
     if not root.is_dir():
         raise TransferError(f"checkpoint directory not found: {root}")
+    transformer = _read_config(root, "transformer")
+    if transformer.get("_class_name") == "Cosmos3OmniTransformer":
+        raise TransferError(f"checkpoint {root} is a Cosmos 3 checkpoint (transformer/ holds Cosmos3OmniTransformer): "
+                            "this version runs Cosmos-Transfer2.5 / transfer1 checkpoints only")
     configs = {}
     for component, cls in COMPONENT_CLASSES.items():
         filename = "scheduler_config.json" if component == "scheduler" else "config.json"
