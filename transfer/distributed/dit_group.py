@@ -133,9 +133,8 @@ class DiTRole(Role):
             if r != self.rank:
                 self.transport.send(r, "shard_chunk", chunk, tensors)
         latents = self.run_chunk(chunk, tensors, "denoise")
-        self.transport.send(self.placement.vae.leader, "decode", {"j": j, "k": k,
-                                                           "reencode": schedule.waits_for_reencode(k + 1)},
-                            {"latents": latents})
+        decode = {"j": j, "k": k, "reencode": schedule.waits_for_reencode(k + 1)}
+        self.transport.send(self.placement.vae.leader, "decode", decode, {"latents": latents})
         if schedule.keeps_latents(k):
             plan["previous"] = latents  # chunk k + 1 starts now; the VAE decodes chunk k beside it
         plan["next"] += 1
