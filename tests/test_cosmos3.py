@@ -86,3 +86,30 @@ def test_a_cosmos3_folder_given_to_transfer_py_is_one_line(cache_dir):
 
     with pytest.raises(TransferError, match="is a Cosmos 3 checkpoint .*Cosmos3OmniTransformer"):
         inspect_checkpoint(ensure_tiny_checkpoint("cosmos3-tiny"))
+
+
+def test_cosmos3_folder_is_recognised_and_checked(cache_dir, tmp_path):
+    """``inspect_cosmos3``: the embedded folder passes; a broken copy fails naming the part."""
+    import json
+    import shutil
+
+    import pytest
+
+    from transfer.cosmos3_checkpoint import inspect_cosmos3, is_cosmos3
+    from transfer.embedded_checkpoint import ensure_tiny_checkpoint
+    from transfer.errors import TransferError
+
+    ckpt = ensure_tiny_checkpoint("cosmos3-tiny")
+    info = inspect_cosmos3(ckpt)
+    assert is_cosmos3(ckpt) and not is_cosmos3(ensure_tiny_checkpoint("tiny"))
+    assert info.transformer["num_hidden_layers"] == 2 and info.vae["z_dim"] == 48
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    vae = json.loads((bad / "vae" / "config.json").read_text())
+    (bad / "vae" / "config.json").write_text(json.dumps({**vae, "z_dim": 16}))
+    with pytest.raises(TransferError, match="vae/ z_dim 16 does not fit transformer/ latent_channel 48"):
+        inspect_cosmos3(bad)
+    shutil.rmtree(bad / "text_tokenizer")
+    (bad / "vae" / "config.json").write_text(json.dumps(vae))
+    with pytest.raises(TransferError, match="missing the text_tokenizer/ component"):
+        inspect_cosmos3(bad)

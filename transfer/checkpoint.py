@@ -40,6 +40,8 @@ COMPONENT_CLASSES = {
     "scheduler": "UniPCMultistepScheduler",
 }
 CONTROLNET_CLASS = "CosmosControlNetModel"
+#: A Cosmos 3 folder's transformer (``transfer.cosmos3_checkpoint`` reads those folders).
+COSMOS3_TRANSFORMER = "Cosmos3OmniTransformer"
 
 
 @dataclass
@@ -116,8 +118,8 @@ def inspect_checkpoint(root: str | Path) -> CheckpointInfo:
     if not root.is_dir():
         raise TransferError(f"checkpoint directory not found: {root}")
     transformer = _read_config(root, "transformer")
-    if transformer.get("_class_name") == "Cosmos3OmniTransformer":
-        raise TransferError(f"checkpoint {root} is a Cosmos 3 checkpoint (transformer/ holds Cosmos3OmniTransformer): "
+    if transformer.get("_class_name") == COSMOS3_TRANSFORMER:
+        raise TransferError(f"checkpoint {root} is a Cosmos 3 checkpoint (transformer/ holds {COSMOS3_TRANSFORMER}): "
                             "this version runs Cosmos-Transfer2.5 / transfer1 checkpoints only")
     configs = {}
     for component, cls in COMPONENT_CLASSES.items():
