@@ -155,10 +155,6 @@ class ChunkSchedule:
         """Whether chunk ``k``'s latents condition chunk ``k + 1`` (``latent`` with overlap)."""
         return self.settings.reuses_latents and not self.is_last(k)
 
-    def reencode(self, vae, previous: torch.Tensor) -> torch.Tensor:
-        """``roundtrip``: the next chunk's condition latents from this decoded chunk ``[1, 3, F, H, W]``."""
-        return roundtrip_condition(vae, previous, self.settings.num_conditional_frames)
-
     def condition(self, k: int, previous_latents: torch.Tensor | None = None,
                   reencoded: torch.Tensor | None = None) -> torch.Tensor | None:
         """Chunk ``k``'s condition latents: none for the first chunk or without overlap; else chunk ``k - 1``'s own

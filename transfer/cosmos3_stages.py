@@ -30,7 +30,7 @@ STITCH_BLOCKS = ("decode",)
 #: The fields that cross each boundary (everything else a stage reads is the request's own settings, which every
 #: rank holds).
 TEXT_TO_VAE = ("height", "width", "control_frames", "total_frames", "chunk_frames", "num_chunks", "stride")
-TEXT_TO_DIT = ("cond_text_segment", "uncond_text_segment", "num_chunks")
+TEXT_TO_DIT = ("cond_text_segment", "uncond_text_segment")
 VAE_TO_DIT = ("control_latents", "x0_tokens_vision", "current_conditional_frames")
 DIT_TO_VAE = ("latents",)
 VAE_TO_STITCH = ("output_chunks", "total_frames")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from transfer.chunks import ChunkSchedule, GenerationResult, NoiseSource, SeededNoise, to_uint8_frames
+from transfer.chunks import (ChunkSchedule, GenerationResult, NoiseSource, SeededNoise, roundtrip_condition,
+                             to_uint8_frames)
 from transfer.config import GenerationSettings
 from transfer.errors import check_stop
 from transfer.prepare import ModelLimits, PreparedRequest
@@ -33,9 +34,6 @@ class TransferPipeline:
         def control_latents(k):
             return schedule.control_latents(self.vae, prepared.controls, k, self.dit.dtype)
 
-        def decode(latents):
-            return self.vae.decode(latents)
-
         batched = schedule.vae_work_batched  # every VAE encode before the chunk loop, every decode after it
         encoded = [control_latents(k) for k in chunks] if batched else None
         decoded: list[torch.Tensor] = []  # float [1, 3, F, H, W] per chunk (roundtrip: the next condition's source)
@@ -44,7 +42,9 @@ class TransferPipeline:
         with tqdm(total=len(schedule) * s.num_steps, desc=req.name, unit="step", disable=not progress,
                   leave=False) as bar:
             for k in chunks:
-                reencoded = schedule.reencode(self.vae, decoded[-1]) if schedule.waits_for_reencode(k) else None
+                reencoded = None
+                if schedule.waits_for_reencode(k):  # the same function the VAE rank calls after a decode
+                    reencoded = roundtrip_condition(self.vae, decoded[-1], s.num_conditional_frames)
                 cond = schedule.condition(k, latents_out[-1] if latents_out else None, reencoded)
                 latents = self.dit.denoise(
                     noise(k, shape), cond, schedule.num_cond(k), encoded[k] if batched else control_latents(k),
@@ -52,8 +52,8 @@ class TransferPipeline:
                     (schedule.height, schedule.width), on_step=lambda _: (bar.update(), check_stop()),
                 )
                 if not batched:
-                    decoded.append(decode(latents))
+                    decoded.append(self.vae.decode(latents))
                 latents_out.append(latents.cpu())
         if batched:
-            decoded = [decode(latents) for latents in latents_out]
+            decoded = [self.vae.decode(latents) for latents in latents_out]
         return schedule.result([torch.from_numpy(to_uint8_frames(video)) for video in decoded], latents_out)
