@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -55,6 +56,8 @@ from transfer.video_io import freeze_heap
 #: Gloo's timeout for one blocking operation. Stages legitimately wait minutes for the DiT;
 #: failures are detected by broken connections and abort messages, not by this.
 GROUP_TIMEOUT = datetime.timedelta(hours=6)
+#: How long a rank that refused a request waits for rank 0 to have printed why, before it leaves (``_refuse``).
+REFUSAL_WAIT = datetime.timedelta(seconds=60)
 #: GPUs at least this large (GB) may hold the text encoder or the VAE beside a DiT shard in the presets (Transfer2.5-2B
 #: with Reason1-7B: 16.6 GB of text encoder + 9.5 GB of DiT and ControlNets + activations, ``--plan``).
 SHARE_STAGES_GB = 64
@@ -264,6 +267,32 @@ def _exit(code: int, message: str | None = None) -> None:
     os._exit(code)
 
 
+def _refuse(rank: int, world: int, message: str) -> None:
+    """Every rank refused the same request before any work. Torchrun ends the other ranks with SIGTERM as soon as one
+    exits, so each rank first meets the others in the store (``REFUSAL_WAIT`` at most, then leaves anyway), rank 0
+    prints the line, and only then does any rank leave, each with the line in its error file (torchrun's summary)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # leaving anyway, with this line: not "stopped by SIGTERM"
+    store = dist.distributed_c10d._get_default_store()
+    deadline = time.monotonic() + REFUSAL_WAIT.total_seconds()
+    try:
+        store.add("refused", 1)
+        if rank == 0:
+            while store.add("refused", 0) < world and time.monotonic() < deadline:
+                time.sleep(0.02)
+        else:
+            store.wait(["printed"], REFUSAL_WAIT)
+    except Exception:  # the store gone with a rank that left: leave too
+        pass
+    if rank == 0:
+        print(message, file=sys.stderr)
+        sys.stderr.flush()
+        try:
+            store.set("printed", "1")
+        except Exception:
+            pass
+    _exit(2, message)
+
+
 def make_transport(rank: int, world: int, cuda: bool, placement: Placement) -> Transport:
     """Gloo world group for metadata; per-direction groups between the ranks that exchange tensors, for device
     tensors (NCCL) -- or, with ``TRANSFER_TRANSPORT=pairs`` on CPU, for every tensor over gloo (the same path,
@@ -314,9 +343,7 @@ def _run_distributed(config: RunConfig) -> None:
                                 "with diffusers' context-parallel hooks): use --compile none, or --placement / "
                                 "--context_parallel_size 1 for groups without sequence parallelism")
     except TransferError as e:  # every rank validates the same inputs and fails the same way
-        if rank == 0:
-            print(f"transfer.py: error: {e}", file=sys.stderr)
-        _exit(2, f"transfer.py: error: {e}")
+        _refuse(rank, world, f"transfer.py: error: {e}")
     if rank == 0:
         logger.info(f"placement: {choice.why}")
         logger.info(f"placement: {placement.describe()}")
