@@ -266,6 +266,13 @@ PRESETS = {"demo": demo, "tiny": tiny, "tiny-4head": tiny_4head, "tiny-reason": 
            "transfer2.5-2b-t5-11b": transfer25_2b_t5, "transfer2.5-2b-small": transfer25_2b_small}
 
 
+def checkpoint_presets() -> tuple[str, ...]:
+    """Every ``--checkpoint_preset``: Transfer2.5's (``PRESETS``) and Cosmos 3's (``configs.cosmos3``)."""
+    from configs.cosmos3 import COSMOS3_PRESETS
+
+    return tuple(sorted({*PRESETS, *COSMOS3_PRESETS}))
+
+
 def preset(name: str) -> CheckpointConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown checkpoint preset {name!r}; known: {', '.join(PRESETS)}")

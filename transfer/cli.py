@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from configs.models import PRESETS
+from configs.models import PRESETS, checkpoint_presets
 from transfer.config import (CHECKPOINT_DEFAULT_FLAGS, FORM_DEFAULTS, CheckpointChoice, GenerationSettings, GuardConfig,
                              InputConfig, OutputConfig, ParallelConfig, PlanConfig, PreprocessorOptions, RunConfig,
                              RuntimeConfig, StepCacheConfig)
@@ -41,7 +41,8 @@ def checkpoint_defaults(args, error) -> dict:
     if args.checkpoint_dir:
         root = Path(args.checkpoint_dir)
     else:  # random weights come from configs: no shipped folder, no defaults
-        root = None if getattr(args, "random_weights", False) else preset(args.checkpoint_preset).shipped
+        random = getattr(args, "random_weights", False) or args.checkpoint_preset not in PRESETS  # Cosmos 3's: none
+        root = None if random else preset(args.checkpoint_preset).shipped
     path = root / "transfer_defaults.json" if root is not None else None
     if path is None or not path.is_file():
         return {}
@@ -79,9 +80,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None, descripti
     if plan_only and not args.plan:
         error(f"{'/'.join(plan_only)} {'acts' if len(plan_only) == 1 else 'act'} only with --plan (the generation size "
               "comes from the input video, or --resolution in the -i form)")
-    if args.checkpoint_preset not in PRESETS:
+    if args.checkpoint_preset not in checkpoint_presets():
         error(f"$TRANSFER_CHECKPOINT_PRESET={args.checkpoint_preset!r} is not a checkpoint preset "
-              f"({', '.join(sorted(PRESETS))})")
+              f"({', '.join(checkpoint_presets())})")
     args.checkpoint_defaults = checkpoint_defaults(args, error)
     for dest, value in args.checkpoint_defaults.items():
         setattr(args, dest, value)

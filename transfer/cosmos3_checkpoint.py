@@ -17,14 +17,67 @@ COMPONENTS = {"transformer": COSMOS3_TRANSFORMER, "vae": "AutoencoderKLWan",
 SPECIAL_TOKENS = ("<|vision_start|>", "<|im_start|>", "<|im_end|>")
 
 
+#: This fork's control names -> Cosmos 3's hints (``vis`` is the blurred input video: Cosmos 3's ``blur``).
+HINT_OF = {"vis": "blur", "edge": "edge", "depth": "depth", "seg": "seg", "wsm": "wsm"}
+#: The largest side Cosmos 3 generates here, in pixels (its mRoPE has no fixed table; 4K is far past what it saw).
+MAX_SIDE_PX = 4096
+
+
 @dataclass
 class Cosmos3Info:
-    """Validated configs of a Cosmos 3 folder (no weights loaded)."""
+    """Validated configs of a Cosmos 3 folder (no weights loaded); ``root`` None: a preset's configs
+    (``--random_weights``, ``--plan``)."""
 
-    root: Path
+    root: Path | None
     transformer: dict
     vae: dict
     scheduler: dict
+    family = "cosmos3"
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(HINT_OF)
+
+    def limits(self):
+        """What the Wan2.2 VAE takes: 1 + 4k frames, sides in multiples of 16 (the patch-2 token grid is padded inside
+        the transformer)."""
+        from transfer.prepare import ModelLimits
+
+        unit = self.vae.get("scale_factor_spatial", 16)
+        return ModelLimits(temporal_factor=self.vae.get("scale_factor_temporal", 4), spatial_factor=unit,
+                           patch_size=(1, 1, 1), max_rope_positions=MAX_SIDE_PX // unit)
+
+    def check_request(self, request, settings) -> None:
+        """Refuse in one line what Cosmos 3 cannot do with a request: a control it has no hint for, a control weight
+        (it has none: ``control_guidance`` scales every hint), latent chunk conditioning."""
+        where = f"{request.source} ({request.name})" if request.source else request.name
+        for modality, control in request.controls.items():
+            if modality not in HINT_OF:
+                raise TransferError(f"{where}: control {modality!r}: Cosmos 3 has no such hint (hints: edge, blur or vis, "
+                                    "depth, seg, wsm)")
+            if control.spatial or control.weight != 1.0:
+                raise TransferError(f"{where}: control {modality!r}: Cosmos 3 has no per-hint weight, mask or weight "
+                                    "map (control_weight 1 only; control_guidance scales every hint)")
+        if settings.chunk_conditioning != "roundtrip":
+            raise TransferError(f"{where}: Cosmos 3 seeds each chunk from the previous chunk's decoded frames: "
+                                "--chunk_conditioning roundtrip only")
+
+
+def transfer25_check(request) -> None:
+    """A Transfer2.5 checkpoint given a request with Cosmos 3's own fields or hints: one line."""
+    where = f"{request.source} ({request.name})" if request.source else request.name
+    own = [*request.cosmos3, *(["wsm"] if "wsm" in request.controls else [])]
+    if own:
+        raise TransferError(f"{where}: {own[0]!r} is Cosmos 3's: this checkpoint is Transfer2.5 (give a Cosmos 3 "
+                            "checkpoint, e.g. --checkpoint_preset cosmos3-tiny)")
+
+
+def cosmos3_preset_info(name: str) -> Cosmos3Info:
+    """A Cosmos 3 preset's configs (no folder): ``--random_weights`` and ``--plan``."""
+    from configs.cosmos3 import COSMOS3_PRESETS
+
+    cfg = COSMOS3_PRESETS[name]()
+    return Cosmos3Info(None, dict(cfg.transformer), dict(cfg.vae), dict(cfg.scheduler))
 
 
 def is_cosmos3(root: str | Path) -> bool:
@@ -66,3 +119,18 @@ def inspect_cosmos3(root: str | Path) -> Cosmos3Info:
         raise TransferError(f"inconsistent checkpoint: text_tokenizer/ has {len(tokenizer)} tokens, transformer/ "
                             f"embeds {t.get('vocab_size', 151936)}")
     return Cosmos3Info(root, t, vae, configs["scheduler"])
+
+
+def model_info(choice):
+    """The run's checkpoint configs, either family: a Cosmos 3 folder or preset gives ``Cosmos3Info``, anything else
+    ``transfer.checkpoint.checkpoint_info``'s Transfer2.5 ``CheckpointInfo``."""
+    from configs.cosmos3 import COSMOS3_PRESETS
+    from transfer.checkpoint import checkpoint_info, resolve_checkpoint
+
+    if choice.random_weights and not choice.dir and choice.preset in COSMOS3_PRESETS:
+        return cosmos3_preset_info(choice.preset)
+    if not choice.random_weights:
+        root = resolve_checkpoint(choice)
+        if is_cosmos3(root):
+            return inspect_cosmos3(root)
+    return checkpoint_info(choice)

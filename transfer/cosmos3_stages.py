@@ -37,8 +37,13 @@ VAE_TO_STITCH = ("output_chunks", "total_frames")
 
 
 def execution_blocks(pipe, control_videos: dict):
-    """The transfer branch's blocks (diffusers picks it when ``control_videos`` is given)."""
-    return pipe.blocks.get_execution_blocks(control_videos=control_videos)
+    """The transfer branch's blocks (diffusers picks it when ``control_videos`` is given), their step bars off (the
+    callers show their own)."""
+    blocks = pipe.blocks.get_execution_blocks(control_videos=control_videos)
+    for block in blocks.sub_blocks.values():
+        if hasattr(block, "set_progress_bar_config"):
+            block.set_progress_bar_config(disable=True)
+    return blocks
 
 
 def block_at(blocks, path: str):

@@ -8,7 +8,7 @@ import argparse
 import os
 
 from configs.controls import MODALITIES
-from configs.models import PRESETS
+from configs.models import checkpoint_presets
 from transfer.config import DEFAULT_SEED, FORM_DEFAULTS, STEP_CACHE_METHODS, GenerationSettings
 
 #: ``--dtype`` (``transfer.device.dtype_for``).
@@ -101,12 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "weights, directly on each rank's device in the run dtype, and run the whole pipeline: real-size "
                        "time and memory without a download; outputs are marked as made with random weights")
     model.add_argument("--checkpoint_preset", default=os.environ.get("TRANSFER_CHECKPOINT_PRESET", DEFAULT_PRESET),
-                       choices=sorted(PRESETS),
+                       choices=checkpoint_presets(),
                        help="the checkpoint without --checkpoint_dir (default: demo, or $TRANSFER_CHECKPOINT_PRESET): "
                        "demo = the shipped trained demo model (edge control, 64 x 64 shapes world); tiny, tiny-4head, "
                        "tiny-reason = random weights built on first use (every control; noise-like output); "
                        "transfer2.5-2b and transfer2.5-2b-t5-11b are real-size configs without weights, for --plan and "
-                       "--random_weights")
+                       "--random_weights; cosmos3-tiny = a random-weight Cosmos 3 (every hint), cosmos3-nano = Cosmos3-Nano's "
+                       "configs (docs/cosmos3.md)")
 
     gen = p.add_argument_group("generation")
     t25d, g = FORM_DEFAULTS["transfer2.5"], GenerationSettings

@@ -15,7 +15,8 @@ from loguru import logger
 
 from guardrails import check_guard_config
 from transfer.acceleration import check_acceleration
-from transfer.checkpoint import checkpoint_info, require_modalities
+from transfer.checkpoint import require_modalities
+from transfer.cosmos3_checkpoint import Cosmos3Info, model_info, transfer25_check
 from transfer.config import GenerationSettings, RunConfig, RuntimeConfig
 from transfer.errors import TransferError
 from transfer.manifest import Manifest
@@ -179,10 +180,12 @@ def plan_job(config: RunConfig) -> Job:
     check_output_folder(out.folder)
     bad_lines: list[dict] = []
     requests = requests_from(inputs, config.generation.chunk_conditioning, bad_lines)
-    info = checkpoint_info(config.checkpoint)
+    info = model_info(config.checkpoint)
+    cosmos3 = isinstance(info, Cosmos3Info)
     if inputs.max_frames < 1 or inputs.max_resolution < 16:
         raise TransferError("--max_frames must be at least 1 and --max_resolution at least 16")
-    limits = replace(ModelLimits.from_info(info), max_frames=inputs.max_frames, max_side=inputs.max_resolution)
+    limits = replace(info.limits() if cosmos3 else ModelLimits.from_info(info), max_frames=inputs.max_frames,
+                     max_side=inputs.max_resolution)
     settings = config.generation
     limits.check_settings(settings)
     check_guard_config(config.guard)
@@ -190,7 +193,11 @@ def plan_job(config: RunConfig) -> Job:
     usable, sizes = [], set()
     for request in requests:
         try:
-            require_modalities(info, request.controls, request.source)
+            if cosmos3:
+                info.check_request(request, request.settings or settings)
+            else:
+                transfer25_check(request)
+                require_modalities(info, request.controls, request.source)
             sizes.add(preflight(request, limits))
             if request.settings is None:
                 request.settings = settings

@@ -112,6 +112,8 @@ def request_settings(request, controls, shared: dict) -> dict:
              "input_video": video, "controls": spec, **shared}
     if request.settings is not None:  # a Transfer2.5 sample's own steps, guidance and chunking
         entry["generation"] = asdict(request.settings)
+    if request.cosmos3:
+        entry["cosmos3"] = dict(request.cosmos3)
     if request.form == "transfer2.5":
         entry["transfer2.5"] = {k: request.record.get(k) for k in ("resolution", "keep_input_resolution", "max_frames",
                                                                    "show_input", "show_control_condition")}

@@ -82,25 +82,12 @@ def reference_pipeline(ckpt: Path, modality: str, device: str = "cpu", dtype=tor
 
 
 def cosmos3_reference_pipeline(ckpt: Path, device: str = "cpu", dtype=torch.float32):
-    """diffusers' ``Cosmos3OmniModularPipeline`` (transfer when given ``control_videos``) built from a Cosmos 3 folder
-    (``configs.cosmos3``'s layout) with diffusers' and transformers' own loaders; its safety checker off (guard
-    with ``--guardrail`` on our side)."""
-    from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer, UniPCMultistepScheduler
-    from diffusers.modular_pipelines import Cosmos3OmniBlocks
-    from diffusers.video_processor import VideoProcessor
-    from transformers import AutoTokenizer
+    """diffusers' ``Cosmos3OmniModularPipeline`` from a Cosmos 3 folder, with diffusers' and transformers' own loaders
+    (``transfer.cosmos3_pipeline.load_cosmos3_pipeline``: the product loads it the same way, then runs its blocks
+    stage by stage)."""
+    from transfer.cosmos3_pipeline import load_cosmos3_pipeline
 
-    ckpt = Path(ckpt)
-    vae = AutoencoderKLWan.from_pretrained(ckpt / "vae", torch_dtype=dtype)
-    pipe = Cosmos3OmniBlocks().init_pipeline()
-    pipe.update_components(
-        transformer=Cosmos3OmniTransformer.from_pretrained(ckpt / "transformer", torch_dtype=dtype).to(device).eval(),
-        vae=vae.to(device).eval(), scheduler=UniPCMultistepScheduler.from_pretrained(ckpt / "scheduler"),
-        text_tokenizer=AutoTokenizer.from_pretrained(ckpt / "text_tokenizer"),
-        video_processor=VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial, resample="bilinear"),
-    )
-    pipe.disable_safety_checker()
-    return pipe
+    return load_cosmos3_pipeline(ckpt, device, dtype)
 
 
 @contextmanager

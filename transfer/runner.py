@@ -9,6 +9,7 @@ from pathlib import Path
 from loguru import logger
 
 from transfer.config import RunConfig
+from transfer.cosmos3_checkpoint import Cosmos3Info
 from transfer.errors import Terminated, check_stop
 from transfer.device import default_device, dtype_for, pin_cpu_threads
 from transfer.job import plan_job
@@ -87,11 +88,20 @@ def generate_all(job, requests: RequestLoop, gate) -> None:
         gate.release(j, ready.request, result)  # async: checked and written while the next request generates
 
 
-def load_pipeline(job, modalities: list[str]) -> TransferPipeline:
+def load_pipeline(job, modalities: list[str]):
+    """The single process's pipeline for the job's model family: ``TransferPipeline`` (Transfer2.5) or
+    ``Cosmos3Pipeline``."""
     device = default_device()
     dtype = dtype_for(device, job.runtime.dtype)
     where = job.info.root or "random weights (--random_weights)"
     logger.info(f"checkpoint {where} on {device} ({dtype}), controls: {', '.join(modalities)}")
+    if isinstance(job.info, Cosmos3Info):
+        from transfer.cosmos3_pipeline import Cosmos3Pipeline, load_cosmos3_pipeline, random_cosmos3_pipeline
+
+        pipe = (load_cosmos3_pipeline(job.info.root, device, dtype) if job.info.root is not None
+                else random_cosmos3_pipeline(job.info, device, dtype))
+        freeze_heap()
+        return Cosmos3Pipeline(pipe, job.settings, job.config.output.fps)
     stages, job.residency = load_stages(job.info, ["text", "vae", "dit"], modalities, device, dtype, job.runtime)
     freeze_heap()
     return TransferPipeline(stages["text"], stages["vae"], stages["dit"], job.limits, job.settings)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from configs.controls import BY_NAME, MODALITIES, SPEC_EXTRAS, UPSTREAM_CONTROLS
+from configs.controls import BY_NAME, SPEC_EXTRAS, UPSTREAM_CONTROLS
 from transfer.config import FORM_DEFAULTS, GenerationSettings
 from transfer.errors import TransferError
 from transfer.specs import (
-    DEFAULT_NEGATIVE_PROMPT, T1_ONLY, T25_ONLY, ControlSpec, Request, _load_json, _weight, check_name,
-    parse_json, spec_form,
+    COSMOS3_FIELDS, DEFAULT_NEGATIVE_PROMPT, REQUEST_CONTROLS, T1_ONLY, T25_ONLY, ControlSpec, Request, _load_json,
+    _weight, check_name, cosmos3_fields, given_only, hint_keys, parse_json, spec_form,
 )
 
 #: Upstream's per-sample defaults (``cosmos_transfer2/config.py``): the form's own (``transfer.config.FORM_DEFAULTS``)
@@ -71,6 +71,7 @@ def parse_sample(obj: dict, *, where: str, base_dir: Path, flags: dict, chunk_co
     if not isinstance(obj, dict):
         raise TransferError(f"{where}: a sample must be a JSON object, got {type(obj).__name__}")
     spec_form(obj, where)  # refuses a sample mixing in cosmos-transfer1 keys, naming the key
+    obj = hint_keys(obj, where)
     name = obj.get("name")
     if name is None:
         raise TransferError(f"{where}: the sample has no 'name' (required: it names the output files)")
@@ -81,10 +82,10 @@ def parse_sample(obj: dict, *, where: str, base_dir: Path, flags: dict, chunk_co
             raise TransferError(f"{where}: name {name!r} is used by an earlier sample (names must be unique)")
         names.add(name)
     for key in obj:
-        if key not in SAMPLE_FIELDS and key not in MODALITIES:
+        if key not in SAMPLE_FIELDS and key not in REQUEST_CONTROLS and key not in COSMOS3_FIELDS:
             hint = " (a cosmos-transfer1 key)" if key in T1_ONLY else ""
             raise TransferError(f"{where}: unknown key {key!r}{hint} (fields: {', '.join(SAMPLE_FIELDS)}; controls: "
-                                f"{', '.join(UPSTREAM_CONTROLS)})")
+                                f"{', '.join(UPSTREAM_CONTROLS)}; Cosmos 3: blur, wsm, {', '.join(COSMOS3_FIELDS)})")
     values = {**DEFAULTS, **(defaults or {}), **{k: v for k, v in obj.items() if v is not None}, **flags}
 
     for key, what in (("sigma_max", "partial denoising from the input video (SDEdit)"),
@@ -124,7 +125,7 @@ def parse_sample(obj: dict, *, where: str, base_dir: Path, flags: dict, chunk_co
                  if _bool(values.get(flag, False), where, flag))
 
     controls = {}
-    for key in MODALITIES:
+    for key in REQUEST_CONTROLS:
         block = obj.get(key)
         if block is None:
             continue
@@ -132,9 +133,9 @@ def parse_sample(obj: dict, *, where: str, base_dir: Path, flags: dict, chunk_co
             raise TransferError(f"{where}: control {key!r} must be an object with control_path / control_weight")
         for field in block:
             if field not in CONTROL_FIELDS and SPEC_EXTRAS.get(field) != key:
-                known = [*CONTROL_FIELDS, *BY_NAME[key].spec_extras]
+                known = [*CONTROL_FIELDS, *(BY_NAME[key].spec_extras if key in BY_NAME else ())]
                 raise TransferError(f"{where}: control {key!r}: unknown key {field!r} (known: {', '.join(known)})")
-        preset, extra = None, BY_NAME[key].preset_extra
+        preset, extra = None, BY_NAME[key].preset_extra if key in BY_NAME else None
         if extra in block:  # checked against the preprocessor's own presets
             preset, presets = block[extra], importlib.import_module(BY_NAME[key].preprocessor).PRESETS
             if preset not in presets:
@@ -157,12 +158,14 @@ def parse_sample(obj: dict, *, where: str, base_dir: Path, flags: dict, chunk_co
     if not controls:
         raise TransferError(f"{where}: the sample names no control (one of {', '.join(UPSTREAM_CONTROLS)})")
     missing = [m for m, c in controls.items() if c.input_control is None]
+    given_only(controls, where, "control_path")
     if video is None and missing:
         raise TransferError(f"{where}: control {missing[0]!r} has no control_path and there is no video_path to compute it from")
     needs_video = [m for m, c in controls.items() if c.mask_prompt is not None]
     if video is None and needs_video:
         raise TransferError(f"{where}: control {needs_video[0]!r} has a mask_prompt but there is no video_path to segment")
 
+    cosmos3 = cosmos3_fields(obj, where)
     record = {"name": name, "prompt": prompt, "negative_prompt": negative, "seed": seed, "guidance": guidance,
               "num_steps": settings.num_steps, "num_video_frames_per_chunk": settings.num_frames_per_chunk,
               "num_conditional_frames": settings.num_conditional_frames, "resolution": resolution,
@@ -179,7 +182,7 @@ def parse_sample(obj: dict, *, where: str, base_dir: Path, flags: dict, chunk_co
                    seed=seed, source=where.rsplit(" (", 1)[0], form="transfer2.5", settings=settings,
                    resolution=int(resolution), keep_input_resolution=_bool(values["keep_input_resolution"], where,
                                                                             "keep_input_resolution"),
-                   max_frames=max_frames, show=show, record=record)
+                   max_frames=max_frames, show=show, record={**record, **cosmos3}, cosmos3=cosmos3)
 
 
 def load_inputs(paths: list[str], *, flags: dict, chunk_conditioning: str, parse_t1=None,

@@ -38,6 +38,16 @@ T25_ONLY = ("prompt_path", "video_path", "guidance", "num_steps", "num_video_fra
             "context_frame_index", "image_context_path")
 T25_CONTROL_ONLY = ("control_path", "mask_path", "mask_prompt", *SPEC_EXTRAS)
 
+#: Cosmos 3's own request fields (``transfer.cosmos3_job``), in either spec format; refused with a Transfer2.5
+#: checkpoint. ``control_guidance``: the hints' guidance scale (1: off); the intervals: ``[low, high]`` timesteps
+#: (0-1000) where text / control guidance applies.
+COSMOS3_FIELDS = ("control_guidance", "guidance_interval", "control_guidance_interval")
+#: Cosmos 3 hint keys that are not this fork's control names: ``blur`` is ``vis`` (the blurred input video), ``wsm``
+#: (world-scenario map) has no preprocessor: its video must be given. Both run with Cosmos 3 checkpoints only.
+COSMOS3_HINT_KEYS = {"blur": "vis", "wsm": "wsm"}
+#: Every control key a request may hold, in the order their latents are summed or packed.
+REQUEST_CONTROLS = (*MODALITIES, "wsm")
+
 #: Spec keys cosmos-transfer1 knows but this fork has no model for.
 UNSUPPORTED_CONTROLS = ("upscale", "hdmap", "lidar")
 REQUEST_FIELDS = ("prompt", "negative_prompt", "input_video_path", "name", "seed")
@@ -105,6 +115,8 @@ class Request:
     output in the written video."""
     record: dict = field(default_factory=dict)
     """The resolved arguments written to ``<name>.json`` (Transfer2.5 layout)."""
+    cosmos3: dict = field(default_factory=dict)
+    """Cosmos 3's own fields the spec gives (``COSMOS3_FIELDS``, checked by ``cosmos3_fields``)."""
 
     def scales(self) -> dict[str, float]:
         """Scalar control weights divided by max(sum, 1), as cosmos-transfer1 does."""
@@ -149,12 +161,45 @@ def _weight(value, where: str, modality: str, upper: float = math.inf) -> float:
     return float(value)
 
 
+def cosmos3_fields(obj: dict, where: str) -> dict:
+    """The ``COSMOS3_FIELDS`` of a spec object, checked: ``control_guidance`` a number >= 0, an interval two
+    timesteps ``0 <= low < high <= 1000``."""
+    fields = {}
+    for key in COSMOS3_FIELDS:
+        value = obj.get(key)
+        if value is None:
+            continue
+        if key == "control_guidance":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise TransferError(f"{where}: control_guidance must be a number >= 0, got {value!r}")
+            fields[key] = float(value)
+            continue
+        ok = (isinstance(value, list) and len(value) == 2
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+        if not ok or not 0 <= value[0] < value[1] <= 1000:
+            raise TransferError(f"{where}: {key} must be [low, high] timesteps with 0 <= low < high <= 1000, "
+                                f"got {value!r}")
+        fields[key] = [float(v) for v in value]
+    return fields
+
+
+def hint_keys(obj: dict, where: str) -> dict:
+    """``obj`` with Cosmos 3's hint names as this fork's (``blur`` -> ``vis``); both at once is refused."""
+    for key, name in COSMOS3_HINT_KEYS.items():
+        if key != name and key in obj:
+            if name in obj:
+                raise TransferError(f"{where}: {key!r} and {name!r} are the same control (Cosmos 3 calls {name} "
+                                    f"{key}): give one")
+            obj = {(name if k == key else k): v for k, v in obj.items()}
+    return obj
+
+
 def spec_form(obj: dict, where: str) -> str | None:
     """``transfer1`` or ``transfer2.5`` from the keys of a spec object; None when its keys fit both (then the flag
     it came with decides). A spec with keys of both formats is refused, naming the first key of the minority."""
     t1 = [k for k in obj if k in T1_ONLY]
     t25 = [k for k in obj if k in T25_ONLY]
-    for key in MODALITIES:
+    for key in (*REQUEST_CONTROLS, *COSMOS3_HINT_KEYS):
         control = obj.get(key)
         if isinstance(control, dict):
             t1 += [f"{key}.{k}" for k in control if k in T1_CONTROL_ONLY]
@@ -177,7 +222,7 @@ def parse_request(obj: dict, *, where: str, name: str, defaults: dict, base_dir:
         if parse_other is None:
             raise TransferError(f"{where}: a cosmos-transfer2.5 sample: give it with -i")
         return parse_other(obj, where, base_dir or Path("."))
-    obj = {BATCH_ALIASES.get(k, k): v for k, v in obj.items()}
+    obj = hint_keys({BATCH_ALIASES.get(k, k): v for k, v in obj.items()}, where)
     overrides = obj.pop("control_overrides", None) or {}
     if not isinstance(overrides, dict):
         raise TransferError(f"{where}: control_overrides must be an object")
@@ -188,13 +233,14 @@ def parse_request(obj: dict, *, where: str, name: str, defaults: dict, base_dir:
 
     controls: dict[str, ControlSpec] = {}
     for key, value in obj.items():
-        if key in REQUEST_FIELDS:
+        if key in REQUEST_FIELDS or key in COSMOS3_FIELDS:
             continue
         if key in UNSUPPORTED_CONTROLS:
             raise TransferError(f"{where}: control {key!r} is not supported by this fork (supported: {', '.join(MODALITIES)})")
-        if key not in MODALITIES:
+        if key not in REQUEST_CONTROLS:
             raise TransferError(
-                f"{where}: unknown key {key!r} (controls: {', '.join(MODALITIES)}; fields: {', '.join(REQUEST_FIELDS)})"
+                f"{where}: unknown key {key!r} (controls: {', '.join(REQUEST_CONTROLS)}; fields: "
+                f"{', '.join(REQUEST_FIELDS + COSMOS3_FIELDS)})"
             )
         if not isinstance(value, dict):
             raise TransferError(f"{where}: control {key!r} must be an object with control_weight / input_control")
@@ -217,7 +263,7 @@ def parse_request(obj: dict, *, where: str, name: str, defaults: dict, base_dir:
         )
     if not controls:
         raise TransferError(f"{where}: the spec names no control (one of {', '.join(MODALITIES)})")
-    controls = {m: controls[m] for m in MODALITIES if m in controls}  # fixed order: sums are order-sensitive
+    controls = {m: controls[m] for m in REQUEST_CONTROLS if m in controls}  # fixed order: sums are order-sensitive
 
     merged = {**defaults, **{k: v for k, v in obj.items() if k in REQUEST_FIELDS and v is not None}}
     prompt = merged.get("prompt")
@@ -232,6 +278,7 @@ def parse_request(obj: dict, *, where: str, name: str, defaults: dict, base_dir:
     video = merged.get("input_video_path")
     video = None if video is None else _resolve(video, base_dir, where, "input_video_path")
     missing = [m for m, c in controls.items() if c.input_control is None]
+    given_only(controls, where, "input_control")
     if video is None and missing:
         raise TransferError(f"{where}: control {missing[0]!r} has no input_control and there is no input_video_path "
                             "to compute it from")
@@ -243,7 +290,15 @@ def parse_request(obj: dict, *, where: str, name: str, defaults: dict, base_dir:
         controls=controls,
         seed=seed,
         source=where,
+        cosmos3=cosmos3_fields(obj, where),
     )
+
+
+def given_only(controls: dict, where: str, path_key: str) -> None:
+    """A control no preprocessor computes (``wsm``) must come with its video (``path_key``)."""
+    if "wsm" in controls and controls["wsm"].input_control is None:
+        raise TransferError(f"{where}: control 'wsm' has no {path_key}: no preprocessor computes a world-scenario "
+                            "map, give its video")
 
 
 #: Largest spec file / batch line accepted: real specs are a few hundred bytes.
