@@ -72,7 +72,8 @@ def test_stages_on_separate_states_equal_the_pipeline(cache_dir):
                     guidance_interval=(0.0, 900.0), generator=torch.Generator().manual_seed(3), output_type="pt")
 
     reference = pipe(**inputs(), output="videos")
-    staged = run_staged(pipe, **inputs())
+    staged, latents = run_staged(pipe, **inputs())
+    assert len(latents) == 2 and latents[0].shape[1] == 48
     assert staged.shape == reference.shape == (9, 3, 32, 48) and torch.equal(staged, reference)
 
 

@@ -173,7 +173,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                                       args.num_conditional_frames, args.chunk_conditioning),
         inputs=inputs,
         checkpoint=CheckpointChoice(args.checkpoint_dir, args.checkpoint_preset, args.random_weights, dict(own)),
-        parallel=ParallelConfig(args.num_gpus, args.context_parallel_size, args.placement),
+        parallel=ParallelConfig(args.num_gpus, args.context_parallel_size, args.placement, args.cfgp_size),
         runtime=RuntimeConfig(args.dtype, args.cpu_threads, args.compile, offload, args.attention_backend,
                               step_cache_config(args), args.trace),
         guard=GuardConfig("off" if args.disable_guardrail else args.guardrail, tuple(args.blocklist or ()),

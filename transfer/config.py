@@ -137,6 +137,8 @@ class ParallelConfig:
     """``--context_parallel_size``: ranks splitting each DiT branch along the sequence (None: the preset chooses)."""
     placement_file: str | None = None
     """``--placement``: a JSON stage placement instead of the preset."""
+    pass_degree: int | None = None
+    """``--cfgp-size`` (Cosmos 3): branches of a DiT group dealing each step's transformer passes (None: as many as fit)."""
 
 
 @dataclass(frozen=True)

@@ -27,46 +27,54 @@ def load_cosmos3_pipeline(root: Path, device="cpu", dtype=torch.float32):
     """diffusers' ``Cosmos3OmniModularPipeline`` (transfer when given ``control_videos``) built from a Cosmos 3 folder
     (``configs.cosmos3``'s layout) with diffusers' and transformers' own loaders; its safety checker off (this fork
     guards with ``--guardrail``)."""
-    from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer, UniPCMultistepScheduler
+    from transfer.cosmos3_checkpoint import inspect_cosmos3
 
-    root = Path(root)
-    return _assemble(Cosmos3OmniTransformer.from_pretrained(root / "transformer", torch_dtype=dtype),
-                     AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=dtype),
-                     UniPCMultistepScheduler.from_pretrained(root / "scheduler"), root / "text_tokenizer", device)
+    return load_cosmos3(inspect_cosmos3(root), device, dtype)
 
 
-def random_cosmos3_pipeline(info: Cosmos3Info, device="cpu", dtype=torch.float32):
-    """A preset's models from their configs with random weights, built on ``device`` in ``dtype``
-    (``--random_weights``: real-size time and memory without a download); the tokenizer is the embedded preset's
-    (Qwen's is not here; the token ids only have to fit the vocabulary)."""
+#: The models a stage process may hold.
+PARTS = ("transformer", "vae")
+
+
+def load_cosmos3(info: Cosmos3Info, device="cpu", dtype=torch.float32, parts=PARTS):
+    """The modular pipeline with the models of ``parts``: from ``info.root`` with diffusers' loaders, or with random
+    weights from the preset's configs built on ``device`` in ``dtype`` (``--random_weights``: real-size time and
+    memory without a download; the tokenizer is then the embedded preset's, Qwen's is not here). A stage without the
+    transformer gets it on the meta device (no memory: the blocks it runs read its dtype and config); without the
+    VAE, none."""
     from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer, UniPCMultistepScheduler
 
     from transfer.embedded_checkpoint import ensure_tiny_checkpoint
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            torch.manual_seed(0)
-            transformer = Cosmos3OmniTransformer(**info.transformer)
-            vae = AutoencoderKLWan(**info.vae)
-    finally:
-        torch.set_default_dtype(previous)
-    return _assemble(transformer, vae, UniPCMultistepScheduler(**info.scheduler),
-                     ensure_tiny_checkpoint("cosmos3-tiny") / "text_tokenizer", device)
+    def build(cls, folder: str, config: dict, real: bool):
+        if real and info.root is not None:
+            return cls.from_pretrained(Path(info.root) / folder, torch_dtype=dtype).to(device)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device if real else "meta"):
+                torch.manual_seed(0)
+                return cls.from_config(config)
+        finally:
+            torch.set_default_dtype(previous)
+
+    transformer = build(Cosmos3OmniTransformer, "transformer", info.transformer, "transformer" in parts)
+    vae = build(AutoencoderKLWan, "vae", info.vae, True) if "vae" in parts else None
+    scheduler = (UniPCMultistepScheduler.from_pretrained(Path(info.root) / "scheduler") if info.root is not None
+                 else UniPCMultistepScheduler.from_config(info.scheduler))
+    tokenizer = (Path(info.root) if info.root is not None else ensure_tiny_checkpoint("cosmos3-tiny")) / "text_tokenizer"
+    return _assemble(transformer, vae, scheduler, tokenizer, info.vae.get("scale_factor_spatial", 16))
 
 
-def _assemble(transformer, vae, scheduler, tokenizer_dir: Path, device):
+def _assemble(transformer, vae, scheduler, tokenizer_dir: Path, spatial: int):
     from diffusers.modular_pipelines import Cosmos3OmniBlocks
     from diffusers.video_processor import VideoProcessor
     from transformers import AutoTokenizer
 
     pipe = Cosmos3OmniBlocks().init_pipeline()
-    pipe.update_components(
-        transformer=transformer.to(device).eval(), vae=vae.to(device).eval(), scheduler=scheduler,
-        text_tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir),
-        video_processor=VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial, resample="bilinear"),
-    )
+    models = {"transformer": transformer.eval(), **({"vae": vae.eval()} if vae is not None else {})}
+    pipe.update_components(**models, scheduler=scheduler, text_tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir),
+                           video_processor=VideoProcessor(vae_scale_factor=spatial, resample="bilinear"))
     pipe.disable_safety_checker()
     pipe.set_progress_bar_config(disable=True)  # the callers show their own (``per_pass``)
     return pipe
@@ -101,12 +109,13 @@ def to_frames(videos: torch.Tensor) -> np.ndarray:
     return (videos.float().clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def finish(prepared: PreparedRequest, frames: np.ndarray) -> GenerationResult:
-    """The written video: back at the input's size for ``keep_input_resolution``; no latents (Cosmos 3's chunks are
-    seeded from decoded frames, nothing reuses them)."""
+def finish(prepared: PreparedRequest, videos: torch.Tensor, latents: list[torch.Tensor]) -> GenerationResult:
+    """The pipeline's stitched video as the written frames (back at the input's size for ``keep_input_resolution``),
+    with every chunk's denoised latents (``--save_raw``)."""
+    frames = to_frames(videos)
     if prepared.output_size is not None:
         frames = resize_frames(frames, *prepared.output_size)
-    return GenerationResult(frames, None)
+    return GenerationResult(frames, torch.cat([t.detach().cpu() for t in latents]).float())
 
 
 @contextmanager
@@ -137,5 +146,5 @@ class Cosmos3Pipeline:
 
         inputs = pipeline_inputs(prepared, prepared.request.settings or self.settings, self.fps)
         with per_pass(self.pipe.transformer, prepared.request.name, progress):
-            videos = run_staged(self.pipe, **inputs)
-        return finish(prepared, to_frames(videos))
+            videos, latents = run_staged(self.pipe, **inputs)
+        return finish(prepared, videos, latents)

@@ -115,7 +115,7 @@ def copy_fields(source, target, names) -> None:
 @torch.no_grad()
 def run_staged(pipe, **inputs):
     """Cosmos 3 transfer with each stage on its own state, only the boundary fields passed between them; returns the
-    stitched video as the pipeline's ``output_type`` gives it."""
+    stitched video as the pipeline's ``output_type`` gives it, and each chunk's denoised latents."""
     blocks = execution_blocks(pipe, inputs["control_videos"])
     text, vae, dit = (initial_state(blocks, inputs) for _ in range(3))
     text = run_blocks(pipe, blocks, TEXT_BLOCKS, text)
@@ -123,6 +123,7 @@ def run_staged(pipe, **inputs):
     copy_fields(text, dit, TEXT_TO_DIT)
     vae.set("output_chunks", [])
     vae.set("previous_output", None)
+    latents = []
     for chunk in range(text.get("num_chunks")):
         if chunk > 0:
             pipe.transformer._reset_stateful_cache()
@@ -132,7 +133,8 @@ def run_staged(pipe, **inputs):
         copy_fields(vae, dit, VAE_TO_DIT)
         dit = run_blocks(pipe, blocks, DIT_BLOCKS, dit)
         copy_fields(dit, vae, DIT_TO_VAE)
+        latents.append(vae.get("latents"))
         vae = run_blocks(pipe, blocks, DECODE_BLOCKS, vae)
     stitch = initial_state(blocks, inputs)
     copy_fields(vae, stitch, VAE_TO_STITCH)
-    return run_blocks(pipe, blocks, STITCH_BLOCKS, stitch).get("videos")
+    return run_blocks(pipe, blocks, STITCH_BLOCKS, stitch).get("videos"), latents

@@ -136,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "many ranks (docs/parallelism.md)")
     run.add_argument("--placement", help="JSON file overriding the stage placement: "
                      '{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}')
-    run.add_argument("--context_parallel_size", "--context-parallel-size", type=int, metavar="N",
+    run.add_argument("--cfgp_size", "--cfgp-size", type=int, metavar="N",
+                     help="Cosmos 3 (NVIDIA's cosmos-framework spelling): branches of the DiT group that deal each "
+                     "step's transformer passes (cond, cond without hints, uncond) among them, 1 to 3 (default: as many "
+                     "as fill WORLD_SIZE - 1 or WORLD_SIZE ranks with --cp-size) (docs/cosmos3.md)")
+    run.add_argument("--context_parallel_size", "--context-parallel-size", "--cp_size", "--cp-size", type=int,
+                     metavar="N",
                      help="split each DiT and ControlNet forward of a guidance branch over N ranks along the token "
                      "sequence (Ulysses; N must split the DiT's attention heads and fit in a node). Upstream "
                      "Transfer2.5 defaults it to WORLD_SIZE; here the default chooses the layout that ends the run "

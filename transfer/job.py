@@ -182,6 +182,13 @@ def plan_job(config: RunConfig) -> Job:
     requests = requests_from(inputs, config.generation.chunk_conditioning, bad_lines)
     info = model_info(config.checkpoint)
     cosmos3 = isinstance(info, Cosmos3Info)
+    passes = config.parallel.pass_degree
+    if passes is not None and not cosmos3:
+        raise TransferError("--cfgp-size deals Cosmos 3's transformer passes: this checkpoint is Transfer2.5 (its CFG "
+                            "branches are placed by the preset, docs/parallelism.md)")
+    if passes is not None and not 1 <= passes <= min(3, world):
+        raise TransferError(f"--cfgp-size {passes} must be between 1 and {min(3, world)} (at most 3 passes a step, "
+                            f"{world} process(es) started)")
     if inputs.max_frames < 1 or inputs.max_resolution < 16:
         raise TransferError("--max_frames must be at least 1 and --max_resolution at least 16")
     limits = replace(info.limits() if cosmos3 else ModelLimits.from_info(info), max_frames=inputs.max_frames,

@@ -78,3 +78,39 @@ class RequestLoop:
                     continue
             return j, prepared
         return None
+
+
+def generate_requests(job, gate, load) -> None:
+    """Every request of ``job`` through the request loop, generated in order by the pipeline ``load(modalities)``
+    returns on first need (``generate(prepared)``), released through ``gate``, which is closed at the end (aborted on a
+    stop). A request that fails follows the failure rule (``Job.fail``), unless the pipeline says it ``ends_run``
+    (ranks in lockstep cannot skip one request)."""
+    from transfer.errors import Terminated, check_stop
+
+    requests = RequestLoop(job, gate)
+    # Decode and check every input before loading models; a batch request that fails is recorded and skipped.
+    if len(list(requests.check())) > 1:
+        requests.drop_kept()  # batch: keep memory flat, decode again when its turn comes
+    try:
+        pipeline = None
+        while True:
+            check_stop()
+            turn = requests.next()
+            if turn is None:
+                break
+            j, ready = turn
+            pipeline = pipeline or load(requests.modalities())
+            try:
+                result = pipeline.generate(ready)
+            except Exception as e:  # the failure rule: a batch goes on without it; a single request fails the run
+                if getattr(pipeline, "ends_run", False):
+                    raise
+                job.fail(ready.request, e)
+                continue
+            gate.check()
+            gate.release(j, ready.request, result)  # async: checked and written while the next request generates
+        gate.close()
+        check_stop()  # a stop whose exception a finalizer swallowed still ends the run as stopped
+    except Terminated:
+        gate.abort()  # the output being written finishes under its final name; nothing else starts
+        raise

@@ -36,6 +36,7 @@ import guardrails
 from loguru import logger
 
 from transfer.config import RunConfig
+from transfer.cosmos3_checkpoint import Cosmos3Info
 from transfer.distributed.coordinator import CoordinatorRole
 from transfer.distributed.dit_group import DiTRole, RequestDropped
 from transfer.distributed.encoders import PreprocessRole, TextRole, VAERole
@@ -336,6 +337,19 @@ def _run_distributed(config: RunConfig) -> None:
         logger.add(sys.stderr, level="WARNING", format=f"rank {rank} | {{level}} | {{message}}")
     try:
         job = plan_job(config)
+        if isinstance(job.info, Cosmos3Info):  # its own stage processes (transfer.distributed.cosmos3_ranks)
+            from transfer.distributed.cosmos3_ranks import cosmos3_layout, run_cosmos3
+
+            p = config.parallel
+            if p.placement_file:
+                raise TransferError("--placement files are for Transfer2.5 runs: a Cosmos 3 run places its stages "
+                                    "with --cfgp-size and --cp-size (docs/cosmos3.md)")
+            layout = cosmos3_layout(world, p.sp_degree, p.pass_degree, job.info.transformer["num_attention_heads"])
+    except TransferError as e:  # every rank validates the same inputs and fails the same way
+        _refuse(rank, world, f"transfer.py: error: {e}")
+    if isinstance(job.info, Cosmos3Info):
+        _exit(*run_cosmos3(job, layout, rank))
+    try:
         choice = choose_placement(config, world, len(job.requests), job.info.transformer["num_attention_heads"])
         placement = choice.placement
         if job.runtime.compile != "none" and any(g.sp_degree > 1 for g in placement.dit_groups):

@@ -1,0 +1,148 @@
+"""Cosmos 3 through transfer.py (issue 33): one process equal to diffusers' modular pipeline, stage processes equal to
+one process (a DiT group dealing passes, and splitting them over sp ranks), the parallel pieces, and the spec's
+refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT, example_frames
+from transfer.errors import TransferError
+from transfer.video_io import write_mp4
+
+ENV = {"OMP_NUM_THREADS": "1", "TRANSFER_LOG_LEVEL": "INFO"}
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory, cache_dir):
+    """Two hints (edge given, blur computed from the input), 17 frames in chunks of 9 (three chunks: 2 conditional
+    frames), text guidance with an interval, control guidance: all three passes on most steps."""
+    d = tmp_path_factory.mktemp("cosmos3")
+    write_mp4(d / "input.mp4", example_frames("example_input.mp4", 17), 24)
+    write_mp4(d / "edge.mp4", example_frames("example_edge.mp4", 17), 24)
+    sample = {"name": "c3", "prompt": "A yellow ball rolls across a studio floor.", "video_path": "input.mp4",
+              "resolution": "32", "num_video_frames_per_chunk": 9, "num_conditional_frames": 2, "num_steps": 3,
+              "guidance": 3, "edge": {"control_path": "edge.mp4"}, "blur": {}, "control_guidance": 1.5,
+              "guidance_interval": [0, 900], "seed": 7}
+    (d / "spec.json").write_text(json.dumps(sample))
+    return d
+
+
+def run(nproc: int, spec_dir, out, *args):
+    cmd = [sys.executable, str(ROOT / "transfer.py")] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(ROOT / "transfer.py")]
+    cmd += ["--checkpoint_preset", "cosmos3-tiny", "-i", str(spec_dir / "spec.json"), "--output_dir", str(out),
+            "--disable_guardrail", "--save_raw", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_single_process_equals_diffusers_modular_pipeline(spec, tmp_path):
+    """transfer.py's one-process path (``Cosmos3Pipeline``: the request prepared as for Transfer2.5, diffusers' blocks
+    run stage by stage) gives diffusers' ``Cosmos3OmniModularPipeline`` output bit for bit on the same inputs."""
+    from transfer.cli import parse_config
+    from transfer.cosmos3_pipeline import Cosmos3Pipeline, load_cosmos3, pipeline_inputs, to_frames
+    from transfer.job import plan_job
+
+    torch.set_num_threads(1)
+    sample = {**json.loads((spec / "spec.json").read_text()), "keep_input_resolution": False}
+    (tmp_path / "spec.json").write_text(json.dumps({**sample, "video_path": str(spec / "input.mp4"),
+                                                    "edge": {"control_path": str(spec / "edge.mp4")}}))
+    job = plan_job(parse_config(["--checkpoint_preset", "cosmos3-tiny", "-i", str(tmp_path / "spec.json"),
+                                 "--output_dir", str(tmp_path / "out")]))
+    prepared = job.prepare(job.requests[0])
+    assert set(prepared.controls) == {"edge", "vis"}
+    pipe = load_cosmos3(job.info)
+    ours = Cosmos3Pipeline(pipe, job.settings, 24.0).generate(prepared, progress=False)
+    calls = []
+    forward = pipe.transformer.forward
+    pipe.transformer.forward = lambda *a, **k: (calls.append(k["sequence_length"]), forward(*a, **k))[1]
+    theirs = pipe(**pipeline_inputs(prepared, job.requests[0].settings, 24.0), output="videos")
+    assert len(set(calls)) == 3  # cond, cond without hints, uncond: all three passes ran
+    assert ours.frames.shape == (17, 32, 48, 3) and np.array_equal(ours.frames, to_frames(theirs))
+    assert ours.latents.shape[:2] == (3, 48) and torch.isfinite(ours.latents).all()
+
+
+def test_stage_processes_equal_one_process(spec, tmp_path):
+    """4 processes, a DiT group of 2 pass branches x sp 2 over every rank (rank 0 also tokenizes, encodes and
+    decodes): the latents within 1e-5 of one process, no NaN. 4 processes dealing 3 passes over ranks 1-3: bit for
+    bit (the same files)."""
+    run(1, spec, tmp_path / "one")
+    one = np.load(tmp_path / "one" / "c3.npz")
+    log = run(4, spec, tmp_path / "sp", "--cp-size", "2")
+    assert "DiT group on ranks 0,1,2,3 (rank 0 shares its device): 2 pass branch(es) x sp 2" in log
+    sp = np.load(tmp_path / "sp" / "c3.npz")
+    assert sp["latents"].shape == one["latents"].shape == (3, 48, 3, 2, 3)
+    assert np.isfinite(sp["latents"]).all() and np.abs(sp["latents"] - one["latents"]).max() < 1e-5
+    assert np.abs(sp["frames"].astype(int) - one["frames"].astype(int)).max() <= 1  # uint8, truncated
+    run(4, spec, tmp_path / "passes", "--cfgp-size", "3")
+    for name in ("c3.npz", "c3.mp4"):
+        assert (tmp_path / "passes" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
+def test_pass_deal_and_layouts():
+    from transfer.distributed.cosmos3_parallel import deal_passes
+    from transfer.distributed.cosmos3_ranks import cosmos3_layout
+
+    passes = [("cond", 300), ("cond_no_control", 100), ("uncond", 290)]
+    assert deal_passes(passes, 2) == {"cond": 0, "uncond": 1, "cond_no_control": 1}
+    assert deal_passes(passes, 3) == {"cond": 0, "uncond": 1, "cond_no_control": 2}
+    assert deal_passes([("cond", 300)], 2) == {"cond": 0}  # an interval switched the others off: branch 1 idles
+    assert cosmos3_layout(1, None, None, 32).dit_ranks == (0,)
+    assert cosmos3_layout(4, None, None, 32).dit_ranks == (1, 2, 3)  # 3 pass branches beside rank 0
+    layout = cosmos3_layout(4, 2, None, 32)
+    assert (layout.dit_ranks, layout.passes, layout.branches()) == ((0, 1, 2, 3), 2, [(0, 1), (2, 3)])
+    assert cosmos3_layout(9, 4, 2, 32).dit_ranks == tuple(range(1, 9))
+    for world, sp, passes, match in ((4, 3, 2, "6 DiT ranks"), (4, None, 4, "--cfgp-size must be 1 to 3"),
+                                     (1, 2, None, "need as many processes")):
+        with pytest.raises(TransferError, match=match):
+            cosmos3_layout(world, sp, passes, 32)
+
+
+def test_stock_processor_is_refused_under_sequence_parallel(cache_dir):
+    from diffusers import Cosmos3OmniTransformer
+
+    from transfer.distributed.cosmos3_parallel import check_processors
+    from transfer.embedded_checkpoint import ensure_tiny_checkpoint
+
+    transformer = Cosmos3OmniTransformer.from_pretrained(ensure_tiny_checkpoint("cosmos3-tiny") / "transformer")
+    check_processors(transformer, 1)  # one rank: the stock processor is right
+    with pytest.raises(TransferError, match=r"sp 2\): transformer\.layers\.0\..* uses Cosmos3AttnProcessor, which "
+                                            "attends within one shard"):
+        check_processors(transformer, 2)
+
+
+@pytest.mark.parametrize("sample, flags, message", [
+    ({"keypoint": {"control_path": "edge.mp4"}}, [], "control 'keypoint': Cosmos 3 has no such hint"),
+    ({"edge": {"control_path": "edge.mp4", "control_weight": 0.5}}, [], "Cosmos 3 has no per-hint weight"),
+    ({"wsm": {}}, [], "control 'wsm' has no control_path: no preprocessor"),
+    ({"blur": {}, "vis": {}}, [], "'blur' and 'vis' are the same control"),
+    ({"guidance_interval": [900, 100]}, [], "guidance_interval must be \\[low, high\\] timesteps"),
+    ({"control_guidance": -1}, [], "control_guidance must be a number >= 0"),
+    ({}, ["--chunk_conditioning", "latent"], "--chunk_conditioning roundtrip only"),
+    ({"control_guidance": 2.0}, ["--checkpoint_preset", "tiny"], "'control_guidance' is Cosmos 3's: this checkpoint is "
+                                                                 "Transfer2.5"),
+    ({}, ["--checkpoint_preset", "tiny", "--cfgp-size", "2"], "--cfgp-size deals Cosmos 3's transformer passes"),
+])
+def test_spec_refusals(spec, tmp_path, sample, flags, message):
+    """Each is one line and exit 2, nothing written."""
+    base = json.loads((spec / "spec.json").read_text())
+    base.pop("blur") if "vis" in sample else None
+    (tmp_path / "spec.json").write_text(json.dumps({**base, **sample}))
+    for name in ("input.mp4", "edge.mp4"):
+        (tmp_path / name).symlink_to(spec / name)
+    cmd = [sys.executable, str(ROOT / "transfer.py"), "--checkpoint_preset", "cosmos3-tiny", "-i",
+           str(tmp_path / "spec.json"), "--output_dir", str(tmp_path / "out"), *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("transfer.py: error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and re.search(message, lines[0]), proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

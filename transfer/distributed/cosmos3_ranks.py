@@ -1,0 +1,243 @@
+"""Cosmos 3 transfer over stage processes (issue 33): the coordinator with the tokenizer and the VAE, and one DiT
+group whose ranks deal each step's passes among ``--cfgp-size`` branches and split each pass over ``--cp-size``
+ranks (``transfer.distributed.cosmos3_parallel``).
+
+Every rank runs the blocks of its stage from diffusers' modular pipeline (``transfer.cosmos3_stages``: the same
+lists and boundaries as the single process's ``run_staged``), in lockstep, request after request::
+
+    rank 0 (coordinator, tokenizer, VAE)      DiT group (every rank of it)
+    request loop: inputs checked, admitted
+    text blocks: hint frames, token ids  ---> text segments, the request's settings
+    per chunk: hint + seed latents       ---> prepare, pack, the step loop (passes dealt, each over sp ranks)
+               decode                    <--- latents (from the group's first rank)
+    stitch, guard, write
+
+Fields cross as ``cosmos3_stages.pack_fields`` packs them (structure as JSON-able meta, tensors by path), over the
+world group (gloo; CPU copies). The DiT group is ranks 1.. (``cfgp x cp = WORLD_SIZE - 1``), or every rank with rank 0
+sharing its GPU (``cfgp x cp = WORLD_SIZE``).
+
+Not yet here (the Transfer2.5 runtime has them; docs/cosmos3.md): several requests in flight, hint latents encoded
+ahead of the DiT, several DiT groups, ``--placement`` files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from loguru import logger
+
+from transfer.cosmos3_pipeline import finish, load_cosmos3, per_pass, pipeline_inputs
+from transfer.cosmos3_stages import (DECODE_BLOCKS, DIT_BLOCKS, DIT_TO_VAE, ENCODE_BLOCKS, STITCH_BLOCKS,
+                                     TEXT_BLOCKS, TEXT_TO_DIT, TEXT_TO_VAE, VAE_TO_DIT, VAE_TO_STITCH, copy_fields,
+                                     execution_blocks, initial_state, pack_fields, run_blocks, unpack_fields)
+from transfer.device import default_device, dtype_for
+from transfer.distributed import sequence_parallel
+from transfer.distributed.cosmos3_parallel import check_processors, enable_ulysses, install_pass_split
+from transfer.errors import TransferError, check_stop
+from transfer.outputs import make_gate
+from transfer.request_loop import generate_requests
+from transfer.video_io import freeze_heap
+
+#: Most passes a step runs (cond, cond_no_control, uncond): more pass branches would idle.
+MAX_PASSES = 3
+
+
+@dataclass(frozen=True)
+class Cosmos3Layout:
+    world: int
+    dit_ranks: tuple[int, ...]
+    passes: int
+    """Pass branches (``--cfgp-size``)."""
+    sp: int
+    """Ranks per pass (``--cp-size`` / ``--context_parallel_size``)."""
+
+    def branches(self) -> list[tuple[int, ...]]:
+        return [self.dit_ranks[b * self.sp:(b + 1) * self.sp] for b in range(self.passes)]
+
+    def describe(self) -> str:
+        where = "ranks " + ",".join(map(str, self.dit_ranks))
+        shared = " (rank 0 shares its device)" if 0 in self.dit_ranks and self.world > 1 else ""
+        return (f"rank 0: coordinator + tokenizer + VAE; DiT group on {where}{shared}: {self.passes} pass branch(es) "
+                f"x sp {self.sp}")
+
+
+def cosmos3_layout(world: int, sp: int | None, passes: int | None, heads: int) -> Cosmos3Layout:
+    """The ranks of a Cosmos 3 run: rank 0 holds the coordinator, tokenizer and VAE; the DiT group is ranks 1.. or
+    every rank. Unset degrees: sp 1, and as many pass branches (up to 3) as fill the group."""
+    if world == 1:
+        if (sp or 1) > 1 or (passes or 1) > 1:
+            raise TransferError("--cp-size / --cfgp-size above 1 need as many processes (torchrun --nproc_per_node)")
+        return Cosmos3Layout(1, (0,), 1, 1)
+    sp = sp or 1
+    if sp < 1 or heads % sp and sp > heads:
+        raise TransferError(f"--cp-size {sp} must be between 1 and the transformer's {heads} attention heads")
+    if passes is None:
+        fits = [size // sp for size in (world - 1, world) if size % sp == 0 and 1 <= size // sp <= MAX_PASSES]
+        if not fits:
+            raise TransferError(f"--cp-size {sp} with {world} processes: the DiT group (pass branches x cp-size) must "
+                                f"hold {world - 1} or {world} ranks with at most {MAX_PASSES} branches: give --cfgp-size")
+        passes = fits[0]
+    if not 1 <= passes <= MAX_PASSES:
+        raise TransferError(f"--cfgp-size must be 1 to {MAX_PASSES} (a step runs at most {MAX_PASSES} passes), got "
+                            f"{passes}")
+    size = passes * sp
+    if size not in (world - 1, world):
+        raise TransferError(f"--cfgp-size {passes} x --cp-size {sp} = {size} DiT ranks: with {world} processes the "
+                            f"DiT group holds {world - 1} (rank 0 apart) or {world}")
+    return Cosmos3Layout(world, tuple(range(world - size, world)), passes, sp)
+
+
+def _send(obj, src: int):
+    """``obj`` from rank ``src`` to every rank (the world group, on the CPU); returns it everywhere."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=torch.device("cpu"))
+    return box[0]
+
+
+def _fields(state, names) -> dict:
+    meta, tensors = pack_fields(state, names)
+    return {"meta": meta, "tensors": {k: t.detach().cpu() for k, t in tensors.items()}}
+
+
+def _take(fields: dict, state, device) -> None:
+    unpack_fields(fields["meta"], {k: t.to(device) for k, t in fields["tensors"].items()}, state)
+
+
+class Cosmos3Ranks:
+    """One rank of a Cosmos 3 run: loads the models of its stages, then follows rank 0's requests in lockstep."""
+
+    def __init__(self, job, layout: Cosmos3Layout, rank: int):
+        self.job, self.layout, self.rank = job, layout, rank
+        self.device = default_device()
+        dtype = dtype_for(self.device, job.runtime.dtype)
+        self.dit = rank in layout.dit_ranks
+        parts = (("transformer",) if self.dit else ()) + (("vae",) if rank == 0 else ())
+        logger.info(f"rank {rank}: {' + '.join(parts)} on {self.device} ({dtype})")
+        self.pipe = load_cosmos3(job.info, self.device, dtype, parts)
+        # every rank makes every group, in the same order (process groups are numbered)
+        meshes = sequence_parallel.branch_meshes(layout.branches() if layout.sp > 1 else [],
+                                                 "cuda" if self.device.type == "cuda" else "cpu")
+        self.group = dist.new_group(list(layout.dit_ranks)) if layout.passes > 1 else None
+        if self.dit and layout.sp > 1:
+            enable_ulysses(self.pipe.transformer, next(b for r, b in meshes.items() if rank in r))
+        freeze_heap()
+
+    def blocks(self, hints):
+        blocks = execution_blocks(self.pipe, {h: None for h in hints})
+        if self.dit and self.layout.passes > 1:
+            install_pass_split(blocks, self.layout.dit_ranks, self.layout.sp, self.group)
+        return blocks
+
+    # -- rank 0 ------------------------------------------------------------------------------------
+    ends_run = True
+    """A request failing mid-way ends the run: the other ranks are inside its chunk loop (``generate_requests``)."""
+
+    def coordinate(self) -> None:
+        """The request loop (``transfer.request_loop``, as one process runs it), each request generated by every
+        rank; then the others are told to leave."""
+        generate_requests(self.job, make_gate(self.job), lambda modalities: self)
+        _send(None, 0)
+
+    def generate(self, prepared):
+        settings = prepared.request.settings or self.job.settings
+        inputs = pipeline_inputs(prepared, settings, self.job.config.output.fps)
+        blocks = self.blocks(inputs["control_videos"])
+        text = run_blocks(self.pipe, blocks, TEXT_BLOCKS, initial_state(blocks, inputs))
+        vae = initial_state(blocks, inputs)
+        copy_fields(text, vae, TEXT_TO_VAE)
+        vae.set("output_chunks", [])
+        vae.set("previous_output", None)
+        chunks = []
+        plain = {k: v for k, v in inputs.items() if k not in ("control_videos", "generator")}
+        _send({"j": prepared.request.name, "inputs": plain, "seed": prepared.request.seed, "hints": list(inputs["control_videos"]),
+               "num_chunks": text.get("num_chunks"), "text": _fields(text, TEXT_TO_DIT)}, 0)
+        dit = None
+        if self.dit:
+            dit = initial_state(blocks, inputs)
+            copy_fields(text, dit, TEXT_TO_DIT)
+        with per_pass(self.pipe.transformer, prepared.request.name):
+            for chunk in range(text.get("num_chunks")):
+                vae.set("chunk_id", chunk)
+                vae = run_blocks(self.pipe, blocks, ENCODE_BLOCKS, vae)
+                latents = self.denoise(blocks, dit, chunk, _send(_fields(vae, VAE_TO_DIT), 0))
+                _take(latents, vae, self.device)
+                chunks.append(vae.get("latents"))
+                vae = run_blocks(self.pipe, blocks, DECODE_BLOCKS, vae)
+                logger.info(f"{prepared.request.name}: chunk {chunk + 1}/{text.get('num_chunks')} decoded")
+        stitch = initial_state(blocks, inputs)
+        copy_fields(vae, stitch, VAE_TO_STITCH)
+        return finish(prepared, run_blocks(self.pipe, blocks, STITCH_BLOCKS, stitch).get("videos"), chunks)
+
+    # -- the DiT group ---------------------------------------------------------------------------------
+    def dit_state(self, blocks, inputs: dict, text: dict | None):
+        state = initial_state(blocks, inputs)
+        if text is not None:
+            _take(text, state, self.device)
+        return state
+
+    def denoise(self, blocks, state, chunk: int, encoded: dict):
+        """One chunk: rank 0's encoded fields (``encoded``, sent to every rank) into the DiT blocks on the group's
+        ranks; returns the latents, sent from the group's first rank to every rank."""
+        latents = None
+        if self.dit:
+            _take(encoded, state, self.device)
+            state.set("chunk_id", chunk)
+            if chunk > 0:
+                self.pipe.transformer._reset_stateful_cache()
+            check_processors(self.pipe.transformer, self.layout.sp)
+            run_blocks(self.pipe, blocks, DIT_BLOCKS, state)
+            if self.rank == self.layout.dit_ranks[0]:
+                latents = _fields(state, DIT_TO_VAE)
+        return _send(latents, self.layout.dit_ranks[0])
+
+    def follow(self) -> None:
+        """A rank other than 0: each request rank 0 sends, until it sends None."""
+        while True:
+            check_stop()
+            request = _send(None, 0)
+            if request is None:
+                return
+            inputs = {**request["inputs"], "generator": torch.Generator().manual_seed(request["seed"]),
+                      "control_videos": {h: None for h in request["hints"]}}
+            blocks = self.blocks(request["hints"])
+            state = self.dit_state(blocks, inputs, request["text"]) if self.dit else None
+            with per_pass(self.pipe.transformer, f"request {request['j']}", progress=False):
+                for chunk in range(request["num_chunks"]):
+                    self.denoise(blocks, state, chunk, _send(None, 0))
+
+
+def run_cosmos3(job, layout: Cosmos3Layout, rank: int) -> tuple[int, str | None]:
+    """This rank's part of the run: ``(exit status, the line it printed)``. A failure on any rank ends the run (the
+    others, waiting in a collective, see the broken connection or torchrun's SIGTERM)."""
+    import traceback
+
+    from transfer.errors import STOPPED_CLEANLY, Terminated, report_stop, write_line
+
+    if rank == 0:
+        logger.info(f"placement: {layout.describe()}")
+    try:
+        ranks = Cosmos3Ranks(job, layout, rank)
+        if rank == 0:
+            try:
+                ranks.coordinate()
+                return job.failures.finish(), None
+            finally:
+                job.finish_run_files()  # Transfer2.5 layout: config.yaml, console.log
+                job.manifest.release_folder()
+        ranks.follow()
+        return 0, None
+    except Terminated as stop:
+        message = f"transfer.py: rank {rank} stopped by {stop}" + (f": {STOPPED_CLEANLY}" if rank == 0 else "")
+        report_stop(message)
+        return stop.exit_code, message
+    except TransferError as e:
+        message = f"transfer.py: error: {e}"
+        write_line(message)
+        return 2, message
+    except Exception as e:
+        traceback.print_exc()
+        message = f"transfer.py: error: rank {rank} failed: {type(e).__name__}: {e}"
+        write_line(message)
+        return 1, message
