@@ -146,3 +146,24 @@ def test_spec_refusals(spec, tmp_path, sample, flags, message):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("transfer.py: error:")]
     assert proc.returncode == 2 and len(lines) == 1 and re.search(message, lines[0]), proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_for_cosmos3_nano(cache_dir):
+    """``--plan`` for the 15.2B Cosmos3-Nano from its configs: the transformer's bf16 weights on every DiT rank, the
+    VAE on rank 0, each pass's activations at the chunk's token counts (cond above cond_no_control), a DiT
+    rank of sp 2 holding half of the largest pass, and the layouts for 1, 2, 4 and 8 GPUs against 80 and 141 GB."""
+    cmd = [sys.executable, str(ROOT / "transfer.py"), "--plan", "--checkpoint_preset", "cosmos3-nano", "--num_gpus",
+           "4", "--cp-size", "2", "--height", "480", "--width", "832", "--frames", "61", "--gpu_memory_gb", "80"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "2 pass branch(es) x sp 2" in out and "80 GB  141 GB" in out
+    weights = float(re.search(r"transformer\s+([\d.]+) GB", out).group(1))
+    assert 30.0 < weights < 31.0  # 15.2B parameters in bf16
+    passes = {m[0]: float(m[1]) for m in re.findall(r"dit  pass (\w+)\s+([\d.]+) GB", out)}
+    tokens = {m[0]: int(m[1].replace(",", "")) for m in re.findall(r"pass (\w+)\s+[\d.]+ GB  \(([\d,]+) tokens", out)}
+    assert set(passes) == {"cond", "cond_no_control", "uncond"} and passes["cond"] > passes["cond_no_control"] > 0
+    assert tokens["cond"] > tokens["cond_no_control"] * 2  # the two hints' tokens beside the target's
+    rank1 = re.search(r"^\s+1  dit\s+([\d.]+)\s+([\d.]+)", out, re.M)
+    assert float(rank1.group(1)) == weights and abs(float(rank1.group(2)) - passes["cond"] / 2) < 0.02
+    assert re.search(r"^\s+8  8 rank\(s\): 2 x sp 4", out, re.M)
