@@ -3,6 +3,7 @@
     python benchmarks/real_size.py                      # Transfer2.5-2B, 704x1280, 93-frame chunks, on GPU 0
     python benchmarks/real_size.py --placements 4       # also the 4-rank preset under torchrun (needs 4 GPUs)
     python benchmarks/real_size.py --small              # the same code, reduced layers and size, on CPU (a test runs it)
+    python benchmarks/real_size.py --preset cosmos3-nano --height 720 --frames 121   # Cosmos 3 (benchmarks/cosmos3_costs.py)
 
 Part 1, one process, the product's stage classes (``transfer.checkpoint`` loaders with random weights, the run dtype):
 seconds per call of the text encoder (one prompt), the VAE encoding one chunk of one control, a DiT step with CFG
@@ -35,6 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cosmos3_costs import cosmos3_costs, cosmos3_projection  # noqa: E402
+from configs.cosmos3 import COSMOS3_PRESETS  # noqa: E402
 from configs.models import preset  # noqa: E402
 from transfer.checkpoint import info_from_preset, load_stage  # noqa: E402
 from transfer.device import dtype_for  # noqa: E402
@@ -111,7 +114,7 @@ def projection(costs: dict, steps: int, chunks: int) -> dict[str, float]:
     return {"1 GPU, all stages": one, "stage processes, 1 DiT GPU": stages, "stage processes, CFG pair": pair}
 
 
-def write_inputs(folder: Path, frames: int, height: int, width: int) -> Path:
+def write_inputs(folder: Path, frames: int, height: int, width: int, weight: float = 0.5) -> Path:
     """A two-control spec over synthetic video of the given size (written with the product's writer)."""
     from transfer.video_io import write_mp4
 
@@ -119,7 +122,7 @@ def write_inputs(folder: Path, frames: int, height: int, width: int) -> Path:
     video = np.stack([np.stack([(x + 3 * t) % 256, (y + 2 * t) % 256, (x + y) % 256], -1) for t in range(frames)])
     write_mp4(folder / "input.mp4", video.astype(np.uint8), 24)
     spec = {"prompt": "a robot arm picks up a red cube", "input_video_path": str(folder / "input.mp4"),
-            **{m: {"control_weight": 0.5} for m in CONTROLS}}  # computed controls (OpenCV), as a user's edge run
+            **{m: {"control_weight": weight} for m in CONTROLS}}  # computed controls (OpenCV); Cosmos 3 takes weight 1 only
     (folder / "spec.json").write_text(json.dumps(spec))
     return folder / "spec.json"
 
@@ -162,21 +165,25 @@ def main() -> None:
     p.add_argument("--small", action="store_true",
                    help="CPU check: transfer2.5-2b-small at 9 frames 64x96, 2 steps, placements 1 and 4 (gloo)")
     args = p.parse_args()
+    cosmos3 = args.preset in COSMOS3_PRESETS
     if args.small:
-        args.preset, args.height, args.width, args.frames, args.steps = "transfer2.5-2b-small", 64, 96, 9, 2
+        args.preset, args.height, args.width, args.frames, args.steps = (
+            ("cosmos3-tiny", 32, 48, 9, 2) if cosmos3 else ("transfer2.5-2b-small", 64, 96, 9, 2))
         args.placements = args.placements or "1,4"
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     dtype = dtype_for(device, args.dtype)
     print(f"{args.preset}, random weights, {device} ({str(dtype).removeprefix('torch.')}), chunk "
           f"{args.frames}x{args.height}x{args.width}, {args.steps} steps measured\n")
 
-    costs = stage_costs(args, device, dtype)
+    costs = cosmos3_costs(args, device, dtype, timed) if cosmos3 else stage_costs(args, device, dtype)
     print("| stage call | seconds | peak MB, measured | peak MB, --plan estimate | estimate / measured |")
     print("|---|---:|---:|---:|---:|")
     for name, (seconds, peak, estimate) in costs.items():
         ratio = f"{estimate / peak:.3f}" if peak else "-"
         print(f"| {name} | {seconds:.3f} | {peak / 1e6:.2f} | {estimate / 1e6:.2f} | {ratio} |")
-    if "dit" not in args.stages:
+    if cosmos3:
+        proj = cosmos3_projection(costs, args.full_steps, args.full_chunks)
+    elif "dit" not in args.stages:
         proj = {}
     else:
         proj = projection(costs, args.full_steps, args.full_chunks)
@@ -187,15 +194,17 @@ def main() -> None:
         print("|---|---:|")
         for name, seconds in proj.items():
             print(f"| {name} | {seconds:.1f} |")
-    print("\nupstream published (Transfer2.5-2B, edge, 720p, H100 NVL): "
-          + ", ".join(f"{n} GPU {s} s" for n, s in UPSTREAM_SECONDS.items()))
+    if not cosmos3:
+        print("\nupstream published (Transfer2.5-2B, edge, 720p, H100 NVL): "
+              + ", ".join(f"{n} GPU {s} s" for n, s in UPSTREAM_SECONDS.items()))
 
     worlds = [int(w) for w in args.placements.split(",") if w and int(w) > 0]
     gpus = torch.cuda.device_count()
     if worlds:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            spec = write_inputs(folder, args.chunks * (args.frames - 1) + 1, args.height, args.width)
+            spec = write_inputs(folder, args.chunks * (args.frames - 1) + 1, args.height, args.width,
+                                1.0 if cosmos3 else 0.5)
             for world in worlds:
                 if gpus and world > gpus:
                     print(f"\n{world} ranks: skipped ({gpus} GPU(s) visible)")

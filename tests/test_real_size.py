@@ -34,6 +34,25 @@ def test_real_size_small_prints_every_column():
     assert "rank 3: weights on cpu" in out and "FAILED" not in out
 
 
+def test_real_size_small_for_cosmos3():
+    """``--preset cosmos3-nano --small``: the same kit for Cosmos 3 (the embedded tiny model's configs, random
+    weights): the VAE calls and every transformer pass timed, measured beside ``--plan``'s estimate (within 25%), the
+    projection, a random-weight transfer.py run."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "real_size.py"), "--small", "--preset",
+                           "cosmos3-nano", "--placements", "1"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for call in ("encode (one hint)", "decode (one chunk)", "pass cond", "pass cond_no_control", "pass uncond"):
+        row = re.search(rf"^\| {re.escape(call)} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
+        assert row, call
+        seconds, measured, estimate, _ = map(float, row.groups())
+        assert seconds > 0 and measured > 0 and 0.75 < estimate / measured < 1.25, call
+    for name in ("1 GPU, all stages", "rank 0 \\+ DiT group, 3 pass branches"):
+        assert re.search(rf"^\| {name} \| [\d.]+ \|$", out, re.M), name
+    assert re.search(r"^1 rank\(s\), transfer.py --random_weights, 2 chunks x 2 steps: wall [\d.]+ s$", out, re.M)
+    assert "FAILED" not in out
+
+
 def test_dit_step_small_prints_every_table():
     """``benchmarks/dit_step.py --small``: the per-backend table (native, and _native_math against it), the counted
     FLOPs, the CFG steps with their peak memory, the taylorseer projections."""

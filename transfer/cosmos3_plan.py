@@ -68,8 +68,9 @@ def pass_inputs(hints, frames: int, height: int, width: int, guidance: float, co
 
 
 def estimate(info: Cosmos3Info, hints, frames: int, height: int, width: int, guidance: float,
-             control_guidance: float, dtype: torch.dtype) -> dict:
-    """Weights (bytes per component), activation peaks (bytes per call) and tokens per pass of one chunk."""
+             control_guidance: float, dtype: torch.dtype, target: str = "cuda") -> dict:
+    """Weights (bytes per component), activation peaks (bytes per call) and tokens per pass of one chunk; ``target``
+    ``cpu`` adds the im2col workspace of CPU's slow convolutions (``transfer.memory.TensorMemory``)."""
     from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer
     from diffusers.modular_pipelines.cosmos.denoise import Cosmos3TransferLoopDenoiser
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -85,12 +86,12 @@ def estimate(info: Cosmos3Info, hints, frames: int, height: int, width: int, gui
         latent = (1, info.vae["z_dim"], (frames - 1) // 4 + 1, height // 16, width // 16)
         for name, run in (("encode (one hint)", lambda: vae.encode(torch.zeros(1, 3, frames, height, width, dtype=dtype))),
                           ("decode (one chunk)", lambda: vae.decode(torch.zeros(latent, dtype=dtype)))):
-            with TensorMemory(workspace=False) as memory:
+            with TensorMemory(workspace=target == "cpu") as memory:
                 run()
             calls["vae"][name] = memory.peak
         holder = types.SimpleNamespace(transformer=transformer)  # what diffusers' pass reads of its components
         for name, (static, tokens, timesteps, kwargs) in passes.items():
-            with TensorMemory(workspace=False) as memory:
+            with TensorMemory(workspace=target == "cpu") as memory:
                 Cosmos3TransferLoopDenoiser._forward(holder, static, tokens, timesteps, name, **kwargs)
             calls["dit"][f"pass {name}"] = memory.peak
     tokens = {f"pass {name}": int(call[0]["sequence_length"]) for name, call in passes.items()}
