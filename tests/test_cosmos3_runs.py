@@ -167,3 +167,30 @@ def test_plan_for_cosmos3_nano(cache_dir):
     rank1 = re.search(r"^\s+1  dit\s+([\d.]+)\s+([\d.]+)", out, re.M)
     assert float(rank1.group(1)) == weights and abs(float(rank1.group(2)) - passes["cond"] / 2) < 0.02
     assert re.search(r"^\s+8  8 rank\(s\): 2 x sp 4", out, re.M)
+
+
+def test_expanded_kv_processor_equals_the_stock_one(cache_dir):
+    """The processor a GPU uses (KV heads expanded, the causal mask explicit: flash kernels instead of GQA's math
+    fallback) gives the stock processor's chunk latents within float rounding, two hints and all three passes."""
+    from PIL import Image
+
+    from transfer.cosmos3_attention import ExpandedCosmos3Processor, expand_kv_heads
+    from transfer.cosmos3_pipeline import load_cosmos3_pipeline
+    from transfer.cosmos3_stages import run_staged
+    from transfer.embedded_checkpoint import ensure_tiny_checkpoint
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(2)
+    video = [[Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)) for _ in range(9)] for _ in range(2)]
+    results = []
+    for expanded in (False, True):
+        pipe = load_cosmos3_pipeline(ensure_tiny_checkpoint("cosmos3-tiny"))
+        if expanded:
+            expand_kv_heads(pipe.transformer)
+            assert isinstance(pipe.transformer.layers[0].self_attn.processor, ExpandedCosmos3Processor)
+        results.append(run_staged(pipe, prompt="a red ball", negative_prompt="dark", height=32, width=48,
+                                  control_videos={"edge": video[0], "depth": video[1]}, num_frames=9,
+                                  num_video_frames_per_chunk=5, num_inference_steps=2, guidance_scale=3.0,
+                                  control_guidance=1.5, generator=torch.Generator().manual_seed(1), output_type="pt"))
+    (_, stock), (_, ours) = results
+    assert all(torch.isfinite(b).all() and (a - b).abs().max() < 1e-5 for a, b in zip(stock, ours))

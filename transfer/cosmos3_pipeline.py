@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from transfer.chunks import GenerationResult
 from transfer.config import GenerationSettings
+from transfer.cosmos3_attention import expand_kv_heads
 from transfer.cosmos3_checkpoint import HINT_OF, Cosmos3Info
 from transfer.errors import check_stop
 from transfer.prepare import PreparedRequest, resize_frames
@@ -41,7 +42,7 @@ def load_cosmos3(info: Cosmos3Info, device="cpu", dtype=torch.float32, parts=PAR
     weights from the preset's configs built on ``device`` in ``dtype`` (``--random_weights``: real-size time and
     memory without a download; the tokenizer is then the embedded preset's, Qwen's is not here). A stage without the
     transformer gets it on the meta device (no memory: the blocks it runs read its dtype and config); without the
-    VAE, none."""
+    VAE, none. On CUDA the transformer attends with expanded KV heads (``transfer.cosmos3_attention``)."""
     from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer, UniPCMultistepScheduler
 
     from transfer.embedded_checkpoint import ensure_tiny_checkpoint
@@ -59,6 +60,8 @@ def load_cosmos3(info: Cosmos3Info, device="cpu", dtype=torch.float32, parts=PAR
             torch.set_default_dtype(previous)
 
     transformer = build(Cosmos3OmniTransformer, "transformer", info.transformer, "transformer" in parts)
+    if "transformer" in parts and torch.device(device).type == "cuda":
+        expand_kv_heads(transformer)  # flash / cuDNN kernels instead of GQA's math fallback at long sequences
     vae = build(AutoencoderKLWan, "vae", info.vae, True) if "vae" in parts else None
     scheduler = (UniPCMultistepScheduler.from_pretrained(Path(info.root) / "scheduler") if info.root is not None
                  else UniPCMultistepScheduler.from_config(info.scheduler))

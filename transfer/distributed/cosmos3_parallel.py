@@ -12,8 +12,9 @@ its branch to the group, and lets diffusers' block combine them (its velocity fo
 
 **Sequence.** ``enable_ulysses`` splits every forward over a branch's ranks: the understanding and generation streams
 and the rotary tables are split at the decoder layers (diffusers' hooks, a hand plan: the model has none), each layer
-attends with ``UlyssesCosmos3Processor`` (KV heads expanded for the all-to-all, the understanding stream's causal
-mask built explicitly over the gathered length, ragged shards through diffusers' ``ulysses_anything``), and the
+attends with ``transfer.cosmos3_attention.ExpandedCosmos3Processor`` (KV heads expanded for the all-to-all, the
+understanding stream's causal mask built explicitly over the gathered length, ragged shards through diffusers'
+``ulysses_anything``), and the
 streams are gathered after the final norms through the model's ``_cp_gather_fn`` seam (padded: gloo's all-gather
 refuses unequal sizes). **The stock ``Cosmos3AttnProcessor`` attends within one shard under these hooks: a wrong video
 (measured max diff 0.62, ../shared/COSMOS3.md)**; ``check_processors`` refuses it.
@@ -24,11 +25,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from diffusers.models._modeling_parallel import ContextParallelConfig, ContextParallelInput
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_cosmos3 import Cosmos3AttnProcessor, _rotate_half
+from diffusers.models.transformers.transformer_cosmos3 import Cosmos3AttnProcessor
 from diffusers.modular_pipelines.cosmos.denoise import Cosmos3TransferLoopDenoiser
 from diffusers.utils import logging as diffusers_logging
 
+from transfer.cosmos3_attention import ExpandedCosmos3Processor, expand_kv_heads
 from transfer.distributed.sequence_parallel import Branch, _one_accelerator, padded_gather
 from transfer.errors import TransferError
 
@@ -36,51 +37,6 @@ from transfer.errors import TransferError
 #: layer, the (cos, sin) tables of both streams at every layer. The gather is the model's ``_cp_gather_fn`` seam.
 _ROWS = ContextParallelInput(split_dim=0, expected_dims=2)
 CP_PLAN = {"layers.0": {"und_seq": _ROWS, "gen_seq": _ROWS}, "layers.*": {"rotary_emb": [_ROWS] * 4}}
-
-
-def _rope(x, cos, sin):
-    return x * cos + _rotate_half(x) * sin
-
-
-class UlyssesCosmos3Processor(Cosmos3AttnProcessor):
-    """Cosmos 3's dual-stream attention (``Cosmos3AttnProcessor``'s arithmetic) over a whole sequence split across a
-    branch: KV heads repeated to the query heads (the all-to-all splits heads), the understanding stream's causal
-    mask explicit over its gathered length (the context-parallel dispatch takes no ``is_causal``), the generation
-    stream attending to both streams' keys (non-causal: the order of keys across shards does not matter)."""
-
-    _parallel_config = None
-
-    def __call__(self, attn, und_seq, gen_seq, rotary_emb):
-        config = self._parallel_config
-        if config is None:
-            raise TransferError("UlyssesCosmos3Processor runs only in a sequence-parallel Cosmos 3 transformer")
-        q_und = attn.norm_q(attn.to_q(und_seq).view(-1, attn.num_attention_heads, attn.head_dim))
-        k_und = attn.norm_k(attn.to_k(und_seq).view(-1, attn.num_key_value_heads, attn.head_dim))
-        v_und = attn.to_v(und_seq).view(-1, attn.num_key_value_heads, attn.head_dim)
-        k_und_for_gen = attn.k_norm_und_for_gen(k_und) if attn.k_norm_und_for_gen is not None else k_und
-        q_gen = attn.norm_added_q(attn.add_q_proj(gen_seq).view(-1, attn.num_attention_heads, attn.head_dim))
-        k_gen = attn.norm_added_k(attn.add_k_proj(gen_seq).view(-1, attn.num_key_value_heads, attn.head_dim))
-        v_gen = attn.add_v_proj(gen_seq).view(-1, attn.num_key_value_heads, attn.head_dim)
-        cos_und, sin_und, cos_gen, sin_gen = (r.unsqueeze(1) for r in rotary_emb)
-        q_und, k_und, k_und_for_gen = (_rope(x, cos_und, sin_und) for x in (q_und, k_und, k_und_for_gen))
-        q_gen, k_gen = _rope(q_gen, cos_gen, sin_gen), _rope(k_gen, cos_gen, sin_gen)
-        repeat = attn.num_attention_heads // attn.num_key_value_heads
-        k_und, v_und, k_und_for_gen, k_gen, v_gen = (x.repeat_interleave(repeat, 1)
-                                                     for x in (k_und, v_und, k_und_for_gen, k_gen, v_gen))
-        group = config.context_parallel_config._flattened_mesh.get_group()
-        lengths = [torch.zeros(1, dtype=torch.int64, device=q_und.device) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(lengths, torch.tensor([q_und.shape[0]], device=q_und.device), group=group)
-        s_und = int(sum(int(n) for n in lengths))
-        causal = torch.ones(s_und, s_und, dtype=torch.bool, device=q_und.device).tril_().view(1, 1, s_und, s_und)
-
-        def attend(q, k, v, mask):
-            out = dispatch_attention_fn(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
-                                        is_causal=False, backend=self._attention_backend, parallel_config=config)
-            return out.squeeze(0).flatten(-2)
-
-        und_out = attend(q_und, k_und, v_und, causal)
-        gen_out = attend(q_gen, torch.cat([k_und_for_gen, k_gen]), torch.cat([v_und, v_gen]), None)
-        return attn.to_out(und_out), attn.to_add_out(gen_out)
 
 
 def attention_modules(transformer):
@@ -96,18 +52,17 @@ def check_processors(transformer, sp: int) -> None:
     for name, module in attention_modules(transformer):
         proc = module.processor
         cp = getattr(getattr(proc, "_parallel_config", None), "context_parallel_config", None)
-        if not isinstance(proc, UlyssesCosmos3Processor) or cp is None or cp._flattened_mesh.size() != sp:
+        if not isinstance(proc, ExpandedCosmos3Processor) or cp is None or cp._flattened_mesh.size() != sp:
             raise TransferError(
                 f"sequence parallel (sp {sp}): transformer.{name} uses {type(proc).__name__}, which attends within "
                 "one shard under the context-parallel hooks and would give a wrong video; its processor must be "
-                "transfer.distributed.cosmos3_parallel.UlyssesCosmos3Processor, set before enable_parallelism")
+                "transfer.cosmos3_attention.ExpandedCosmos3Processor, set before enable_parallelism")
 
 
 def enable_ulysses(transformer, branch: Branch) -> None:
     """Split every forward of ``transformer`` over ``branch``'s ranks; checks the result."""
     sp = len(branch.ranks)
-    for _, module in attention_modules(transformer):
-        module.set_processor(UlyssesCosmos3Processor())
+    expand_kv_heads(transformer)
     config = ContextParallelConfig(ulysses_degree=sp, ring_degree=1, ulysses_anything=True, mesh=branch.mesh)
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its "experimental feature" warning, once per rank
