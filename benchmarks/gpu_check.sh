@@ -12,7 +12,9 @@
 #      beside --plan's estimate (FakeTensorMode: the stack's check too); with >= 2 GPUs, the torchrun placements;
 #   3. smoke: the main command (demo checkpoint, face pixelation on) and the tiny Transfer2.5 example on this GPU;
 #   4. tests/test_cuda.py (bf16 vs fp32, CUDA vs CPU, NCCL stage processes with >= 2 GPUs);
-#   5. --plan for the 2B preset.
+#   5. --plan for the 2B preset;
+#   6. Cosmos 3: benchmarks/real_size.py --preset cosmos3-nano at 720p 121 frames (VAE calls and each transformer pass,
+#      random weights, beside --plan), the tiny Cosmos 3 example on this GPU, and with >= 2 GPUs under torchrun.
 # On this workplace's lent machine first run benchmarks/gpu_wheels.sh here and carry .whl (the script installs it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,4 +75,23 @@ for w in 1 ${WORLDS//,/ }; do
     | sed 's/^/    /'
   echo
 done
+section "6. Cosmos 3 (docs/cosmos3.md)"
+if [ -z "${QUICK:-}" ]; then
+  run "${COSMOS3_LIMIT:-180}" $PY benchmarks/real_size.py --preset cosmos3-nano --height 720 --width 1280 --frames 121 \
+    --steps 1 --placements "" 2>&1 | quiet
+fi
+C3=$(mktemp -d)
+run 90 $PY transfer.py --checkpoint_preset cosmos3-tiny -i assets/example_cosmos3.json -o "$C3/one" --save_raw 2>&1 \
+  | grep -E "INFO.*(placement|wrote)|error|Error|SECTION" | sed 's/^/    /'
+if [ "$GPUS" -ge 2 ]; then
+  run 120 torchrun --nproc_per_node 2 transfer.py --checkpoint_preset cosmos3-tiny -i assets/example_cosmos3.json \
+    -o "$C3/two" --save_raw --cp-size 2 2>&1 | grep -E "INFO.*(placement|wrote)|error|Error|SECTION" | sed 's/^/    /'
+  C3="$C3" $PY - <<'PYEOF' 2>&1
+import os
+import numpy as np
+a, b = (np.load(f"{os.environ['C3']}/{d}/example_cosmos3.npz") for d in ("one", "two"))
+print(f"    cosmos3 sp 2 vs one GPU: latents max diff {abs(a['latents'] - b['latents']).max():.3e}, "
+      f"frames max diff {abs(a['frames'].astype(int) - b['frames'].astype(int)).max()}")
+PYEOF
+fi
 echo "total $((SECONDS - START)) s; report: $REPORT"

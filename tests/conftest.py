@@ -27,9 +27,9 @@ if _WORKER.startswith("gw"):
 MOST_WORK_FIRST = ("test_docs.py", "test_distributed.py", "test_sequence_parallel.py", "test_transfer25.py",
                    "test_resume.py", "test_train_demo.py", "test_stage_failures.py", "test_equality.py", "test_ab.py",
                    "test_step_cache.py", "test_guardrails.py", "test_sequence_parallel_benchmark.py",
-                   "test_long_video.py", "test_signals.py", "test_random_weights.py", "test_acceleration.py",
-                   "test_real_size.py", "test_demo_checkpoint.py", "test_cosmos3.py", "test_batch_hostile.py",
-                   "test_cli.py")
+                   "test_long_video.py", "test_cosmos3_runs.py", "test_signals.py", "test_random_weights.py",
+                   "test_acceleration.py", "test_real_size.py", "test_demo_checkpoint.py", "test_cosmos3.py",
+                   "test_batch_hostile.py", "test_cli.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -1,5 +1,6 @@
-"""Cosmos 3 (issue 33), first pieces: the embedded ``cosmos3-tiny`` checkpoint in diffusers' layout, and diffusers'
-own ``Cosmos3OmniModularPipeline`` (the reference side) running transfer on it from that folder."""
+"""Cosmos 3 (issue 33): the embedded ``cosmos3-tiny`` checkpoint in diffusers' layout, diffusers' own
+``Cosmos3OmniModularPipeline`` running transfer on it from that folder, the stage boundaries, the folder checks
+(tests/test_cosmos3_runs.py: through transfer.py)."""
 
 from __future__ import annotations
 
@@ -77,8 +78,9 @@ def test_stages_on_separate_states_equal_the_pipeline(cache_dir):
     assert staged.shape == reference.shape == (9, 3, 32, 48) and torch.equal(staged, reference)
 
 
-def test_a_cosmos3_folder_given_to_transfer_py_is_one_line(cache_dir):
-    """Until transfer.py runs Cosmos 3, its folder is recognised and refused by name, not by a missing part."""
+def test_a_cosmos3_folder_given_to_the_transfer25_reader_is_one_line(cache_dir):
+    """Transfer2.5's folder reader (the A/B reference's) refuses a Cosmos 3 folder by name, not by a missing part;
+    transfer.py recognises it first (``cosmos3_checkpoint.model_info``)."""
     import pytest
 
     from transfer.checkpoint import inspect_checkpoint

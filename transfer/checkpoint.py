@@ -120,7 +120,7 @@ def inspect_checkpoint(root: str | Path) -> CheckpointInfo:
     transformer = _read_config(root, "transformer")
     if transformer.get("_class_name") == COSMOS3_TRANSFORMER:
         raise TransferError(f"checkpoint {root} is a Cosmos 3 checkpoint (transformer/ holds {COSMOS3_TRANSFORMER}): "
-                            "this version runs Cosmos-Transfer2.5 / transfer1 checkpoints only")
+                            "this reads Transfer2.5 / transfer1 folders (transfer.py runs Cosmos 3 ones, docs/cosmos3.md)")
     configs = {}
     for component, cls in COMPONENT_CLASSES.items():
         filename = "scheduler_config.json" if component == "scheduler" else "config.json"

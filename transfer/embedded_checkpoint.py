@@ -26,6 +26,8 @@ from transfer.text_encoding import text_encoder_class
 
 #: Bump when the tiny layout or weights change, so stale caches are not reused.
 TINY_VERSION = 2  # 2: preprocessors/ (depth, seg, keypoint) added
+#: The embedded Cosmos 3 preset's version (3: its tokenizer's context is a chat model's, not T5's 512).
+COSMOS3_TINY_VERSION = 3
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 #: A minimal chat template in Qwen's shape, for the tiny Qwen2.5-VL tokenizer.
@@ -42,11 +44,12 @@ def cache_root() -> Path:
 
 
 def build_tokenizer(chat: bool, words: tuple[str, ...] | None = None, eos: str = EOS,
-                    chat_tokens: tuple[str, ...] = CHAT_TOKENS, template: str = CHAT_TEMPLATE):
+                    chat_tokens: tuple[str, ...] = CHAT_TOKENS, template: str = CHAT_TEMPLATE, max_length: int = 512):
     """A fast tokenizer built locally (no download), saved like any HF tokenizer: one token per character, or with
     ``words`` one per word (lower-cased, punctuation split off; any other word is ``<unk>``: the demo checkpoint's
     tokenizer over its world's words, ``demo.world.WORDS``). ``eos``, ``chat_tokens`` and ``template``: a chat
-    model's own (Cosmos 3's: ``<|endoftext|>``, ``<|vision_start|>``, messages with string content)."""
+    model's own (Cosmos 3's: ``<|endoftext|>``, ``<|vision_start|>``, messages with string content); ``max_length``:
+    the longest input it takes (T5's 512; a chat model's context)."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
@@ -67,7 +70,7 @@ def build_tokenizer(chat: bool, words: tuple[str, ...] | None = None, eos: str =
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, eos_token=eos, unk_token=UNK,
         additional_special_tokens=list(chat_tokens) if chat else None,
-        model_max_length=512,
+        model_max_length=max_length,
     )
     if chat:
         fast.chat_template = template
@@ -117,7 +120,7 @@ def _save_cosmos3(cfg: Cosmos3Config, out: Path, seed: int) -> None:
 
     tokenizer = build_tokenizer(chat=True, eos="<|endoftext|>", chat_tokens=("<|im_start|>", "<|im_end|>",
                                                                              "<|vision_start|>"),
-                                template=COSMOS3_CHAT_TEMPLATE)
+                                template=COSMOS3_CHAT_TEMPLATE, max_length=131072)  # a chat model's context
     if len(tokenizer) > cfg.transformer["vocab_size"]:
         raise ValueError(f"{cfg.name}: {len(tokenizer)} tokens exceed the transformer's vocabulary")
     tokenizer.save_pretrained(out / "text_tokenizer")
@@ -157,7 +160,7 @@ def ensure_tiny_checkpoint(name: str = "tiny") -> Path:
     if not cfg.embedded:
         raise TransferError(f"checkpoint preset {name!r} is configs only (for --plan); "
                             "give --checkpoint_dir with real weights to generate")
-    path = cache_root() / f"{name}-v{TINY_VERSION}"
+    path = cache_root() / f"{name}-v{COSMOS3_TINY_VERSION if name in COSMOS3_PRESETS else TINY_VERSION}"
     if not (path / "transformer").is_dir():
         logger.info(f"building the embedded {name!r} random-weight checkpoint at {path}")
         write_checkpoint(cfg, path)

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "sequence (Ulysses; N must split the DiT's attention heads and fit in a node). Upstream "
                      "Transfer2.5 defaults it to WORLD_SIZE; here the default chooses the layout that ends the run "
                      "soonest (one video: one DiT group over every rank, CFG branches on separate ranks) and prints it "
-                     "(docs/parallelism.md)")
+                     "(docs/parallelism.md; Cosmos 3: each transformer pass over N ranks, docs/cosmos3.md)")
     run.add_argument("--compile", choices=("none", "torch", "tensorrt"), default="none",
                      help="compile the DiT, ControlNets and VAE of the stages a process holds: torch = torch.compile "
                      "(CPU or CUDA); tensorrt = torch-tensorrt engines, cached on disk (pip install '.[tensorrt]', "
