@@ -97,13 +97,19 @@ def test_pass_deal_and_layouts():
     assert deal_passes(passes, 2) == {"cond": 0, "uncond": 1, "cond_no_control": 1}
     assert deal_passes(passes, 3) == {"cond": 0, "uncond": 1, "cond_no_control": 2}
     assert deal_passes([("cond", 300)], 2) == {"cond": 0}  # an interval switched the others off: branch 1 idles
+    def shape(world, sp=None, passes=None):
+        layout = cosmos3_layout(world, sp, passes, 32)
+        return layout.dit_ranks[0], layout.passes, layout.sp
+
     assert cosmos3_layout(1, None, None, 32).dit_ranks == (0,)
-    assert cosmos3_layout(4, None, None, 32).dit_ranks == (1, 2, 3)  # 3 pass branches beside rank 0
-    layout = cosmos3_layout(4, 2, None, 32)
+    layout = cosmos3_layout(4, None, None, 32)  # every rank, 2 pass branches x sp 2
     assert (layout.dit_ranks, layout.passes, layout.branches()) == ((0, 1, 2, 3), 2, [(0, 1), (2, 3)])
-    assert cosmos3_layout(9, 4, 2, 32).dit_ranks == tuple(range(1, 9))
-    for world, sp, passes, match in ((4, 3, 2, "6 DiT ranks"), (4, None, 4, "--cfgp-size must be 1 to 3"),
-                                     (1, 2, None, "need as many processes")):
+    assert shape(4, passes=3) == (1, 3, 1)  # 3 branches beside rank 0
+    assert [shape(w) for w in (2, 3, 5, 6, 7, 8, 9)] == [(0, 2, 1), (0, 3, 1), (1, 2, 2), (0, 3, 2), (1, 3, 2),
+                                                         (0, 2, 4), (1, 2, 4)]  # sp dividing the 32 heads first
+    assert shape(9, 4, 2) == (1, 2, 4) and shape(11) == (0, 1, 11)  # 11 ranks: no even split, heads padded
+    for world, sp, passes, match in ((4, 3, 2, "--cfgp-size 2 x --cp-size 3: with 4 processes"),
+                                     (4, None, 4, "--cfgp-size must be 1 to 3"), (1, 2, None, "need as many")):
         with pytest.raises(TransferError, match=match):
             cosmos3_layout(world, sp, passes, 32)
 

@@ -64,28 +64,27 @@ class Cosmos3Layout:
 
 
 def cosmos3_layout(world: int, sp: int | None, passes: int | None, heads: int) -> Cosmos3Layout:
-    """The ranks of a Cosmos 3 run: rank 0 holds the coordinator, tokenizer and VAE; the DiT group is ranks 1.. or
-    every rank. Unset degrees: sp 1, and as many pass branches (up to 3) as fill the group."""
+    """The ranks of a Cosmos 3 run: rank 0 holds the coordinator, the tokenizer and the VAE; the DiT group (pass
+    branches x sp ranks) is ranks 1.. or every rank. Degrees left unset are chosen among the groups that fit: sp
+    dividing the attention heads first (no padded heads), then the most ranks (the ranks run in lockstep: rank 0
+    idles in the DiT's time unless it is in the group), then the most pass branches (a pass split is exact and costs
+    one broadcast of a prediction; sp costs all-to-alls in every layer)."""
     if world == 1:
         if (sp or 1) > 1 or (passes or 1) > 1:
             raise TransferError("--cp-size / --cfgp-size above 1 need as many processes (torchrun --nproc_per_node)")
         return Cosmos3Layout(1, (0,), 1, 1)
-    sp = sp or 1
-    if sp < 1 or heads % sp and sp > heads:
-        raise TransferError(f"--cp-size {sp} must be between 1 and the transformer's {heads} attention heads")
-    if passes is None:
-        fits = [size // sp for size in (world - 1, world) if size % sp == 0 and 1 <= size // sp <= MAX_PASSES]
-        if not fits:
-            raise TransferError(f"--cp-size {sp} with {world} processes: the DiT group (pass branches x cp-size) must "
-                                f"hold {world - 1} or {world} ranks with at most {MAX_PASSES} branches: give --cfgp-size")
-        passes = fits[0]
-    if not 1 <= passes <= MAX_PASSES:
+    if sp is not None and sp < 1:
+        raise TransferError(f"--cp-size must be at least 1, got {sp}")
+    if passes is not None and not 1 <= passes <= MAX_PASSES:
         raise TransferError(f"--cfgp-size must be 1 to {MAX_PASSES} (a step runs at most {MAX_PASSES} passes), got "
                             f"{passes}")
-    size = passes * sp
-    if size not in (world - 1, world):
-        raise TransferError(f"--cfgp-size {passes} x --cp-size {sp} = {size} DiT ranks: with {world} processes the "
-                            f"DiT group holds {world - 1} (rank 0 apart) or {world}")
+    fits = [(size, b, size // b) for size in (world, world - 1) for b in range(1, MAX_PASSES + 1)
+            if size % b == 0 and (passes is None or b == passes) and (sp is None or size // b == sp)]
+    if not fits:
+        given = " x ".join(f"{flag} {v}" for flag, v in (("--cfgp-size", passes), ("--cp-size", sp)) if v is not None)
+        raise TransferError(f"{given}: with {world} processes the DiT group (pass branches x cp-size ranks, at most "
+                            f"{MAX_PASSES} branches) must hold {world - 1} ranks (rank 0 apart) or {world}")
+    size, passes, sp = max(fits, key=lambda f: (heads % f[2] == 0, f[0], f[1]))
     return Cosmos3Layout(world, tuple(range(world - size, world)), passes, sp)
 
 
