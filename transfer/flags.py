@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                      '{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}')
     run.add_argument("--cfgp_size", "--cfgp-size", type=int, metavar="N",
                      help="Cosmos 3 (NVIDIA's cosmos-framework spelling): branches of the DiT group that deal each "
-                     "step's transformer passes (cond, cond without hints, uncond) among them, 1 to 3 (default: as many "
-                     "as fill WORLD_SIZE - 1 or WORLD_SIZE ranks with --cp-size) (docs/cosmos3.md)")
+                     "step's transformer passes (cond, cond without hints, uncond) among them, 1 to 3; with --cp-size it must "
+                     "fill WORLD_SIZE - 1 or WORLD_SIZE ranks (default: chosen with --cp-size and printed, "
+                     "docs/cosmos3.md)")
     run.add_argument("--context_parallel_size", "--context-parallel-size", "--cp_size", "--cp-size", type=int,
                      metavar="N",
                      help="split each DiT and ControlNet forward of a guidance branch over N ranks along the token "
