@@ -36,6 +36,46 @@ DIT_TO_VAE = ("latents",)
 VAE_TO_STITCH = ("output_chunks", "total_frames")
 
 
+def hint_latents(pipe, state, chunk: int) -> list[torch.Tensor]:
+    """Chunk ``chunk``'s hint latents from the state's ``control_frames``: the first half of diffusers'
+    ``Cosmos3TransferChunkVaeEncoderStep`` (the window sliced and reflect-padded to a full chunk, each hint encoded),
+    on its own so that a VAE rank outside the DiT group encodes chunk k+1's hints while the DiT denoises chunk k
+    (they depend on no earlier chunk). Equal to the block's (tests/test_cosmos3_runs.py)."""
+    chunk_frames, start = state.get("chunk_frames"), chunk * state.get("stride")
+    end = min(start + chunk_frames, state.get("total_frames"))
+    out = []
+    for frames in state.get("control_frames").values():
+        frames = frames[:, :, start:end]
+        while frames.shape[2] < chunk_frames:
+            pad = min(frames.shape[2] - 1, chunk_frames - frames.shape[2])
+            if pad <= 0:
+                frames = torch.cat([frames, frames[:, :, -1:].repeat(1, 1, chunk_frames - frames.shape[2], 1, 1)], 2)
+                break
+            frames = torch.cat([frames, frames.flip(dims=[2])[:, :, :pad]], dim=2)
+        out.append(pipe._encode_video(frames).contiguous().float())
+    return out
+
+
+def seed_latents(pipe, state) -> None:
+    """The block's second half for a later chunk (``chunk_id`` > 0, no first-chunk video): the target seeded with the
+    previous decode's last ``num_conditional_frames`` frames, the rest repeating the last of them, encoded
+    (``x0_tokens_vision``, ``current_conditional_frames``); the first chunk's target is zeros."""
+    chunk_frames, previous = state.get("chunk_frames"), state.get("previous_output")
+    vae = pipe.vae
+    target = torch.zeros(1, 3, chunk_frames, state.get("height"), state.get("width"), device=vae.device,
+                         dtype=vae.dtype)
+    conditional = 0
+    if state.get("chunk_id") > 0 and previous is not None:
+        conditional = min(state.get("num_conditional_frames"), previous.shape[2], chunk_frames)
+        if conditional > 0:
+            target[:, :, :conditional] = previous[:, :, -conditional:].to(device=vae.device, dtype=vae.dtype)
+    if 0 < conditional < chunk_frames:
+        target[:, :, conditional:] = target[:, :, conditional - 1:conditional].expand(
+            -1, -1, chunk_frames - conditional, -1, -1)
+    state.set("x0_tokens_vision", pipe._encode_video(target).contiguous().float())
+    state.set("current_conditional_frames", conditional)
+
+
 def execution_blocks(pipe, control_videos: dict):
     """The transfer branch's blocks (diffusers picks it when ``control_videos`` is given), their step bars off (the
     callers show their own)."""

@@ -16,8 +16,9 @@ Fields cross as ``cosmos3_stages.pack_fields`` packs them (structure as JSON-abl
 world group (gloo; CPU copies). The DiT group is ranks 1.. (``cfgp x cp = WORLD_SIZE - 1``), or every rank with rank 0
 sharing its GPU (``cfgp x cp = WORLD_SIZE``).
 
-Not yet here (the Transfer2.5 runtime has them; docs/cosmos3.md): several requests in flight, hint latents encoded
-ahead of the DiT, several DiT groups, ``--placement`` files.
+Rank 0 outside the DiT group encodes chunk k+1's hints while the group denoises chunk k (``hint_latents``, then only
+the seed waits for the decode). Not yet here (the Transfer2.5 runtime has them; docs/cosmos3.md): several requests in
+flight, several DiT groups, ``--placement`` files.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from loguru import logger
 from transfer.cosmos3_pipeline import finish, load_cosmos3, per_pass, pipeline_inputs
 from transfer.cosmos3_stages import (DECODE_BLOCKS, DIT_BLOCKS, DIT_TO_VAE, ENCODE_BLOCKS, STITCH_BLOCKS,
                                      TEXT_BLOCKS, TEXT_TO_DIT, TEXT_TO_VAE, VAE_TO_DIT, VAE_TO_STITCH, copy_fields,
-                                     execution_blocks, initial_state, pack_fields, run_blocks, unpack_fields)
+                                     execution_blocks, hint_latents, initial_state, pack_fields, run_blocks,
+                                     seed_latents, unpack_fields)
 from transfer.device import default_device, dtype_for
 from transfer.distributed import sequence_parallel
 from transfer.distributed.cosmos3_parallel import check_processors, enable_ulysses, install_pass_split
@@ -156,15 +158,27 @@ class Cosmos3Ranks:
         if self.dit:
             dit = initial_state(blocks, inputs)
             copy_fields(text, dit, TEXT_TO_DIT)
+        # outside the DiT group rank 0 encodes chunk k+1's hints while the group denoises chunk k; in it, it runs
+        # diffusers' encode block as one process does
+        ahead = not self.dit and inputs.get("video") is None
+        hints = hint_latents(self.pipe, vae, 0) if ahead else None
+        num_chunks = text.get("num_chunks")
         with per_pass(self.pipe.transformer, prepared.request.name):
-            for chunk in range(text.get("num_chunks")):
+            for chunk in range(num_chunks):
                 vae.set("chunk_id", chunk)
-                vae = run_blocks(self.pipe, blocks, ENCODE_BLOCKS, vae)
-                latents = self.denoise(blocks, dit, chunk, _send(_fields(vae, VAE_TO_DIT), 0))
+                if ahead:
+                    seed_latents(self.pipe, vae)
+                    vae.set("control_latents", hints)
+                else:
+                    vae = run_blocks(self.pipe, blocks, ENCODE_BLOCKS, vae)
+                encoded = _send(_fields(vae, VAE_TO_DIT), 0)
+                if ahead and chunk + 1 < num_chunks:
+                    hints = hint_latents(self.pipe, vae, chunk + 1)  # the DiT group works meanwhile
+                latents = self.denoise(blocks, dit, chunk, encoded)
                 _take(latents, vae, self.device)
                 chunks.append(vae.get("latents"))
                 vae = run_blocks(self.pipe, blocks, DECODE_BLOCKS, vae)
-                logger.info(f"{prepared.request.name}: chunk {chunk + 1}/{text.get('num_chunks')} decoded")
+                logger.info(f"{prepared.request.name}: chunk {chunk + 1}/{num_chunks} decoded")
         stitch = initial_state(blocks, inputs)
         copy_fields(vae, stitch, VAE_TO_STITCH)
         return finish(prepared, run_blocks(self.pipe, blocks, STITCH_BLOCKS, stitch).get("videos"), chunks)
