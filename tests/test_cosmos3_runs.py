@@ -74,8 +74,8 @@ def test_single_process_equals_diffusers_modular_pipeline(spec, tmp_path):
 
 def test_stage_processes_equal_one_process(spec, tmp_path):
     """4 processes, a DiT group of 2 pass branches x sp 2 over every rank (rank 0 also tokenizes, encodes and
-    decodes): the latents within 1e-5 of one process, no NaN. 4 processes dealing 3 passes over ranks 1-3: bit for
-    bit (the same files)."""
+    decodes): the latents within 1e-5 of one process, no NaN. 4 processes dealing 3 passes over ranks 1-3 (a
+    ``--placement`` file; rank 0 encodes the next chunk's hints meanwhile): bit for bit (the same files)."""
     run(1, spec, tmp_path / "one")
     one = np.load(tmp_path / "one" / "c3.npz")
     log = run(4, spec, tmp_path / "sp", "--cp-size", "2")
@@ -84,14 +84,17 @@ def test_stage_processes_equal_one_process(spec, tmp_path):
     assert sp["latents"].shape == one["latents"].shape == (3, 48, 3, 2, 3)
     assert np.isfinite(sp["latents"]).all() and np.abs(sp["latents"] - one["latents"]).max() < 1e-5
     assert np.abs(sp["frames"].astype(int) - one["frames"].astype(int)).max() <= 1  # uint8, truncated
-    run(4, spec, tmp_path / "passes", "--cfgp-size", "3")
+    placement = tmp_path / "placement.json"  # 3 pass branches on ranks 3, 1, 2 (rank 3 leads: its latents go back)
+    placement.write_text(json.dumps({"coordinator": 0, "vae": 0, "dit_groups": [{"ranks": [3, 1, 2], "cfg": 3}]}))
+    assert "DiT group on ranks 3,1,2: 3 pass branch(es) x sp 1" in run(4, spec, tmp_path / "passes", "--placement",
+                                                                        str(placement))
     for name in ("c3.npz", "c3.mp4"):
         assert (tmp_path / "passes" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
 
 
-def test_pass_deal_and_layouts():
+def test_pass_deal_and_layouts(tmp_path):
     from transfer.distributed.cosmos3_parallel import deal_passes
-    from transfer.distributed.cosmos3_ranks import cosmos3_layout
+    from transfer.distributed.cosmos3_ranks import cosmos3_layout, cosmos3_layout_file
 
     passes = [("cond", 300), ("cond_no_control", 100), ("uncond", 290)]
     assert deal_passes(passes, 2) == {"cond": 0, "uncond": 1, "cond_no_control": 1}
@@ -108,6 +111,13 @@ def test_pass_deal_and_layouts():
     assert [shape(w) for w in (2, 3, 5, 6, 7, 8, 9)] == [(0, 2, 1), (0, 3, 1), (1, 2, 2), (0, 3, 2), (1, 3, 2),
                                                          (0, 2, 4), (1, 2, 4)]  # sp dividing the 32 heads first
     assert shape(9, 4, 2) == (1, 2, 4) and shape(11) == (0, 1, 11)  # 11 ranks: no even split, heads padded
+    for data, match in (({"vae": 1}, "vae must be rank 0"), ({"dit_groups": [[1], [2]]}, "one DiT group"),
+                        ({"dit_groups": [{"ranks": [1, 2], "cfg": 2}]}, "rank 3 has no stage"),
+                        ({"dit_groups": [{"ranks": [1, 2, 3, 0], "cfg": 4}]}, "cfg \\(1 to 3 pass branches\\)")):
+        path = tmp_path / "placement.json"
+        path.write_text(json.dumps(data))
+        with pytest.raises(TransferError, match=match):
+            cosmos3_layout_file(path, 4)
     for world, sp, passes, match in ((4, 3, 2, "--cfgp-size 2 x --cp-size 3: with 4 processes"),
                                      (4, None, 4, "--cfgp-size must be 1 to 3"), (1, 2, None, "need as many")):
         with pytest.raises(TransferError, match=match):

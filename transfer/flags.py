@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "1 without torchrun; with --plan, the GPUs to plan for). Stages are placed by the preset for that "
                      "many ranks (docs/parallelism.md)")
     run.add_argument("--placement", help="JSON file overriding the stage placement: "
-                     '{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}')
+                     '{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]} (Cosmos 3: one DiT group, its "cfg" '
+                     "counting pass branches, docs/cosmos3.md)")
     run.add_argument("--cfgp_size", "--cfgp-size", type=int, metavar="N",
                      help="Cosmos 3 (NVIDIA's cosmos-framework spelling): branches of the DiT group that deal each "
                      "step's transformer passes (cond, cond without hints, uncond) among them, 1 to 3; with --cp-size it must "

@@ -18,7 +18,7 @@ sharing its GPU (``cfgp x cp = WORLD_SIZE``).
 
 Rank 0 outside the DiT group encodes chunk k+1's hints while the group denoises chunk k (``hint_latents``, then only
 the seed waits for the decode). Not yet here (the Transfer2.5 runtime has them; docs/cosmos3.md): several requests in
-flight, several DiT groups, ``--placement`` files.
+flight, several DiT groups.
 """
 
 from __future__ import annotations
@@ -88,6 +88,55 @@ def cosmos3_layout(world: int, sp: int | None, passes: int | None, heads: int) -
                             f"{MAX_PASSES} branches) must hold {world - 1} ranks (rank 0 apart) or {world}")
     size, passes, sp = max(fits, key=lambda f: (heads % f[2] == 0, f[0], f[1]))
     return Cosmos3Layout(world, tuple(range(world - size, world)), passes, sp)
+
+
+def cosmos3_layout_file(path, world: int) -> Cosmos3Layout:
+    """``--placement`` for Cosmos 3, in the Transfer2.5 file's vocabulary: ``{"coordinator": 0, "vae": 0,
+    "dit_groups": [{"ranks": [1, 2, 3, 4], "cfg": 2, "sp": 2}]}``; ``cfg`` counts the pass branches (1-3, also
+    ``cfgp``), ``sp`` the ranks per pass (also ``cp``). The coordinator, tokenizer (``text``) and VAE are rank 0; one DiT
+    group, which may include rank 0; every rank takes part."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise TransferError(f"cannot read placement file {path}: {e}") from None
+    where = f"placement file {path} (Cosmos 3)"
+    unknown = sorted(set(data) - {"coordinator", "text", "vae", "dit_groups"}) if isinstance(data, dict) else ["?"]
+    if unknown:
+        raise TransferError(f"{where}: unknown key {unknown[0]!r} (coordinator, text, vae, dit_groups)")
+    for key in ("coordinator", "text", "vae"):
+        if data.get(key, 0) not in (0, [0]):
+            raise TransferError(f"{where}: {key} must be rank 0 (rank 0 holds the coordinator, the tokenizer and the VAE)")
+    groups = data.get("dit_groups", [[0]])
+    if not isinstance(groups, list) or len(groups) != 1:
+        raise TransferError(f"{where}: one DiT group (several are not supported for Cosmos 3 yet)")
+    group = groups[0] if isinstance(groups[0], dict) else {"ranks": groups[0]}
+    bad = sorted(set(group) - {"ranks", "cfg", "cfgp", "sp", "cp"})
+    ranks = group.get("ranks")
+    if bad or not isinstance(ranks, list) or not ranks or not all(isinstance(r, int) for r in ranks):
+        raise TransferError(f'{where}: a DiT group is {{"ranks": [...], "cfg": N, "sp": M}}, got {group}')
+    passes = group.get("cfg", group.get("cfgp", 1))
+    sp = group.get("sp", group.get("cp", len(ranks) // passes if passes in (1, 2, 3) else 1))
+    if not 1 <= passes <= MAX_PASSES or sp < 1 or passes * sp != len(ranks):
+        raise TransferError(f"{where}: DiT group {ranks} must have cfg (1 to {MAX_PASSES} pass branches) x sp ranks, "
+                            f"got cfg {passes}, sp {sp}")
+    if len(set(ranks)) != len(ranks) or not all(0 <= r < world for r in ranks):
+        raise TransferError(f"{where}: DiT ranks {ranks} must be distinct ranks below {world}")
+    idle = sorted(set(range(1, world)) - set(ranks))
+    if idle:
+        raise TransferError(f"{where}: rank {idle[0]} has no stage (every rank but 0 is in the DiT group)")
+    return Cosmos3Layout(world, tuple(ranks), passes, sp)
+
+
+def layout_for(parallel, world: int, heads: int) -> Cosmos3Layout:
+    """The run's layout from its ``ParallelConfig``: a ``--placement`` file, or ``--cp-size`` / ``--cfgp-size``."""
+    if parallel.placement_file and (parallel.sp_degree or parallel.pass_degree):
+        raise TransferError("give --placement or --cp-size / --cfgp-size, not both")
+    if parallel.placement_file:
+        return cosmos3_layout_file(parallel.placement_file, world)
+    return cosmos3_layout(world, parallel.sp_degree, parallel.pass_degree, heads)
 
 
 def _send(obj, src: int):

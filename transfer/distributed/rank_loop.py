@@ -20,14 +20,11 @@ bit-identical to the single-process run whatever the interleaving.
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import signal
 import sys
 import time
 import traceback
 from collections import deque
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -38,6 +35,7 @@ from loguru import logger
 from transfer.config import RunConfig
 from transfer.cosmos3_checkpoint import Cosmos3Info
 from transfer.distributed.coordinator import CoordinatorRole
+from transfer.distributed.leaving import leave, refuse
 from transfer.distributed.dit_group import DiTRole, RequestDropped
 from transfer.distributed.encoders import PreprocessRole, TextRole, VAERole
 from transfer.distributed.role import Role
@@ -57,8 +55,6 @@ from transfer.video_io import freeze_heap
 #: Gloo's timeout for one blocking operation. Stages legitimately wait minutes for the DiT;
 #: failures are detected by broken connections and abort messages, not by this.
 GROUP_TIMEOUT = datetime.timedelta(hours=6)
-#: How long a rank that refused a request waits for rank 0 to have printed why, before it leaves (``_refuse``).
-REFUSAL_WAIT = datetime.timedelta(seconds=60)
 #: GPUs at least this large (GB) may hold the text encoder or the VAE beside a DiT shard in the presets (Transfer2.5-2B
 #: with Reason1-7B: 16.6 GB of text encoder + 9.5 GB of DiT and ControlNets + activations, ``--plan``).
 SHARE_STAGES_GB = 64
@@ -253,47 +249,6 @@ def choose_placement(config: RunConfig, world_size: int, requests: int = 1, head
                          split_sequence=plan is not None or torch.cuda.is_available())
 
 
-def _exit(code: int, message: str | None = None) -> None:
-    """Leave without tearing down the process group: receiver threads may still block in recv. ``message``: the line
-    this rank printed, also written where torchrun's agent reads a failed worker's error (``TORCHELASTIC_ERROR_FILE``),
-    so that its failure summary, printed after every rank has exited, names it instead of "To enable traceback see"."""
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if message and error_file:
-        try:
-            Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
-        except OSError:
-            pass  # the summary then says what it says; the line above it is already printed
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _refuse(rank: int, world: int, message: str) -> None:
-    """Every rank refused the same request before any work. Torchrun ends the other ranks with SIGTERM as soon as one
-    exits, so each rank first meets the others in the store (``REFUSAL_WAIT`` at most, then leaves anyway), rank 0
-    prints the line, and only then does any rank leave, each with the line in its error file (torchrun's summary)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # leaving anyway, with this line: not "stopped by SIGTERM"
-    store = dist.distributed_c10d._get_default_store()
-    deadline = time.monotonic() + REFUSAL_WAIT.total_seconds()
-    try:
-        store.add("refused", 1)
-        if rank == 0:
-            while store.add("refused", 0) < world and time.monotonic() < deadline:
-                time.sleep(0.02)
-        else:
-            store.wait(["printed"], REFUSAL_WAIT)
-    except Exception:  # the store gone with a rank that left: leave too
-        pass
-    if rank == 0:
-        print(message, file=sys.stderr)
-        sys.stderr.flush()
-        try:
-            store.set("printed", "1")
-        except Exception:
-            pass
-    _exit(2, message)
-
-
 def make_transport(rank: int, world: int, cuda: bool, placement: Placement) -> Transport:
     """Gloo world group for metadata; per-direction groups between the ranks that exchange tensors, for device
     tensors (NCCL) -- or, with ``TRANSFER_TRANSPORT=pairs`` on CPU, for every tensor over gloo (the same path,
@@ -311,7 +266,7 @@ def run_distributed(config: RunConfig) -> None:
     except Terminated as stop:  # before the rank loop (planning, process groups, loading): no output to finish
         message = f"transfer.py: rank {os.environ.get('RANK', '?')} stopped by {stop}"
         report_stop(message)
-        _exit(stop.exit_code, message)  # not the interpreter's teardown of half-made process groups (2.4 s seen)
+        leave(stop.exit_code, message)  # not the interpreter's teardown of half-made process groups (2.4 s seen)
 
 
 def _run_distributed(config: RunConfig) -> None:
@@ -322,7 +277,7 @@ def _run_distributed(config: RunConfig) -> None:
             if local_rank == 0 or os.environ.get("RANK") == "0":
                 print(f"transfer.py: error: {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes per node but only "
                       f"{torch.cuda.device_count()} GPU(s) visible: one process per GPU", file=sys.stderr)
-            _exit(2)
+            leave(2)
         torch.cuda.set_device(local_rank)
     # gloo carries metadata and CPU tensors (any-source receive); NCCL carries CUDA tensors
     # (the backend string names "cpu" so that diffusers' size exchanges of uneven shards go over gloo)
@@ -338,17 +293,13 @@ def _run_distributed(config: RunConfig) -> None:
     try:
         job = plan_job(config)
         if isinstance(job.info, Cosmos3Info):  # its own stage processes (transfer.distributed.cosmos3_ranks)
-            from transfer.distributed.cosmos3_ranks import cosmos3_layout, run_cosmos3
+            from transfer.distributed.cosmos3_ranks import layout_for, run_cosmos3
 
-            p = config.parallel
-            if p.placement_file:
-                raise TransferError("--placement files are for Transfer2.5 runs: a Cosmos 3 run places its stages "
-                                    "with --cfgp-size and --cp-size (docs/cosmos3.md)")
-            layout = cosmos3_layout(world, p.sp_degree, p.pass_degree, job.info.transformer["num_attention_heads"])
+            layout = layout_for(config.parallel, world, job.info.transformer["num_attention_heads"])
     except TransferError as e:  # every rank validates the same inputs and fails the same way
-        _refuse(rank, world, f"transfer.py: error: {e}")
+        refuse(rank, world, f"transfer.py: error: {e}")
     if isinstance(job.info, Cosmos3Info):
-        _exit(*run_cosmos3(job, layout, rank))
+        leave(*run_cosmos3(job, layout, rank))
     try:
         choice = choose_placement(config, world, len(job.requests), job.info.transformer["num_attention_heads"])
         placement = choice.placement
@@ -357,7 +308,7 @@ def _run_distributed(config: RunConfig) -> None:
                                 "with diffusers' context-parallel hooks): use --compile none, or --placement / "
                                 "--context_parallel_size 1 for groups without sequence parallelism")
     except TransferError as e:  # every rank validates the same inputs and fails the same way
-        _refuse(rank, world, f"transfer.py: error: {e}")
+        refuse(rank, world, f"transfer.py: error: {e}")
     if rank == 0:
         logger.info(f"placement: {choice.why}")
         logger.info(f"placement: {placement.describe()}")
@@ -396,7 +347,7 @@ def _run_distributed(config: RunConfig) -> None:
             loop.gate.abort()  # however the run ends: no new releases, the one being written finishes under its name
         if loop is not None:
             loop.residency.close()  # offloaded weights' temp files
-        _exit(code, message)
+        leave(code, message)
     if rank == placement.coordinator:
         wall = time.time() - t0
         traces = loop.roles["coordinator"].traces
@@ -423,5 +374,5 @@ def _run_distributed(config: RunConfig) -> None:
     if rank == placement.coordinator:
         status = loop.job.failures.finish()
         loop.job.finish_run_files()  # Transfer2.5 layout: config.yaml, console.log
-        _exit(status)
-    _exit(0)
+        leave(status)
+    leave(0)
