@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from benchmarks.call_costs import add_totals, timed
 from transfer.cosmos3_checkpoint import cosmos3_preset_info
 from transfer.cosmos3_pipeline import load_cosmos3
 from transfer.cosmos3_plan import estimate, pass_inputs
@@ -30,7 +31,7 @@ def _to(value, device):
     return value
 
 
-def cosmos3_costs(args, device: torch.device, dtype: torch.dtype, timed) -> dict:
+def cosmos3_costs(args, device: torch.device, dtype: torch.dtype) -> dict:
     """``{call: (seconds, measured peak bytes, estimated peak bytes)}``, as ``real_size.stage_costs``."""
     from diffusers.modular_pipelines.cosmos.denoise import Cosmos3TransferLoopDenoiser
 
@@ -54,12 +55,8 @@ def cosmos3_costs(args, device: torch.device, dtype: torch.dtype, timed) -> dict
         for name, run in runs.items():
             seconds = timed(device, run, args.repeats)[0]
             costs[name] = (seconds, measured_peak(device, run)[0], estimates[name])
-    weights = sum(est["weights"].values())
-    costs["load (transformer + VAE)"] = (load, 0, 0)
-    costs["weights (resident)"] = (0, weights, weights)
-    largest = [max(c[i] for name, c in costs.items() if name in estimates) for i in (1, 2)]
-    costs["one process: weights + largest call"] = (0, weights + largest[0], weights + largest[1])
-    return costs
+    return add_totals(costs, estimates, load, sum(est["weights"].values()), "load (transformer + VAE)",
+                      "weights (resident)")
 
 
 def cosmos3_projection(costs: dict, steps: int, chunks: int) -> dict[str, float]:

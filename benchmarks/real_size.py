@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.call_costs import add_totals, timed  # noqa: E402
 from benchmarks.cosmos3_costs import cosmos3_costs, cosmos3_projection  # noqa: E402
 from configs.cosmos3 import COSMOS3_PRESETS  # noqa: E402
 from configs.models import preset  # noqa: E402
@@ -47,18 +48,6 @@ from transfer.residency import stage_modules, tensor_bytes  # noqa: E402
 #: Upstream's published times for one Transfer2.5-2B edge-control video, 720p, 93 frames per chunk (H100 NVL).
 UPSTREAM_SECONDS = {1: 502.6, 4: 154.5, 8: 92.5}
 CONTROLS = ("edge", "vis")
-
-
-def timed(device: torch.device, fn, repeats: int = 1):
-    """(mean seconds, last result) of ``fn()`` over ``repeats`` calls."""
-    result, seconds = None, 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds += time.perf_counter() - start
-    return seconds / repeats, result
 
 
 def stage_costs(args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -91,11 +80,7 @@ def stage_costs(args, device: torch.device, dtype: torch.dtype) -> dict:
                 peak = measured_peak(device, lambda: obj.encode(frames, dtype))[0]
                 costs["VAE re-encode (roundtrip)"] = (seconds, peak, estimates["VAE encode (one control)"])
         obj = None  # the next stage loads without this one beside it
-    costs["load (all stages)"] = (load, 0, 0)
-    costs["weights of every stage (resident)"] = (0, weights, weights)
-    largest = [max(c[i] for name, c in costs.items() if name in estimates) for i in (1, 2)]
-    costs["one process: weights + largest call"] = (0, weights + largest[0], weights + largest[1])
-    return costs
+    return add_totals(costs, estimates, load, weights, "load (all stages)", "weights of every stage (resident)")
 
 
 def projection(costs: dict, steps: int, chunks: int) -> dict[str, float]:
@@ -175,7 +160,7 @@ def main() -> None:
     print(f"{args.preset}, random weights, {device} ({str(dtype).removeprefix('torch.')}), chunk "
           f"{args.frames}x{args.height}x{args.width}, {args.steps} steps measured\n")
 
-    costs = cosmos3_costs(args, device, dtype, timed) if cosmos3 else stage_costs(args, device, dtype)
+    costs = cosmos3_costs(args, device, dtype) if cosmos3 else stage_costs(args, device, dtype)
     print("| stage call | seconds | peak MB, measured | peak MB, --plan estimate | estimate / measured |")
     print("|---|---:|---:|---:|---:|")
     for name, (seconds, peak, estimate) in costs.items():

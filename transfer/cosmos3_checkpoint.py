@@ -32,7 +32,6 @@ class Cosmos3Info:
     transformer: dict
     vae: dict
     scheduler: dict
-    family = "cosmos3"
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -50,7 +49,7 @@ class Cosmos3Info:
     def check_request(self, request, settings) -> None:
         """Refuse in one line what Cosmos 3 cannot do with a request: a control it has no hint for, a control weight
         (it has none: ``control_guidance`` scales every hint), latent chunk conditioning."""
-        where = f"{request.source} ({request.name})" if request.source else request.name
+        where = _where(request)
         for modality, control in request.controls.items():
             if modality not in HINT_OF:
                 raise TransferError(f"{where}: control {modality!r}: Cosmos 3 has no such hint (hints: edge, blur or vis, "
@@ -63,9 +62,13 @@ class Cosmos3Info:
                                 "--chunk_conditioning roundtrip only")
 
 
+def _where(request) -> str:
+    return f"{request.source} ({request.name})" if request.source else request.name
+
+
 def transfer25_check(request) -> None:
     """A Transfer2.5 checkpoint given a request with Cosmos 3's own fields or hints: one line."""
-    where = f"{request.source} ({request.name})" if request.source else request.name
+    where = _where(request)
     own = [*request.cosmos3, *(["wsm"] if "wsm" in request.controls else [])]
     if own:
         raise TransferError(f"{where}: {own[0]!r} is Cosmos 3's: this checkpoint is Transfer2.5 (give a Cosmos 3 "

@@ -20,6 +20,7 @@ from transfer.chunks import GenerationResult
 from transfer.config import GenerationSettings
 from transfer.cosmos3_attention import expand_kv_heads
 from transfer.cosmos3_checkpoint import HINT_OF, Cosmos3Info
+from transfer.device import default_dtype
 from transfer.errors import check_stop
 from transfer.prepare import PreparedRequest, resize_frames
 
@@ -50,14 +51,9 @@ def load_cosmos3(info: Cosmos3Info, device="cpu", dtype=torch.float32, parts=PAR
     def build(cls, folder: str, config: dict, real: bool):
         if real and info.root is not None:
             return cls.from_pretrained(Path(info.root) / folder, torch_dtype=dtype).to(device)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device if real else "meta"):
-                torch.manual_seed(0)
-                return cls.from_config(config)
-        finally:
-            torch.set_default_dtype(previous)
+        with default_dtype(dtype), torch.device(device if real else "meta"):
+            torch.manual_seed(0)
+            return cls.from_config(config)
 
     transformer = build(Cosmos3OmniTransformer, "transformer", info.transformer, "transformer" in parts)
     if "transformer" in parts and torch.device(device).type == "cuda":

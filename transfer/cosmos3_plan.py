@@ -19,7 +19,8 @@ import torch
 from transfer.cosmos3_checkpoint import Cosmos3Info
 from transfer.distributed.cosmos3_ranks import Cosmos3Layout, cosmos3_layout
 from transfer.errors import TransferError
-from transfer.plan import GB, _bytes
+from transfer.device import default_dtype
+from transfer.plan import GB, _bytes, _init_kwargs
 
 #: GPU sizes a Cosmos 3 plan reports against (H100 80 GB, H200 141 GB).
 COSMOS3_GPU_SIZES_GB = (80, 141)
@@ -28,12 +29,8 @@ TEXT_CHARS = 1000
 
 
 def _fake(cls, config: dict, dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        return cls(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
-    finally:
-        torch.set_default_dtype(previous)
+    with default_dtype(dtype):
+        return cls(**_init_kwargs(config)).eval()
 
 
 def pass_inputs(hints, frames: int, height: int, width: int, guidance: float, control_guidance: float,

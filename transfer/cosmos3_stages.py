@@ -8,9 +8,9 @@ fields that cross it (what a stage process will send).
     dit   per chunk: noise, the packed [text | hints | target] sequences, the step loop (up to 3 passes a step)
     vae   per chunk: decode; the coordinator stitches the chunks
 
-Issue 33's first step: the boundaries are proved complete and message-able here (``run_staged`` on separate
-states, each field packed as a message would carry it, equals the pipeline); the stage processes and the DiT group's
-split of passes come next.
+``run_staged`` (one process) runs each stage on its own state with only these fields passed, packed as a message
+carries them, and equals the pipeline; the stage processes (``transfer.distributed.cosmos3_ranks``) send the same
+fields between ranks.
 """
 
 from __future__ import annotations

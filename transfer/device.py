@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -32,6 +33,17 @@ def default_device() -> torch.device:
 
 #: ``--dtype`` choices and what they mean.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Modules built inside get ``dtype`` parameters (``torch.set_default_dtype``, restored after)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def dtype_for(device: torch.device, choice: str = "auto") -> torch.dtype:

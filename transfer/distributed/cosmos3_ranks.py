@@ -233,10 +233,10 @@ class Cosmos3Ranks:
         return finish(prepared, run_blocks(self.pipe, blocks, STITCH_BLOCKS, stitch).get("videos"), chunks)
 
     # -- the DiT group ---------------------------------------------------------------------------------
-    def dit_state(self, blocks, inputs: dict, text: dict | None):
+    def dit_state(self, blocks, inputs: dict, text: dict):
+        """A DiT rank's state for a request: its inputs, and the text fields rank 0 sent."""
         state = initial_state(blocks, inputs)
-        if text is not None:
-            _take(text, state, self.device)
+        _take(text, state, self.device)
         return state
 
     def denoise(self, blocks, state, chunk: int, encoded: dict):
