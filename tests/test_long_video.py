@@ -1,4 +1,5 @@
-"""``--chunk_conditioning latent``: no VAE between chunks, deterministic, equal across placements."""
+"""``--chunk_conditioning latent``: no VAE between chunks, deterministic, equal across placements; a VAE group of
+several ranks (each call split by rows) equals one process in both conditioning modes."""
 
 from __future__ import annotations
 
@@ -83,11 +84,27 @@ def test_latent_condition_takes_the_last_frames():
     assert torch.equal(cond[:, :, :2], previous[:, :, 3:]) and not cond[:, :, 2:].any()
 
 
-def test_latent_mode_is_deterministic_and_placement_independent(tiny_ckpt, long_spec, tmp_path):
-    outs = {}
+@pytest.fixture(scope="module")
+def one_process(tiny_ckpt, long_spec, tmp_path_factory):
+    """The single-process run of ``long_spec`` in a conditioning mode (run once per mode, on first use)."""
+    runs = {}
+
+    def get(mode: str):
+        if mode not in runs:
+            out = tmp_path_factory.mktemp(f"one-{mode}")
+            proc = launch(1, "--controlnet_specs", str(long_spec), "--video_save_folder", str(out), "--save_raw",
+                          "--chunk_conditioning", mode, *FAST)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[mode] = out
+        return runs[mode]
+    return get
+
+
+def test_latent_mode_is_deterministic_and_placement_independent(tiny_ckpt, long_spec, tmp_path, one_process):
+    outs = {"a": one_process("latent")}
     placement = tmp_path / "placement.json"  # the VAE on a rank of its own, so that its decodes can overlap the DiT
     placement.write_text(json.dumps({"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}))
-    for run, nproc in (("a", 1), ("b", 1), ("four", 4)):
+    for run, nproc in (("b", 1), ("four", 4)):
         outs[run] = tmp_path / run
         extra = ["--placement", str(placement)] if nproc > 1 else []
         proc = launch(nproc, "--controlnet_specs", str(long_spec), "--video_save_folder", str(outs[run]), "--save_raw",
@@ -108,6 +125,32 @@ def test_latent_mode_is_deterministic_and_placement_independent(tiny_ckpt, long_
     for k in range(4):  # chunk k is decoded after it is denoised (its latents are the decode's input)
         assert span[("denoise", k)][1] <= span[("decode", k)][0], span
     assert not any(e["name"] == "reencode" for e in events)
+
+
+@pytest.mark.parametrize("mode", ["roundtrip", "latent"])
+def test_vae_group_equals_one_process(tiny_ckpt, long_spec, tmp_path, one_process, mode):
+    """4 processes whose VAE splits every call by rows: roundtrip with ``--vae_parallel_degree 2`` (the preset's DiT
+    group [1, 2] of cfg 2 also forms the VAE group, between denoising), latent with a placement file's group of 3 off
+    the DiT (led by the coordinator; 12 latent rows in bands of 4). Equal to one process within the split's bound
+    (kernels round differently on fewer rows): latents 1e-5, frames 1 level."""
+    if mode == "roundtrip":
+        extra, group = ["--vae_parallel_degree", "2"], {1, 2}
+    else:
+        placement = tmp_path / "placement.json"
+        placement.write_text(json.dumps({"coordinator": 0, "text": 0, "vae": [0, 1, 2], "dit_groups": [[3]]}))
+        extra, group = ["--placement", str(placement)], {0, 1, 2}
+    proc = launch(4, "--controlnet_specs", str(long_spec), "--video_save_folder", str(tmp_path / "four"),
+                  "--save_raw", "--chunk_conditioning", mode, "--trace", str(tmp_path / "trace.json"), *extra, *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"VAE group {sorted(group)}" in proc.stderr
+    one, four = np.load(one_process(mode) / "output.npz"), np.load(tmp_path / "four" / "output.npz")
+    assert one["latents"].shape == four["latents"].shape and one["latents"].shape[0] == 4
+    assert np.abs(one["latents"] - four["latents"]).max() <= 1e-5
+    assert np.abs(one["frames"].astype(int) - four["frames"].astype(int)).max() <= 1
+    events = [e for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
+    for name in ("decode", "encode_controls"):  # every call on every rank of the group
+        assert {e["pid"] for e in events if e["name"].startswith(name)} == group, name
+    assert any(e["name"] == "reencode" for e in events) == (mode == "roundtrip")
 
 
 @pytest.mark.parametrize("frames", ["2", "4", "6"])

@@ -139,6 +139,8 @@ class ParallelConfig:
     """``--placement``: a JSON stage placement instead of the preset."""
     pass_degree: int | None = None
     """``--cfgp-size`` (Cosmos 3): branches of a DiT group dealing each step's transformer passes (None: as many as fit)."""
+    vae_degree: int | None = None
+    """``--vae_parallel_degree``: ranks splitting each VAE call by rows (None: the preset chooses)."""
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "Transfer2.5 defaults it to WORLD_SIZE; here the default chooses the layout that ends the run "
                      "soonest (one video: one DiT group over every rank, CFG branches on separate ranks) and prints it "
                      "(docs/parallelism.md; Cosmos 3: each transformer pass over N ranks, docs/cosmos3.md)")
+    run.add_argument("--vae_parallel_degree", "--vae-parallel-degree", type=int, metavar="N",
+                     help="split each VAE encode and decode of a chunk over N ranks by rows (exact: halos exchanged, "
+                     "the middle attention over the whole frame); the group is the first N ranks of the first DiT "
+                     "group, led by its leader, and runs between denoising (default: on GPUs, every rank of the DiT "
+                     "group when the VAE would otherwise sit beside one of its shards; else 1; docs/parallelism.md)")
     run.add_argument("--compile", choices=("none", "torch", "tensorrt"), default="none",
                      help="compile the DiT, ControlNets and VAE of the stages a process holds: torch = torch.compile "
                      "(CPU or CUDA); tensorrt = torch-tensorrt engines, cached on disk (pip install '.[tensorrt]', "

@@ -45,6 +45,8 @@ class Job:
     """``transfer.residency.Residency`` of the loaded stages (None until models load)."""
     run_record: RunRecord | None = None
     """Transfer2.5 layout: ``config.yaml`` and ``console.log`` (set by ``make_gate`` on the rank that writes)."""
+    latent_rows: int | None = None
+    """The smallest request's latent height (a VAE group splits each call over at most this many ranks)."""
 
     @property
     def settings(self) -> GenerationSettings:
@@ -222,8 +224,11 @@ def plan_job(config: RunConfig) -> Job:
         logger.warning(f"the checkpoint declares resolution {declared} (the size it was trained at); generating at "
                        f"{', '.join(other)}, which it has not seen: expect worse results")
     check_acceleration(config.runtime)
+    vae = config.parallel.vae_degree
+    if vae is not None and not 1 <= vae <= world:
+        raise TransferError(f"--vae_parallel_degree {vae} must be between 1 and the {world} process(es) started")
     return Job(config, info, limits, usable, control_maker(config, info, usable), failures,
-               Manifest(out.folder, out.overwrite))
+               Manifest(out.folder, out.overwrite), latent_rows=min(h for h, _ in sizes) // limits.spatial_factor)
 
 
 def control_maker(config: RunConfig, info, requests):

@@ -3,7 +3,10 @@
 The text rank encodes each request's prompt (and negative prompt with guidance) and sends the embeddings to the
 request's DiT group leader. The VAE rank keeps each request's controls as uint8, encodes one chunk window at a time
 in idle time (ahead of the DiT), decodes finished chunks for the coordinator and, with ``roundtrip`` conditioning,
-re-encodes the next chunk's conditioning frames for the leader. A preprocess rank (placed off the coordinator)
+re-encodes the next chunk's conditioning frames for the leader. A VAE group of several ranks splits each of those
+calls by rows (``transfer.distributed.vae_split``): its leader takes the messages and, before each call, tells the
+group's other ranks to make the same call (``vae_controls``, ``vae_work``), so that every rank of the group enters
+the call's collectives in the same order; only the leader's result leaves the group. A preprocess rank (placed off the coordinator)
 computes the controls a request leaves out and tells the coordinator when they are on disk.
 """
 
@@ -54,17 +57,30 @@ class VAERole(Role):
         self.controls: dict[int, dict] = {}
         """Per request: its uint8 control frames, chunk windows, leader and chunks left to encode."""
         self.work: deque[tuple[int, int]] = deque()
-        """(request, chunk) control encodes to do when no message waits."""
+        """(request, chunk) control encodes to do when no message waits (the group's leader)."""
+        group = self.placement.vae
+        self.followers = [r for r in group.ranks if r != self.rank] if self.rank == group.leader else []
+        """The group's other ranks, on its leader: each of its VAE calls is theirs too."""
 
     def forget(self, j: int) -> None:
         self.controls.pop(j, None)
         self.work = deque(w for w in self.work if w[0] != j)
 
+    def _follow(self, kind: str, meta: dict, tensors: dict | None = None) -> None:
+        for r in self.followers:
+            self.transport.send(r, kind, meta, tensors)
+
     def on_controls(self, msg: Message) -> None:
+        self._follow("vae_controls", msg.meta, msg.tensors)
+        self.keep_controls(msg)
+        self.work.extend((msg.meta["j"], k) for k in range(len(self.controls[msg.meta["j"]]["schedule"])))
+
+    def keep_controls(self, msg: Message) -> None:
         j, m = msg.meta["j"], msg.meta  # kept as uint8; each chunk's window is converted when it is encoded
         schedule = ChunkSchedule(self.job.requests[j].settings, self.job.limits, m["num_frames"], m["height"], m["width"])
         self.controls[j] = {"frames": msg.tensors, "schedule": schedule, "leader": m["leader"], "left": len(schedule)}
-        self.work.extend((j, k) for k in range(len(schedule)))
+
+    on_vae_controls = keep_controls
 
     @property
     def has_idle_work(self) -> bool:
@@ -78,22 +94,46 @@ class VAERole(Role):
         return True
 
     def encode_controls(self, j: int, k: int) -> None:
+        self._follow("vae_work", {"j": j, "k": k, "op": "encode_controls", "reencode": False})
         state = self.controls[j]
         with self.tracer.span("vae", "encode_controls", request=j, chunk=k):
             latents = state["schedule"].control_latents(self.vae, state["frames"], k, self.dtype)
         self.transport.send(state["leader"], "control_latents", {"j": j, "k": k}, latents)
+        self._done_with(j)
+
+    def _done_with(self, j: int) -> None:
+        state = self.controls[j]
         state["left"] -= 1
         if state["left"] == 0:
             del self.controls[j]
 
     def on_decode(self, msg: Message) -> None:
-        j, k = msg.meta["j"], msg.meta["k"]
+        self._follow("vae_work", {**msg.meta, "op": "decode"}, msg.tensors)
+        self.decode(msg.meta, msg.tensors["latents"], msg.src)
+
+    def decode(self, meta: dict, latents: torch.Tensor, leader: int | None) -> None:
+        """Decode chunk k (and with ``reencode``, encode chunk k + 1's condition from it); ``leader``: where the
+        results go (None: a follower, whose results stay here)."""
+        j, k = meta["j"], meta["k"]
         with self.tracer.span("vae", "decode", request=j, chunk=k):
-            video = self.vae.decode(msg.tensors["latents"])
-        frames = torch.from_numpy(to_uint8_frames(video))
-        self.transport.send(self.placement.coordinator, "decoded", {"j": j, "k": k},
-                            {"frames": frames, "latents": msg.tensors["latents"].cpu()})
-        if msg.meta["reencode"]:  # the leader's schedule says chunk k + 1 waits for it
+            video = self.vae.decode(latents)
+        if leader is not None:
+            frames = torch.from_numpy(to_uint8_frames(video))
+            self.transport.send(self.placement.coordinator, "decoded", {"j": j, "k": k},
+                                {"frames": frames, "latents": latents.cpu()})
+        if meta["reencode"]:  # the leader's schedule says chunk k + 1 waits for it
             with self.tracer.span("vae", "reencode", request=j, chunk=k + 1):
                 cond = roundtrip_condition(self.vae, video, self.job.requests[j].settings.num_conditional_frames)
-            self.transport.send(msg.src, "cond", {"j": j, "k": k + 1}, {"cond": cond})
+            if leader is not None:
+                self.transport.send(leader, "cond", {"j": j, "k": k + 1}, {"cond": cond})
+
+    def on_vae_work(self, msg: Message) -> None:
+        """A follower: the leader's next call, on this rank's band."""
+        m = msg.meta
+        if m["op"] == "encode_controls":
+            state = self.controls[m["j"]]
+            with self.tracer.span("vae", "encode_controls (band)", request=m["j"], chunk=m["k"]):
+                state["schedule"].control_latents(self.vae, state["frames"], m["k"], self.dtype)
+            self._done_with(m["j"])
+        else:
+            self.decode(m, msg.tensors["latents"], None)

@@ -14,8 +14,14 @@ heads, ``--context_parallel_size`` and the ranks per node (docs/parallelism.md):
   but only on GPUs of 64 GB or more (``share_stages``): on smaller ones the text encoder and the VAE keep a rank
   each, off the DiT;
 * on CPU (gloo) the groups keep sp 1 unless ``--context_parallel_size`` asks for more: bit-identical to one process;
-* a batch: every layout of equal groups is costed as ``ceil(requests / groups) / (cfg * sp * efficiency(sp))`` and
-  the cheapest wins (ties: fewer idle ranks, fewer groups, then the coordinator on rank 0); replicas never share a rank with a stage.
+* a batch: every layout of equal groups is costed as ``ceil(requests / groups) * (1 / (cfg * sp * efficiency(sp)) +
+  vae)`` and the cheapest wins (ties: fewer idle ranks, fewer groups, then the coordinator on rank 0); replicas never
+  share a rank with a stage. ``vae`` is the VAE time a chunk's DiT waits for (``vae_cost``, from the measured shares in
+  ``VAE_SHARE``): a VAE group over the DiT group's ranks adds its calls / N, a VAE beside one shard all of them, a VAE
+  on a rank of its own only the decode and re-encode of ``roundtrip`` conditioning (control encodes run ahead);
+* the VAE group (``--vae_parallel_degree``, docs/parallelism.md): on GPUs, where the VAE would sit beside a shard of
+  the first DiT group, every rank of that group (led by its leader; it splits each VAE call by rows between
+  denoising); on CPU one rank unless asked.
 
 Sequence-parallel branches stay inside a node (consecutive ranks of one node); CFG branches, replicas and stages may
 span nodes. Computed controls (preprocessors) run on the coordinator unless ``preprocess`` names another rank.
@@ -25,13 +31,18 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from transfer.config import cfg_on
 from transfer.errors import TransferError
 
 STAGES = ("coordinator", "text", "vae", "dit")
+
+#: One chunk's VAE calls as a share of its DiT time on one rank (Transfer2.5-2B, 93 x 704 x 1280, bf16, one H200:
+#: encode 3.47 s per control, decode 5.12 s, re-encode 2.91 s; a DiT step with CFG 9.57 s x 35 steps): the chooser's
+#: VAE term (``vae_cost``).
+VAE_SHARE = {"encode": 3.47 / (35 * 9.57), "decode": 5.12 / (35 * 9.57), "reencode": 2.91 / (35 * 9.57)}
 
 #: Assumed cost of sequence parallelism per extra shard (all-to-alls, smaller GEMMs), used only to choose a batch's
 #: groups: a group of sp shards runs a forward sp / (1 + SP_OVERHEAD * (sp - 1)) times faster than one rank.
@@ -47,9 +58,9 @@ def heads_split(heads: int, sp: int) -> bool:
 
 @dataclass(frozen=True)
 class StageGroup:
-    """The ranks that run one stage together; the first, the leader, takes the stage's messages. The text encoder and
-    the VAE run as groups of one rank; a placement may name a VAE group of several (``Placement.check_runnable``
-    refuses it until the VAE splits a chunk over ranks)."""
+    """The ranks that run one stage together; the first, the leader, takes the stage's messages. The text encoder runs
+    on one rank (``Placement.check_runnable`` refuses a group of several); a VAE group of several splits each VAE call
+    by rows (``transfer.distributed.vae_split``)."""
 
     ranks: tuple[int, ...]
 
@@ -157,6 +168,12 @@ class Placement:
             raise TransferError("placement: a rank appears in two DiT groups (or twice in one)")
         if len(self.dit_groups) > 1 and any(r in stage_ranks for r in dit):
             raise TransferError("placement: DiT replicas must not share a rank with another stage")
+        for group in self.dit_groups:  # two ranks in both would enter the two groups' collectives in either order
+            shared = set(group.ranks) & set(self.vae.ranks)
+            if len(self.vae.ranks) > 1 and len(shared) > 1 and self.vae.leader != group.leader:
+                raise TransferError(f"placement: the VAE group {list(self.vae.ranks)} shares ranks with the DiT group "
+                                    f"{list(group.ranks)}: it must be led by that group's leader (rank {group.leader}), "
+                                    "which orders both groups' work")
         if set(self.idle) & set(ranks):
             raise TransferError("placement: an idle rank has a stage")
         unused = set(range(self.world_size)) - set(ranks) - set(self.idle)
@@ -164,13 +181,11 @@ class Placement:
             raise TransferError(f"placement leaves rank {min(unused)} without a stage")
 
     def check_runnable(self) -> None:
-        """What the runtime cannot run yet, refused in one line: a text encoder or VAE group of several ranks (the
-        placement can say it; a chunk's VAE work is not split over ranks yet)."""
-        for stage in ("text", "vae"):
-            group = getattr(self, stage)
-            if len(group.ranks) > 1:
-                raise TransferError(f"placement: the {stage} stage on ranks {list(group.ranks)}: it runs on one rank "
-                                    "(a group of several is not run yet)")
+        """What the runtime cannot run, refused in one line: a text encoder group of several ranks (the placement can
+        say it; one prompt is not split over ranks)."""
+        if len(self.text.ranks) > 1:
+            raise TransferError(f"placement: the text stage on ranks {list(self.text.ranks)}: it runs on one rank "
+                                "(a group of several is not run)")
 
     def dit_ranks(self) -> list[int]:
         return [r for g in self.dit_groups for r in g.ranks]
@@ -201,6 +216,8 @@ class Placement:
 
         for r in (*self.text.ranks, *self.vae.ranks, self.preprocess_rank, *self.dit_ranks()):
             link(self.coordinator, r)
+        for r in self.vae.ranks:  # a VAE group's leader tells the others each call to make
+            link(self.vae.leader, r)
         for group in self.dit_groups:
             link(self.text.leader, group.leader)
             link(self.vae.leader, group.leader)
@@ -216,7 +233,22 @@ class Placement:
     def describe(self) -> str:
         ranks = ", ".join(f"rank {r}: {'+'.join(self.stages_of(r)) or 'idle'}" for r in range(self.world_size))
         groups = "; ".join(g.describe() for g in self.dit_groups if len(g.ranks) > 1)
-        return ranks + (f"; DiT groups {groups}" if groups else "")
+        vae = f"; VAE group {list(self.vae.ranks)}" if len(self.vae.ranks) > 1 else ""
+        return ranks + (f"; DiT groups {groups}" if groups else "") + vae
+
+    def with_vae_degree(self, degree: int) -> "Placement":
+        """This placement with the VAE on the first ``degree`` ranks of the first DiT group (its leader leading), or
+        unchanged for 1."""
+        if degree == len(self.vae.ranks) == 1:
+            return self
+        group = self.dit_groups[0]
+        if degree > len(group.ranks):
+            raise TransferError(f"--vae_parallel_degree {degree}: the VAE group is the first DiT group's ranks, which "
+                                f"has {len(group.ranks)}")
+        vae = StageGroup(group.ranks[:degree])
+        busy = {self.coordinator, *self.text.ranks, *vae.ranks, self.preprocess_rank, *self.dit_ranks()}
+        freed = tuple(sorted(set(range(self.world_size)) - busy))  # the rank the VAE had to itself, if any
+        return replace(self, vae=vae, idle=freed)
 
 
 @dataclass(frozen=True)
@@ -253,6 +285,25 @@ def _layout(world: int, per_node: int, cfg: int, sp: int, groups: int, reserve: 
     return Placement(world, coordinator, text, vae, dit_groups, preprocess, idle)
 
 
+def auto_vae_degree(p: Placement, split_sequence: bool, latent_rows: int | None) -> int:
+    """The default VAE group: on GPUs (``split_sequence``), where the VAE sits beside a shard of the first DiT group,
+    every rank of that group (at most one per latent row); else 1."""
+    group = p.dit_groups[0]
+    if not split_sequence or p.vae.leader not in group.ranks:
+        return len(p.vae.ranks)
+    return min(len(group.ranks), latent_rows or len(group.ranks))
+
+
+def vae_cost(p: Placement, roundtrip: bool = True, controls: int = 1) -> float:
+    """The VAE time one chunk's DiT waits for, as a share of one rank's DiT time (``VAE_SHARE``): a VAE group inside
+    the DiT group runs every call between denoising, 1/N each; a VAE on ranks of its own encodes controls ahead, and
+    only ``roundtrip``'s decode and re-encode hold up the next chunk."""
+    calls = controls * VAE_SHARE["encode"] + VAE_SHARE["decode"] + roundtrip * VAE_SHARE["reencode"]
+    if not set(p.vae.ranks) & set(p.dit_groups[0].ranks):
+        return roundtrip * (VAE_SHARE["decode"] + VAE_SHARE["reencode"]) / len(p.vae.ranks)
+    return calls / len(p.vae.ranks)
+
+
 def preset(world_size: int, **kwargs) -> Placement:
     """The chosen placement for ``world_size`` ranks (``choose_preset``)."""
     return choose_preset(world_size, **kwargs).placement
@@ -260,17 +311,25 @@ def preset(world_size: int, **kwargs) -> Placement:
 
 def choose_preset(world_size: int, *, requests: int = 1, guidance: float = 3.0, heads: int = 16,
                   sp: int | None = None, per_node: int | None = None, share_stages: bool = True,
-                  split_sequence: bool = True) -> PresetChoice:
+                  split_sequence: bool = True, vae_degree: int | None = None, latent_rows: int | None = None,
+                  roundtrip: bool = True, controls: int = 1) -> PresetChoice:
     """The placement that ends ``requests`` requests soonest under the cost model in the module docstring, with every
     sequence-parallel degree the heads allow (or only ``sp``: ``--context_parallel_size``). ``share_stages`` False
     (GPUs under 64 GB): the text encoder and the VAE never sit beside a DiT shard. ``split_sequence`` False (CPU
     runs): without ``sp`` the groups keep sp 1, whose outputs equal one process's bit for bit (sequence shards'
-    matrix products may round differently, docs/parallelism.md "Equality")."""
+    matrix products may round differently, docs/parallelism.md "Equality"). ``vae_degree``: ``--vae_parallel_degree``
+    (None: ``auto_vae_degree``); ``latent_rows``: the smallest request's latent height (a VAE group's bound);
+    ``roundtrip`` and ``controls`` (per request) weigh the VAE term."""
+    if vae_degree is not None and latent_rows is not None and vae_degree > latent_rows:
+        raise TransferError(f"--vae_parallel_degree {vae_degree}: the smallest request has {latent_rows} latent rows "
+                            "(each rank of the VAE group needs one)")
     if world_size < 1:
         raise TransferError(f"no placement for {world_size} processes")
     if world_size == 1:
         if sp not in (None, 1):
             raise TransferError(f"--context_parallel_size {sp} needs at least {sp} processes, got 1")
+        if vae_degree not in (None, 1):
+            raise TransferError(f"--vae_parallel_degree {vae_degree} needs at least {vae_degree} processes, got 1")
         return PresetChoice(Placement(1), "one process holds every stage")
     per_node = min(per_node or world_size, world_size)
     cfgs = (2, 1) if cfg_on(guidance) else (1,)
@@ -287,12 +346,19 @@ def choose_preset(world_size: int, *, requests: int = 1, guidance: float = 3.0, 
                     p = _layout(world_size, per_node, cfg, d, groups, reserve, share_stages)
                     if p is None:
                         continue
-                    cost = math.ceil(requests / groups) * (1 + SP_OVERHEAD * (d - 1)) / (cfg * d)
+                    try:
+                        p = p.with_vae_degree(auto_vae_degree(p, split_sequence, latent_rows)
+                                              if vae_degree is None else vae_degree)
+                    except TransferError:  # the VAE group does not fit this layout's groups
+                        continue
+                    cost = math.ceil(requests / groups) * ((1 + SP_OVERHEAD * (d - 1)) / (cfg * d)
+                                                           + vae_cost(p, roundtrip, controls))
                     key = (round(cost, 9), len(p.idle), groups, p.coordinator != 0)  # rank 0 logs: coordinator there
                     if best is None or key < best[0]:
                         best = (key, p, cfg, d, groups, cost)
     if best is None:
-        raise TransferError(f"no placement of {world_size} processes has DiT groups of sp {sp} "
+        vae = f" and a VAE group of {vae_degree}" if vae_degree not in (None, 1) else ""
+        raise TransferError(f"no placement of {world_size} processes has DiT groups of sp {sp}{vae} "
                             f"({per_node} per node, guidance {guidance})")
     _, p, cfg, d, groups, cost = best
     what = "one video" if requests == 1 else f"a batch of {requests} requests"

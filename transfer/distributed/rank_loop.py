@@ -39,7 +39,7 @@ from transfer.distributed.leaving import leave, refuse
 from transfer.distributed.dit_group import DiTRole, RequestDropped
 from transfer.distributed.encoders import PreprocessRole, TextRole, VAERole
 from transfer.distributed.role import Role
-from transfer.distributed import sequence_parallel
+from transfer.distributed import sequence_parallel, vae_split
 from transfer.distributed.protocol import PROTOCOL
 from transfer.distributed.placement import Placement, PresetChoice, choose_preset, from_file
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
@@ -65,7 +65,7 @@ class RankLoop:
     dispatch to the role that receives each kind (``protocol.KINDS``), the per-request failure rule, shutdown."""
 
     def __init__(self, rank: int, placement: Placement, job, transport: Transport, tracer: Tracer,
-                 branches: dict | None = None):
+                 branches: dict | None = None, vae_group=None):
         self.rank, self.placement, self.job = rank, placement, job
         self.transport, self.tracer = transport, tracer
         self.stages = placement.stages_of(rank)
@@ -88,6 +88,8 @@ class RankLoop:
         if "text" in loaded:
             roles.append(TextRole(self, loaded["text"]))
         if "vae" in loaded:
+            if vae_group is not None:  # each VAE call split by rows over the group (transfer.distributed.vae_split)
+                vae_split.install(loaded["vae"].vae, vae_split.RowSplit(placement.vae.ranks, vae_group, rank))
             roles.append(VAERole(self, loaded["vae"], dtype))
         if "dit" in loaded:
             dit, parallel = loaded["dit"], None
@@ -184,6 +186,8 @@ class RankLoop:
             group = self.placement.group_of(self.rank)
             if what in ("denoise", "shard_chunk") and group.sp_degree > 1:
                 raise  # a sequence-parallel group's shards are inside collectives together: the run ends
+            if what in ("encode_controls", "decode", "vae_work") and len(self.placement.vae.ranks) > 1:
+                raise  # so are a VAE group's bands
             stage = "+".join(s for s in self.stages if s != "coordinator") or "coordinator"
             error = request_failure(e, self.job.batch, f"rank {self.rank} ({stage}) failed on it ({what}): ")
             if not isinstance(e, TransferError):
@@ -230,14 +234,22 @@ class RankLoop:
         self.running = False
 
 
-def choose_placement(config: RunConfig, world_size: int, requests: int = 1, heads: int = 16) -> PresetChoice:
+def choose_placement(config: RunConfig, world_size: int, requests: int = 1, heads: int = 16,
+                     latent_rows: int | None = None, controls: int = 1) -> PresetChoice:
     """``--placement``, else the preset for this run: request count, guidance, the DiT's heads,
-    ``--context_parallel_size`` and the ranks per node (LOCAL_WORLD_SIZE). On CPU the preset splits no sequence
-    unless asked (its outputs then equal one process's bit for bit); ``--plan`` plans for GPUs."""
+    ``--context_parallel_size``, ``--vae_parallel_degree`` (at most ``latent_rows``), the chunk conditioning, the
+    controls per request and the ranks per node (LOCAL_WORLD_SIZE). On CPU the preset splits no sequence and no VAE
+    call unless asked (its outputs then equal one process's bit for bit); ``--plan`` plans for GPUs."""
     parallel, plan = config.parallel, config.plan
     if parallel.placement_file:
+        if parallel.vae_degree is not None:
+            raise TransferError("--vae_parallel_degree and --placement: say the VAE group in the placement file "
+                                '("vae": [ranks])')
         placement = from_file(parallel.placement_file, world_size)
         placement.check_runnable()
+        if latent_rows is not None and len(placement.vae.ranks) > latent_rows:
+            raise TransferError(f"placement: a VAE group of {len(placement.vae.ranks)} ranks, but the smallest "
+                                f"request has {latent_rows} latent rows (each rank needs one)")
         return PresetChoice(placement, f"--placement {parallel.placement_file}")
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if plan is not None:
@@ -246,7 +258,9 @@ def choose_placement(config: RunConfig, world_size: int, requests: int = 1, head
         share = not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory / 1e9 >= SHARE_STAGES_GB
     return choose_preset(world_size, requests=requests, guidance=config.generation.guidance, heads=heads,
                          sp=parallel.sp_degree, per_node=per_node, share_stages=share,
-                         split_sequence=plan is not None or torch.cuda.is_available())
+                         split_sequence=plan is not None or torch.cuda.is_available(), vae_degree=parallel.vae_degree,
+                         latent_rows=latent_rows, roundtrip=config.generation.chunk_conditioning == "roundtrip",
+                         controls=controls)
 
 
 def make_transport(rank: int, world: int, cuda: bool, placement: Placement) -> Transport:
@@ -301,7 +315,8 @@ def _run_distributed(config: RunConfig) -> None:
     if isinstance(job.info, Cosmos3Info):
         leave(*run_cosmos3(job, layout, rank))
     try:
-        choice = choose_placement(config, world, len(job.requests), job.info.transformer["num_attention_heads"])
+        choice = choose_placement(config, world, len(job.requests), job.info.transformer["num_attention_heads"],
+                                  job.latent_rows, max(len(r.controls) for r in job.requests))
         placement = choice.placement
         if job.runtime.compile != "none" and any(g.sp_degree > 1 for g in placement.dit_groups):
             raise TransferError(f"--compile {job.runtime.compile} is not supported in sequence-parallel DiT groups (untested "
@@ -316,10 +331,12 @@ def _run_distributed(config: RunConfig) -> None:
     # every rank builds every sequence-parallel branch's mesh, in the same order (process groups are numbered)
     branches = sequence_parallel.branch_meshes([b for g in placement.dit_groups if g.sp_degree > 1 for b in g.branches()],
                                                "cuda" if cuda else "cpu")
+    vae_ranks = placement.vae.ranks  # its process group, made on every rank (after the meshes, same order everywhere)
+    vae_group = dist.new_group(list(vae_ranks)) if len(vae_ranks) > 1 else None
     tracer = Tracer(rank, t0)
     loop, code, message = None, None, None
     try:
-        loop = RankLoop(rank, placement, job, transport, tracer, branches)
+        loop = RankLoop(rank, placement, job, transport, tracer, branches, vae_group)
         loop.run()
     except Terminated as stop:
         code = stop.exit_code
