@@ -73,13 +73,14 @@ def test_single_process_equals_diffusers_modular_pipeline(spec, tmp_path):
 
 
 def test_stage_processes_equal_one_process(spec, tmp_path):
-    """4 processes, a DiT group of 2 pass branches x sp 2 over every rank (rank 0 also tokenizes, encodes and
-    decodes): the latents within 1e-5 of one process, no NaN. 4 processes dealing 3 passes over ranks 1-3 (a
+    """4 processes, a DiT group of 2 pass branches x sp 2 over every rank (rank 0 also tokenizes), and a VAE group of
+    ranks 0 and 1 (``--vae_parallel_degree 2``: each encode and decode split by rows, one latent row each): the latents
+    within 1e-5 of one process, no NaN. 4 processes dealing 3 passes over ranks 1-3 (a
     ``--placement`` file; rank 0 encodes the next chunk's hints meanwhile): bit for bit (the same files)."""
     run(1, spec, tmp_path / "one")
     one = np.load(tmp_path / "one" / "c3.npz")
-    log = run(4, spec, tmp_path / "sp", "--cp-size", "2")
-    assert "DiT group on ranks 0,1,2,3 (rank 0 shares its device): 2 pass branch(es) x sp 2" in log
+    log = run(4, spec, tmp_path / "sp", "--cp-size", "2", "--vae_parallel_degree", "2")
+    assert "DiT group on ranks 0,1,2,3 (rank 0 shares its device): 2 pass branch(es) x sp 2; VAE group [0, 1]" in log
     sp = np.load(tmp_path / "sp" / "c3.npz")
     assert sp["latents"].shape == one["latents"].shape == (3, 48, 3, 2, 3)
     assert np.isfinite(sp["latents"]).all() and np.abs(sp["latents"] - one["latents"]).max() < 1e-5
@@ -111,7 +112,16 @@ def test_pass_deal_and_layouts(tmp_path):
     assert [shape(w) for w in (2, 3, 5, 6, 7, 8, 9)] == [(0, 2, 1), (0, 3, 1), (1, 2, 2), (0, 3, 2), (1, 3, 2),
                                                          (0, 2, 4), (1, 2, 4)]  # sp dividing the 32 heads first
     assert shape(9, 4, 2) == (1, 2, 4) and shape(11) == (0, 1, 11)  # 11 ranks: no even split, heads padded
-    for data, match in (({"vae": 1}, "vae must be rank 0"), ({"dit_groups": [[1], [2]]}, "one DiT group"),
+    assert layout.with_vae(None, True, 45).vae_ranks == (0, 1, 2, 3)  # GPUs: every rank, between denoising
+    assert layout.with_vae(None, True, 2).vae_ranks == (0, 1)  # one latent row each at most
+    assert layout.with_vae(None, False, 45).vae_ranks == (0,) and layout.with_vae(3, False, 45).vae_ranks == (0, 1, 2)
+    with pytest.raises(TransferError, match="--vae_parallel_degree 3: the smallest request has 2 latent rows"):
+        layout.with_vae(3, False, 2)
+    path = tmp_path / "placement.json"
+    path.write_text(json.dumps({"vae": [0, 2], "dit_groups": [{"ranks": [1, 2, 3], "cfg": 3}]}))
+    assert cosmos3_layout_file(path, 4).vae_ranks == (0, 2)
+    for data, match in (({"vae": 1}, "vae must be rank 0 or a VAE group led by rank 0"),
+                        ({"vae": [1, 0]}, "led by rank 0"), ({"dit_groups": [[1], [2]]}, "one DiT group"),
                         ({"dit_groups": [{"ranks": [1, 2], "cfg": 2}]}, "rank 3 has no stage"),
                         ({"dit_groups": [{"ranks": [1, 2, 3, 0], "cfg": 4}]}, "cfg \\(1 to 3 pass branches\\)")):
         path = tmp_path / "placement.json"

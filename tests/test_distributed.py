@@ -247,9 +247,19 @@ def test_bad_request_found_by_the_coordinator_is_recorded_and_the_rest_runs(tiny
 def test_placement_presets_and_validation():
     from transfer.distributed.placement import DiTGroup, choose_preset, heads_split
 
-    # one video (Transfer2.5-2B: 16 heads, guidance 3): one DiT group over every rank, stages beside shards
+    # one video (Transfer2.5-2B: 16 heads, guidance 3): one DiT group over every rank, stages beside shards; on GPUs
+    # the group's ranks also form the VAE group (led by the DiT leader), on CPU the VAE keeps one rank unless asked
     assert preset(8).dit_groups == (DiTGroup(tuple(range(8)), 2, 4),)
-    assert preset(8).stages_of(0) == ["coordinator", "text", "dit"] and preset(8).stages_of(1) == ["vae", "dit"]
+    assert preset(8).stages_of(0) == ["coordinator", "text", "vae", "dit"] and preset(8).stages_of(1) == ["vae", "dit"]
+    assert preset(8).vae.ranks == tuple(range(8)) and preset(8, latent_rows=5).vae.ranks == tuple(range(5))
+    assert preset(8, vae_degree=1).vae.ranks == (1,) and preset(8, split_sequence=False).vae.ranks == (7,)
+    cpu = preset(4, split_sequence=False, vae_degree=2)  # the DiT group [1, 2] splits the VAE; rank 3 is freed
+    assert (cpu.vae.ranks, cpu.dit_groups[0].ranks, cpu.idle) == ((1, 2), (1, 2), (3,))
+    assert "VAE group [1, 2]" in cpu.describe()
+    with pytest.raises(TransferError, match="--vae_parallel_degree 9: the smallest request has 8 latent rows"):
+        preset(8, vae_degree=9, latent_rows=8)
+    with pytest.raises(TransferError, match="no placement of 4 processes .* and a VAE group of 3"):
+        preset(4, split_sequence=False, vae_degree=3)  # the CPU preset's DiT group has 2 ranks
     assert preset(2).dit_groups == (DiTGroup((0, 1), 2, 1),)
     assert preset(3).dit_groups == (DiTGroup((0, 1, 2), 1, 3),)  # 16 heads over 3: padded to 18 (Ulysses anything)
     assert preset(4, guidance=1.0).dit_groups == (DiTGroup((0, 1, 2, 3), 1, 4),)  # no CFG: no guidance branches
@@ -285,13 +295,17 @@ def test_placement_presets_and_validation():
         Placement(4, text=1, vae=2, dit_groups=((0,),))
     with pytest.raises(TransferError, match="DiT replicas must not share"):
         Placement(4, text=1, vae=2, dit_groups=((0,), (3,)))
-    # stages are rank groups: a VAE group of several ranks is expressible (placement files too), run on one rank today
+    # stages are rank groups: a VAE group of several ranks (placement files too); the text encoder runs on one rank
     wide_vae = Placement(5, text=1, vae=(2, 3), dit_groups=((4,),))
     assert wide_vae.vae.leader == 2 and wide_vae.stages_of(3) == ["vae"] and (0, 3) in wide_vae.talking_pairs()
-    assert (3, 4) not in wide_vae.talking_pairs()  # the group's leader talks to the DiT leader
-    with pytest.raises(TransferError, match=r"the vae stage on ranks \[2, 3\]: it runs on one rank"):
-        wide_vae.check_runnable()
-    Placement(4, text=1, vae=2, dit_groups=((3,),)).check_runnable()
+    assert (3, 4) not in wide_vae.talking_pairs() and (2, 3) in wide_vae.talking_pairs()  # the leader leads
+    wide_vae.check_runnable()
+    with pytest.raises(TransferError, match=r"the text stage on ranks \[1, 2\]: it runs on one rank"):
+        Placement(4, text=(1, 2), vae=2, dit_groups=((3,),)).check_runnable()
+    with pytest.raises(TransferError, match=r"the VAE group \[2, 0, 1\] shares ranks with the DiT group \[0, 1\]: it "
+                                            r"must be led by that group's leader \(rank 0\)"):
+        Placement(3, vae=(2, 0, 1), dit_groups=((0, 1),))
+    Placement(3, vae=(2, 0), dit_groups=((0, 1),))  # one shared rank cannot order two collectives two ways
     with pytest.raises(TransferError, match="distinct ranks"):
         Placement(4, text=1, vae=(2, 2), dit_groups=((3,),))
 
@@ -360,7 +374,8 @@ def test_protocol_table_matches_the_roles_and_guards_the_sender():
                 for name in vars(cls) if name.startswith("on_")}
     assert handlers == {(k.receiver, k.name) for k in KINDS if k.dispatched}
     assert {k.name for k in KINDS if k.request_work} == {"precompute", "text", "controls", "decode", "chunk_plan", "embeds",
-                                                          "control_latents", "cond", "shard_chunk"}
+                                                          "control_latents", "cond", "shard_chunk", "vae_controls",
+                                                          "vae_work"}
     assert all(k.per_request for k in KINDS if k.request_work)
     transport = LocalTransport(0)
     with pytest.raises(ProtocolError, match="unknown message kind 'nonsense'"):

@@ -55,11 +55,12 @@ def test_real_transfer25_sizes_and_placement():
     assert [r.stages for r in ranks] == [["coordinator"], ["text"], ["vae"], ["dit"], ["dit"], ["dit"]]
     assert ranks[0].total == 0 and ranks[1].total == sum(by_stage["text"].values())
     assert ranks[3].total == ranks[4].total == sum(by_stage["dit"].values())  # both halves of the CFG pair hold a DiT
-    # the one-video preset on 8 GPUs of 80 GB: a cfg 2 x sp 4 group; every shard holds the whole DiT
+    # the one-video preset on 8 GPUs of 80 GB: a cfg 2 x sp 4 group; every shard holds the whole DiT and the VAE (the
+    # group is also the VAE group)
     ranks = plan_ranks(preset(8), by_stage)
-    assert ranks[0].stages == ["coordinator", "text", "dit"] and ranks[1].stages == ["vae", "dit"]
-    assert ranks[0].total == sum(by_stage["text"].values()) + sum(by_stage["dit"].values())
-    assert all(r.total == sum(by_stage["dit"].values()) for r in ranks[2:])
+    assert ranks[0].stages == ["coordinator", "text", "vae", "dit"] and ranks[1].stages == ["vae", "dit"]
+    assert ranks[0].total == sum(by_stage["text"].values()) + sum(by_stage["vae"].values()) + sum(by_stage["dit"].values())
+    assert all(r.total == sum(by_stage["vae"].values()) + sum(by_stage["dit"].values()) for r in ranks[1:])
 
 
 def test_cli_plan_720p_weights_activations_and_fit():
@@ -82,6 +83,13 @@ def test_cli_plan_720p_weights_activations_and_fit():
                re.findall(r"^\s+(\d)\s+cfg x sp (\dx\d)\s+[\d.]+\s+(yes|NO)\s+(?:yes|NO)\s+(?:yes|NO)$", proc.stdout, re.M)}
     assert len(presets) == 8 and presets["1"] == ("1x1", "NO")  # every preset placement judged
     assert presets["4"] == ("2x1", sizes[0]) and presets["8"][0] == "2x3"
+    # the VAE's activation peak per rank falls with the VAE group's degree (the band's calls + the gathered result)
+    vae = {int(d): (float(e), float(d_)) for d, e, d_ in
+           re.findall(r"^\s+(\d) ranks? +VAE encode ([\d.]+) GB, VAE decode ([\d.]+) GB", proc.stdout, re.M)}
+    assert sorted(vae) == [1, 2, 4, 8] and re.search(r"^\s+1 rank +VAE.*<- this placement$", proc.stdout, re.M)
+    assert max(vae[1]) == rows[3][2]  # the VAE rank's activations: the larger of its calls, whole
+    assert all(vae[a][i] > vae[b][i] for a, b in ((1, 2), (2, 4), (4, 8)) for i in (0, 1)), vae
+    assert vae[8][1] < vae[1][1] / 3
 
 
 def test_cli_plan_fp32_doubles_weights():

@@ -11,7 +11,7 @@ runs its stages' calls one at a time). The CUDA context and allocator slack come
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -83,8 +83,10 @@ def dit_call(cfg: int, guidance: float) -> str:
     return "DiT step, CFG (2 branches)" if cfg_on(guidance) and cfg == 1 else "DiT step, no CFG"
 
 
-def rank_activations(placement: Placement, calls: dict[str, dict[str, int]], guidance: float) -> list[int]:
-    """Each rank's activation peak: the biggest of the calls its stages make."""
+def rank_activations(placement: Placement, calls: dict[str, dict[str, int]], guidance: float,
+                     vae_calls: dict[str, int] | None = None) -> list[int]:
+    """Each rank's activation peak: the biggest of the calls its stages make (``vae_calls``: a VAE group rank's, for
+    the placement's VAE degree; default the whole calls')."""
     out = []
     for rank in range(placement.world_size):
         stages = placement.stages_of(rank)
@@ -92,7 +94,7 @@ def rank_activations(placement: Placement, calls: dict[str, dict[str, int]], gui
         if "text" in stages:
             peaks += calls["text"].values()
         if "vae" in stages:
-            peaks += calls["vae"].values()
+            peaks += (vae_calls or calls["vae"]).values()
         group = placement.group_of(rank)
         if group is not None:  # a sequence shard holds 1/sp of the per-token activations (approximately)
             peaks.append(calls["dit"][dit_call(group.cfg_degree, guidance)] // group.sp_degree)
@@ -104,14 +106,41 @@ def rank_activations(placement: Placement, calls: dict[str, dict[str, int]], gui
 GPU_SIZES_GB = (24, 48, 80)
 
 
-def rank_totals(placement: Placement, by_stage, calls, guidance: float) -> list[tuple[RankPlan, int]]:
-    return list(zip(plan_ranks(placement, by_stage), rank_activations(placement, calls, guidance)))
+def rank_totals(placement: Placement, by_stage, calls, guidance: float,
+                vae_calls: dict[str, int] | None = None) -> list[tuple[RankPlan, int]]:
+    return list(zip(plan_ranks(placement, by_stage), rank_activations(placement, calls, guidance, vae_calls)))
+
+
+#: The VAE's calls in ``transfer.memory.CALLS``, and the result each gathers in a VAE group.
+VAE_CALLS = {"VAE encode (one control)": "latents", "VAE decode (one chunk)": "frames"}
+
+
+def vae_group_calls(info, chunk, dtype, device: str, degree: int, whole: dict[str, int]) -> dict[str, int]:
+    """One rank's VAE call peaks in a VAE group of ``degree`` (``transfer.distributed.vae_split``): the calls at the
+    height of the largest band (the halo rows, one per convolution, left out), plus the whole result gathered on
+    every rank (the ranks' padded bands and the joined result: twice its size). ``whole``: the calls at degree 1."""
+    from transfer.memory import estimate_calls
+    from transfer.prepare import ModelLimits
+
+    if degree == 1:
+        return dict(whole)
+    limits = ModelLimits.from_info(info)
+    f = limits.spatial_factor
+    rows = chunk.height // f
+    band = replace(chunk, height=-(-rows // degree) * f)
+    peaks = estimate_calls(info, band, dtype, device, names=list(VAE_CALLS))["vae"]
+    size = {"latents": info.vae["z_dim"] * limits.latent_frames(chunk.frames) * rows * (chunk.width // f),
+            "frames": 3 * chunk.frames * chunk.height * chunk.width}
+    return {name: peak + 2 * size[VAE_CALLS[name]] * dtype.itemsize for name, peak in peaks.items()}
 
 
 def format_plan(title: str, placement: Placement, by_stage, calls, guidance: float, gpu_memory_gb: float,
-                presets: dict[int, Placement]) -> str:
-    """The report: per rank weights, activations, peak and fit; components; call peaks; the preset placements."""
-    ranks = rank_totals(placement, by_stage, calls, guidance)
+                presets: dict[int, Placement], vae_degrees: dict[int, dict[str, int]] | None = None) -> str:
+    """The report: per rank weights, activations, peak and fit; components; call peaks; the VAE's per rank by VAE
+    group degree (``vae_degrees``: degree -> call peaks, the placement's degree among them); the preset
+    placements."""
+    vae_calls = (vae_degrees or {}).get(len(placement.vae.ranks))
+    ranks = rank_totals(placement, by_stage, calls, guidance, vae_calls)
     replicated = sum(sum(c.values()) for c in by_stage.values())
     one = Placement(1)  # every stage in one process: what upstream holds on each GPU
     replicated_act = rank_activations(one, calls, guidance)[0]
@@ -140,10 +169,20 @@ def format_plan(title: str, placement: Placement, by_stage, calls, guidance: flo
     lines += ["", f"DiT groups: {groups}; a sequence-parallel rank (sp > 1) holds the whole DiT and ControlNets and "
               "about 1/sp of a step's activations (the expanded timestep embedding and the gathered velocity stay "
               "whole: a lower bound)"]
+    if vae_degrees:
+        lines += ["", "VAE group: each rank's activation peak by the group's degree (--vae_parallel_degree; each call "
+                  "split by rows, the result gathered on every rank):"]
+        for degree, peaks in sorted(vae_degrees.items()):
+            mark = "  <- this placement" if degree == len(placement.vae.ranks) else ""
+            lines.append(f"  {degree:>2} rank{'s' if degree > 1 else ' '} "
+                         + ", ".join(f"{name.split(' (')[0]} {b / scale:.2f} {unit}" for name, b in peaks.items())
+                         + mark)
     lines += ["", f"preset placements for one video: DiT groups, largest rank peak ({unit}), whether every rank fits"]
     lines.append(f"{'ranks':>5}  {'DiT groups':<28}{'largest':>9}{sizes}")
     for world, p in presets.items():
-        peak = max(r.total + act for r, act in rank_totals(p, by_stage, calls, guidance))
+        near = max((d for d in (vae_degrees or {}) if d <= len(p.vae.ranks)), default=None)  # an upper bound
+        peak = max(r.total + act for r, act in rank_totals(p, by_stage, calls, guidance,
+                                                           (vae_degrees or {}).get(near)))
         shape = ", ".join(f"{g.cfg_degree}x{g.sp_degree}" for g in p.dit_groups)
         lines.append(f"{world:>5}  {'cfg x sp ' + shape:<28}{peak / scale:>9.2f}"
                      + "".join(f"{'yes' if peak / GB < g else 'NO':>7}" for g in GPU_SIZES_GB))
@@ -189,14 +228,17 @@ def run_plan(config) -> str:
         raise TransferError(f"--frames must be 1 + {tf}k and at least {tf + 1}, got {frames}")
     limits.check_resolution(plan.height, plan.width, "--height/--width")
     heads = info.transformer["num_attention_heads"]
-    placement = choose_placement(config, config.parallel.num_gpus or 1, 1, heads).placement
+    rows = plan.height // limits.spatial_factor
+    placement = choose_placement(config, config.parallel.num_gpus or 1, 1, heads, rows, len(modalities)).placement
     dtype = DTYPES[plan.dtype]
     by_stage = component_bytes(info, modalities, dtype)
-    calls = estimate_calls(info, ChunkSize(plan.height, plan.width, frames, tuple(modalities), guidance), dtype,
-                           plan.device)
+    chunk = ChunkSize(plan.height, plan.width, frames, tuple(modalities), guidance)
+    calls = estimate_calls(info, chunk, dtype, plan.device)
+    degrees = sorted({d for d in (1, 2, 4, 8, len(placement.vae.ranks)) if d <= rows})
+    vae_degrees = {d: vae_group_calls(info, chunk, dtype, plan.device, d, calls["vae"]) for d in degrees}
     title = (f"memory plan: {name}, controls {'+'.join(modalities)}, {plan.dtype}, chunk {frames}x{plan.height}x"
              f"{plan.width}, guidance {guidance:g}, {placement.world_size} rank(s), {plan.gpu_memory_gb:g} GB per "
              f"GPU ({plan.device})")
     share = plan.gpu_memory_gb >= SHARE_STAGES_GB
     presets = {w: placement_preset(w, guidance=guidance, heads=heads, share_stages=share) for w in range(1, 9)}
-    return format_plan(title, placement, by_stage, calls, guidance, plan.gpu_memory_gb, presets)
+    return format_plan(title, placement, by_stage, calls, guidance, plan.gpu_memory_gb, presets, vae_degrees)

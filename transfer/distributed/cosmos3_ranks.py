@@ -23,7 +23,8 @@ flight, several DiT groups.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,7 @@ from transfer.cosmos3_stages import (DECODE_BLOCKS, DIT_BLOCKS, DIT_TO_VAE, ENCO
                                      execution_blocks, hint_latents, initial_state, pack_fields, run_blocks,
                                      seed_latents, unpack_fields)
 from transfer.device import default_device, dtype_for
-from transfer.distributed import sequence_parallel
+from transfer.distributed import sequence_parallel, vae_split
 from transfer.distributed.cosmos3_parallel import check_processors, enable_ulysses, install_pass_split
 from transfer.errors import TransferError, check_stop
 from transfer.outputs import make_gate
@@ -54,6 +55,8 @@ class Cosmos3Layout:
     """Pass branches (``--cfgp-size``)."""
     sp: int
     """Ranks per pass (``--cp-size`` / ``--context_parallel_size``)."""
+    vae_ranks: tuple[int, ...] = (0,)
+    """The VAE group: rank 0 and the ranks after it (``--vae_parallel_degree``), each VAE call split by rows."""
 
     def branches(self) -> list[tuple[int, ...]]:
         return [self.dit_ranks[b * self.sp:(b + 1) * self.sp] for b in range(self.passes)]
@@ -61,8 +64,22 @@ class Cosmos3Layout:
     def describe(self) -> str:
         where = "ranks " + ",".join(map(str, self.dit_ranks))
         shared = " (rank 0 shares its device)" if 0 in self.dit_ranks and self.world > 1 else ""
+        vae = f"; VAE group {list(self.vae_ranks)}" if len(self.vae_ranks) > 1 else ""
         return (f"rank 0: coordinator + tokenizer + VAE; DiT group on {where}{shared}: {self.passes} pass branch(es) "
-                f"x sp {self.sp}")
+                f"x sp {self.sp}{vae}")
+
+    def with_vae(self, degree: int | None, gpu: bool, latent_rows: int | None) -> "Cosmos3Layout":
+        """This layout with its VAE group: ``degree`` ranks from rank 0 (``--vae_parallel_degree``), by default every
+        rank on GPUs (the calls run between denoising, 1/N each; rank 0 then no longer encodes hints ahead), one on
+        CPU; at most one rank per latent row of the smallest request."""
+        if degree is not None and not 1 <= degree <= self.world:
+            raise TransferError(f"--vae_parallel_degree {degree} must be between 1 and the {self.world} process(es)")
+        if degree is not None and latent_rows is not None and degree > latent_rows:
+            raise TransferError(f"--vae_parallel_degree {degree}: the smallest request has {latent_rows} latent rows "
+                                "(each rank of the VAE group needs one)")
+        if degree is None:
+            degree = min(self.world, latent_rows or self.world) if gpu else len(self.vae_ranks)
+        return replace(self, vae_ranks=tuple(range(degree)))
 
 
 def cosmos3_layout(world: int, sp: int | None, passes: int | None, heads: int) -> Cosmos3Layout:
@@ -106,9 +123,14 @@ def cosmos3_layout_file(path, world: int) -> Cosmos3Layout:
     unknown = sorted(set(data) - {"coordinator", "text", "vae", "dit_groups"}) if isinstance(data, dict) else ["?"]
     if unknown:
         raise TransferError(f"{where}: unknown key {unknown[0]!r} (coordinator, text, vae, dit_groups)")
-    for key in ("coordinator", "text", "vae"):
+    for key in ("coordinator", "text"):
         if data.get(key, 0) not in (0, [0]):
             raise TransferError(f"{where}: {key} must be rank 0 (rank 0 holds the coordinator, the tokenizer and the VAE)")
+    vae = data.get("vae", 0)
+    vae = vae if isinstance(vae, list) else [vae]
+    if not vae or vae[0] != 0 or len(set(vae)) != len(vae) or not all(isinstance(r, int) and 0 <= r < world for r in vae):
+        raise TransferError(f"{where}: vae must be rank 0 or a VAE group led by rank 0 (distinct ranks below {world}), "
+                            f"got {data.get('vae')}")
     groups = data.get("dit_groups", [[0]])
     if not isinstance(groups, list) or len(groups) != 1:
         raise TransferError(f"{where}: one DiT group (several are not supported for Cosmos 3 yet)")
@@ -127,16 +149,23 @@ def cosmos3_layout_file(path, world: int) -> Cosmos3Layout:
     idle = sorted(set(range(1, world)) - set(ranks))
     if idle:
         raise TransferError(f"{where}: rank {idle[0]} has no stage (every rank but 0 is in the DiT group)")
-    return Cosmos3Layout(world, tuple(ranks), passes, sp)
+    return Cosmos3Layout(world, tuple(ranks), passes, sp, tuple(vae))
 
 
-def layout_for(parallel, world: int, heads: int) -> Cosmos3Layout:
-    """The run's layout from its ``ParallelConfig``: a ``--placement`` file, or ``--cp-size`` / ``--cfgp-size``."""
-    if parallel.placement_file and (parallel.sp_degree or parallel.pass_degree):
-        raise TransferError("give --placement or --cp-size / --cfgp-size, not both")
+def layout_for(parallel, world: int, heads: int, latent_rows: int | None = None, gpu: bool = False) -> Cosmos3Layout:
+    """The run's layout from its ``ParallelConfig``: a ``--placement`` file, or ``--cp-size`` / ``--cfgp-size`` and
+    ``--vae_parallel_degree`` (``latent_rows``: the smallest request's; ``gpu``: the default VAE group is every
+    rank)."""
+    if parallel.placement_file and (parallel.sp_degree or parallel.pass_degree or parallel.vae_degree):
+        raise TransferError("give --placement or --cp-size / --cfgp-size / --vae_parallel_degree, not both")
     if parallel.placement_file:
-        return cosmos3_layout_file(parallel.placement_file, world)
-    return cosmos3_layout(world, parallel.sp_degree, parallel.pass_degree, heads)
+        layout = cosmos3_layout_file(parallel.placement_file, world)
+        if latent_rows is not None and len(layout.vae_ranks) > latent_rows:
+            raise TransferError(f"placement: a VAE group of {len(layout.vae_ranks)} ranks, but the smallest request "
+                                f"has {latent_rows} latent rows (each rank needs one)")
+        return layout
+    return cosmos3_layout(world, parallel.sp_degree, parallel.pass_degree, heads).with_vae(parallel.vae_degree, gpu,
+                                                                                          latent_rows)
 
 
 def _send(obj, src: int):
@@ -163,13 +192,21 @@ class Cosmos3Ranks:
         self.device = default_device()
         dtype = dtype_for(self.device, job.runtime.dtype)
         self.dit = rank in layout.dit_ranks
-        parts = (("transformer",) if self.dit else ()) + (("vae",) if rank == 0 else ())
+        parts = (("transformer",) if self.dit else ()) + (("vae",) if rank in layout.vae_ranks else ())
         logger.info(f"rank {rank}: {' + '.join(parts)} on {self.device} ({dtype})")
         self.pipe = load_cosmos3(job.info, self.device, dtype, parts)
         # every rank makes every group, in the same order (process groups are numbered)
         meshes = sequence_parallel.branch_meshes(layout.branches() if layout.sp > 1 else [],
                                                  "cuda" if self.device.type == "cuda" else "cpu")
         self.group = dist.new_group(list(layout.dit_ranks)) if layout.passes > 1 else None
+        self.vae_service = None
+        """With a VAE group: rank 0's VAE calls made on every rank of it (``vae_split.VAEService``)."""
+        if len(layout.vae_ranks) > 1:
+            vae_group = dist.new_group(list(layout.vae_ranks))
+            if rank in layout.vae_ranks:
+                split = vae_split.RowSplit(layout.vae_ranks, vae_group, rank)
+                vae_split.install(self.pipe.vae, split)
+                self.vae_service = vae_split.VAEService(self.pipe.vae, split)
         if self.dit and layout.sp > 1:
             enable_ulysses(self.pipe.transformer, next(b for r, b in meshes.items() if rank in r))
         freeze_heap()
@@ -209,7 +246,7 @@ class Cosmos3Ranks:
             copy_fields(text, dit, TEXT_TO_DIT)
         # outside the DiT group rank 0 encodes chunk k+1's hints while the group denoises chunk k; in it, it runs
         # diffusers' encode block as one process does
-        ahead = not self.dit and inputs.get("video") is None
+        ahead = not self.dit and inputs.get("video") is None and self.vae_service is None
         hints = hint_latents(self.pipe, vae, 0) if ahead else None
         num_chunks = text.get("num_chunks")
         with per_pass(self.pipe.transformer, prepared.request.name):
@@ -219,18 +256,29 @@ class Cosmos3Ranks:
                     seed_latents(self.pipe, vae)
                     vae.set("control_latents", hints)
                 else:
-                    vae = run_blocks(self.pipe, blocks, ENCODE_BLOCKS, vae)
+                    with self.vae_calls():
+                        vae = run_blocks(self.pipe, blocks, ENCODE_BLOCKS, vae)
                 encoded = _send(_fields(vae, VAE_TO_DIT), 0)
                 if ahead and chunk + 1 < num_chunks:
                     hints = hint_latents(self.pipe, vae, chunk + 1)  # the DiT group works meanwhile
                 latents = self.denoise(blocks, dit, chunk, encoded)
                 _take(latents, vae, self.device)
                 chunks.append(vae.get("latents"))
-                vae = run_blocks(self.pipe, blocks, DECODE_BLOCKS, vae)
+                with self.vae_calls():
+                    vae = run_blocks(self.pipe, blocks, DECODE_BLOCKS, vae)
                 logger.info(f"{prepared.request.name}: chunk {chunk + 1}/{num_chunks} decoded")
         stitch = initial_state(blocks, inputs)
         copy_fields(vae, stitch, VAE_TO_STITCH)
         return finish(prepared, run_blocks(self.pipe, blocks, STITCH_BLOCKS, stitch).get("videos"), chunks)
+
+    def vae_calls(self):
+        """Rank 0: the VAE calls inside run on every rank of the VAE group (or here alone)."""
+        return self.vae_service.session() if self.vae_service is not None else nullcontext()
+
+    def serve_vae(self) -> None:
+        """A VAE group rank other than 0: rank 0's calls of one encode or decode block, on this rank's band."""
+        if self.vae_service is not None:
+            self.vae_service.serve()
 
     # -- the DiT group ---------------------------------------------------------------------------------
     def dit_state(self, blocks, inputs: dict, text: dict):
@@ -267,7 +315,9 @@ class Cosmos3Ranks:
             state = self.dit_state(blocks, inputs, request["text"]) if self.dit else None
             with per_pass(self.pipe.transformer, f"request {request['j']}", progress=False):
                 for chunk in range(request["num_chunks"]):
+                    self.serve_vae()  # the chunk's encode block
                     self.denoise(blocks, state, chunk, _send(None, 0))
+                    self.serve_vae()  # its decode block
 
 
 def run_cosmos3(job, layout: Cosmos3Layout, rank: int) -> tuple[int, str | None]:

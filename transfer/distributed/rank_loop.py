@@ -309,7 +309,8 @@ def _run_distributed(config: RunConfig) -> None:
         if isinstance(job.info, Cosmos3Info):  # its own stage processes (transfer.distributed.cosmos3_ranks)
             from transfer.distributed.cosmos3_ranks import layout_for, run_cosmos3
 
-            layout = layout_for(config.parallel, world, job.info.transformer["num_attention_heads"])
+            layout = layout_for(config.parallel, world, job.info.transformer["num_attention_heads"], job.latent_rows,
+                                cuda)
     except TransferError as e:  # every rank validates the same inputs and fails the same way
         refuse(rank, world, f"transfer.py: error: {e}")
     if isinstance(job.info, Cosmos3Info):

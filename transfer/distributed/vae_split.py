@@ -214,3 +214,49 @@ def _split_calls(vae: nn.Module, split: RowSplit) -> None:
 def split_of(vae: nn.Module) -> RowSplit | None:
     """The ``RowSplit`` a VAE was patched for, if any."""
     return getattr(vae, "_row_split", None)
+
+
+class VAEService:
+    """A leader's VAE calls made by every rank of its group, for a caller that runs on the leader alone (Cosmos 3's
+    lockstep ranks, where diffusers' blocks call ``vae.encode`` / ``vae.decode`` on rank 0): the leader's
+    ``_encode`` / ``_decode`` first broadcast their input over the group; the other ranks ``serve`` them until the
+    leader's ``session`` ends. The split calls (``install``) then run together on every rank."""
+
+    def __init__(self, vae: nn.Module, split: RowSplit):
+        self.vae, self.split = vae, split
+        self.leader = split.ranks[0]
+        self.open = False
+        if split.index == 0:
+            encode, decode = vae._encode, vae._decode
+            vae._encode = lambda x: (self._announce("encode", x), encode(x))[1]
+            vae._decode = lambda z, return_dict=True: (self._announce("decode", z), decode(z, return_dict))[1]
+
+    def _announce(self, op: str | None, x: torch.Tensor | None = None) -> None:
+        if not self.open:  # the others would never join it
+            raise RuntimeError("a split VAE call outside VAEService.session")
+        head = [None if op is None else (op, tuple(x.shape), x.dtype)]
+        dist.broadcast_object_list(head, src=self.leader, group=self.split.group, device=torch.device("cpu"))
+        if op is not None:
+            dist.broadcast(x.contiguous(), src=self.leader, group=self.split.group)
+
+    @contextmanager
+    def session(self):
+        """The leader: the VAE calls inside are every rank's; at the end the others stop serving."""
+        self.open = True
+        yield
+        self._announce(None)  # not after an error: the others may be inside a call's collectives; the run ends
+        self.open = False
+
+    def serve(self) -> None:
+        """Another rank: make each call the leader announces, on this rank's band, until its session ends."""
+        device = next(self.vae.parameters()).device
+        while True:
+            head = [None]
+            dist.broadcast_object_list(head, src=self.leader, group=self.split.group, device=torch.device("cpu"))
+            if head[0] is None:
+                return
+            op, shape, dtype = head[0]
+            x = torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(x, src=self.leader, group=self.split.group)
+            with torch.no_grad():
+                self.vae._encode(x) if op == "encode" else self.vae._decode(x, return_dict=False)
