@@ -176,7 +176,8 @@ def test_spec_refusals(spec, tmp_path, sample, flags, message):
 
 def test_plan_for_cosmos3_nano(cache_dir):
     """``--plan`` for the 15.2B Cosmos3-Nano from its configs: the transformer's bf16 weights on every DiT rank, the
-    VAE on rank 0, each pass's activations at the chunk's token counts (cond above cond_no_control), a DiT
+    VAE on every rank (the default VAE group on GPUs) with its activation peak falling with the group's degree, each
+    pass's activations at the chunk's token counts (cond above cond_no_control), a DiT
     rank of sp 2 holding half of the largest pass, and the layouts for 1, 2, 4 and 8 GPUs against 80 and 141 GB."""
     cmd = [sys.executable, str(ROOT / "transfer.py"), "--plan", "--checkpoint_preset", "cosmos3-nano", "--num_gpus",
            "4", "--cp-size", "2", "--height", "480", "--width", "832", "--frames", "61", "--gpu_memory_gb", "80"]
@@ -190,8 +191,14 @@ def test_plan_for_cosmos3_nano(cache_dir):
     tokens = {m[0]: int(m[1].replace(",", "")) for m in re.findall(r"pass (\w+)\s+[\d.]+ GB  \(([\d,]+) tokens", out)}
     assert set(passes) == {"cond", "cond_no_control", "uncond"} and passes["cond"] > passes["cond_no_control"] > 0
     assert tokens["cond"] > tokens["cond_no_control"] * 2  # the two hints' tokens beside the target's
-    rank1 = re.search(r"^\s+1  dit\s+([\d.]+)\s+([\d.]+)", out, re.M)
-    assert float(rank1.group(1)) == weights and abs(float(rank1.group(2)) - passes["cond"] / 2) < 0.02
+    vae = float(re.search(r"^\s+vae\s+([\d.]+) GB", out, re.M).group(1))
+    degrees = {int(d): (float(e), float(d_)) for d, e, d_ in
+               re.findall(r"^\s+(\d) ranks? +VAE encode ([\d.]+) GB, VAE decode ([\d.]+) GB", out, re.M)}
+    assert sorted(degrees) == [1, 2, 4, 8] and re.search(r"^\s+4 ranks +VAE.*<- this placement$", out, re.M)
+    assert all(degrees[a][i] > degrees[b][i] for a, b in ((1, 2), (2, 4), (4, 8)) for i in (0, 1)), degrees
+    rank1 = re.search(r"^\s+1  vae\+dit\s+([\d.]+)\s+([\d.]+)", out, re.M)  # GPUs: every rank in the VAE group
+    assert abs(float(rank1.group(1)) - weights - vae) < 0.015
+    assert abs(float(rank1.group(2)) - max(passes["cond"] / 2, *degrees[4])) < 0.02
     assert re.search(r"^\s+8  8 rank\(s\): 2 x sp 4", out, re.M)
 
 

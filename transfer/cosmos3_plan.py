@@ -20,7 +20,7 @@ from transfer.cosmos3_checkpoint import Cosmos3Info
 from transfer.distributed.cosmos3_ranks import Cosmos3Layout, cosmos3_layout
 from transfer.errors import TransferError
 from transfer.device import default_dtype
-from transfer.plan import GB, _bytes, _init_kwargs
+from transfer.plan import GB, _bytes, _init_kwargs, band_height, gathered_bytes, vae_degree_lines
 
 #: GPU sizes a Cosmos 3 plan reports against (H100 80 GB, H200 141 GB).
 COSMOS3_GPU_SIZES_GB = (80, 141)
@@ -65,9 +65,11 @@ def pass_inputs(hints, frames: int, height: int, width: int, guidance: float, co
 
 
 def estimate(info: Cosmos3Info, hints, frames: int, height: int, width: int, guidance: float,
-             control_guidance: float, dtype: torch.dtype, target: str = "cuda") -> dict:
-    """Weights (bytes per component), activation peaks (bytes per call) and tokens per pass of one chunk; ``target``
-    ``cpu`` adds the im2col workspace of CPU's slow convolutions (``transfer.memory.TensorMemory``)."""
+             control_guidance: float, dtype: torch.dtype, target: str = "cuda", vae_degrees=(1,)) -> dict:
+    """Weights (bytes per component), activation peaks (bytes per call) and tokens per pass of one chunk, and the
+    VAE calls' peaks on a rank of a VAE group of each of ``vae_degrees`` (the band's calls plus the gathered result,
+    ``transfer.plan.gathered_bytes``); ``target`` ``cpu`` adds the im2col workspace of CPU's slow convolutions
+    (``transfer.memory.TensorMemory``)."""
     from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer
     from diffusers.modular_pipelines.cosmos.denoise import Cosmos3TransferLoopDenoiser
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -80,32 +82,43 @@ def estimate(info: Cosmos3Info, hints, frames: int, height: int, width: int, gui
         transformer = _fake(Cosmos3OmniTransformer, info.transformer, dtype)
         vae = _fake(AutoencoderKLWan, info.vae, dtype)
         weights = {"transformer": _bytes(transformer, dtype), "vae": _bytes(vae, dtype)}
-        latent = (1, info.vae["z_dim"], (frames - 1) // 4 + 1, height // 16, width // 16)
-        for name, run in (("encode (one hint)", lambda: vae.encode(torch.zeros(1, 3, frames, height, width, dtype=dtype))),
-                          ("decode (one chunk)", lambda: vae.decode(torch.zeros(latent, dtype=dtype)))):
-            with TensorMemory(workspace=target == "cpu") as memory:
-                run()
-            calls["vae"][name] = memory.peak
+        by_degree = {}
+        for degree in vae_degrees:
+            band = band_height(height, 16, degree)
+            latent = (1, info.vae["z_dim"], (frames - 1) // 4 + 1, band // 16, width // 16)
+            peaks = {}
+            for name, run in (("encode (one hint)", lambda: vae.encode(torch.zeros(1, 3, frames, band, width, dtype=dtype))),
+                              ("decode (one chunk)", lambda: vae.decode(torch.zeros(latent, dtype=dtype)))):
+                with TensorMemory(workspace=target == "cpu") as memory:
+                    run()
+                peaks[name] = memory.peak
+            if degree > 1:
+                size = gathered_bytes(info.vae["z_dim"], frames, height, width, 16, dtype)
+                peaks = {name: b + size["latents" if name.startswith("encode") else "frames"] for name, b in peaks.items()}
+            by_degree[degree] = peaks
+        calls["vae"] = by_degree[1]
         holder = types.SimpleNamespace(transformer=transformer)  # what diffusers' pass reads of its components
         for name, (static, tokens, timesteps, kwargs) in passes.items():
             with TensorMemory(workspace=target == "cpu") as memory:
                 Cosmos3TransferLoopDenoiser._forward(holder, static, tokens, timesteps, name, **kwargs)
             calls["dit"][f"pass {name}"] = memory.peak
     tokens = {f"pass {name}": int(call[0]["sequence_length"]) for name, call in passes.items()}
-    return {"weights": weights, "calls": calls, "tokens": tokens}
+    return {"weights": weights, "calls": calls, "tokens": tokens, "vae_degrees": by_degree}
 
 
 def rank_peaks(layout: Cosmos3Layout, est: dict) -> list[tuple[int, str, int, int]]:
     """``(rank, stages, weight bytes, activation bytes)``: a DiT rank holds the whole transformer and about 1/sp of
     its largest pass's activations (a lower bound: the streams are gathered whole after the last norm); rank 0 adds
-    the VAE and its largest call."""
-    w, calls = est["weights"], est["calls"]
+    the VAE and its largest call; a VAE group's ranks (``layout.vae_ranks``) hold the VAE and its calls' peak at that
+    degree (``estimate``'s ``vae_degrees``; an upper bound, the nearest estimated degree below, where it is not one)."""
+    w, calls, by_degree = est["weights"], est["calls"], est.get("vae_degrees", {1: est["calls"]["vae"]})
     dit_act = max(calls["dit"].values()) // layout.sp
+    vae_act = max(by_degree[max(d for d in by_degree if d <= len(layout.vae_ranks))].values())
     rows = []
     for rank in range(layout.world):
-        stages, weights, act = [], 0, 0
-        if rank == 0:
-            stages, weights, act = ["coordinator", "vae"], w["vae"], max(calls["vae"].values())
+        stages, weights, act = ["coordinator"] if rank == 0 else [], 0, 0
+        if rank in layout.vae_ranks:
+            stages, weights, act = stages + ["vae"], w["vae"], vae_act
         if rank in layout.dit_ranks:
             stages.append("dit")
             weights += w["transformer"]
@@ -121,7 +134,7 @@ def layouts(worlds=(1, 2, 4, 8), heads: int = 32) -> list[Cosmos3Layout]:
         for sp in (1, 2, 4, 8):
             for passes in (1, 2, 3):
                 try:
-                    layout = cosmos3_layout(world, sp, passes, heads)
+                    layout = cosmos3_layout(world, sp, passes, heads).with_vae(None, True, None)
                 except TransferError:
                     continue
                 if layout not in out:
@@ -158,10 +171,13 @@ def cosmos3_plan_report(config, info: Cosmos3Info, name: str) -> str:
         raise TransferError(f"--frames must be 1 + 4k and at least 5, got {frames}")
     info.limits().check_resolution(plan.height, plan.width, "--height/--width")
     heads = info.transformer.get("num_attention_heads", 32)
-    layout = cosmos3_layout(world, config.parallel.sp_degree, config.parallel.pass_degree, heads)
+    rows = plan.height // 16
+    layout = cosmos3_layout(world, config.parallel.sp_degree, config.parallel.pass_degree, heads).with_vae(
+        config.parallel.vae_degree, True, rows)
     guidance = config.generation.guidance
     hints = ("edge", "depth")
-    est = estimate(info, hints, frames, plan.height, plan.width, guidance, 1.5, DTYPES[plan.dtype])
+    degrees = sorted({d for d in (1, 2, 4, 8, len(layout.vae_ranks)) if d <= rows})
+    est = estimate(info, hints, frames, plan.height, plan.width, guidance, 1.5, DTYPES[plan.dtype], vae_degrees=degrees)
     sizes = "".join(f"{f'{g} GB':>8}" for g in COSMOS3_GPU_SIZES_GB)
     lines = [f"memory plan: {name} (Cosmos 3), hints {'+'.join(hints)}, {plan.dtype}, chunk {frames}x{plan.height}x"
              f"{plan.width}, guidance {guidance:g}, control guidance 1.5, {world} rank(s), {plan.gpu_memory_gb:g} GB "
@@ -179,7 +195,10 @@ def cosmos3_plan_report(config, info: Cosmos3Info, name: str) -> str:
         for call, b in calls.items():
             extra = f"  ({est['tokens'][call]:,} tokens)" if call in est["tokens"] else ""
             lines.append(f"  {stage:<4} {call:<26}{b / GB:>9.2f} GB{extra}")
-    lines += ["", "layouts (rank 0: coordinator + VAE; DiT group: pass branches x sp): largest rank peak, fits",
+    lines += vae_degree_lines({d: {f"VAE {k}": b for k, b in p.items()} for d, p in est["vae_degrees"].items()},
+                              len(layout.vae_ranks), GB, "GB")
+    lines += ["", "layouts (rank 0: coordinator + VAE; DiT group: pass branches x sp; on GPUs every rank in the VAE "
+              "group): largest rank peak, fits",
               f"{'ranks':>5}  {'DiT group':<28}{'largest GB':>11}{sizes}"]
     for option in layouts(heads=heads):
         peak = max(w + a for _, _, w, a in rank_peaks(option, est)) / GB

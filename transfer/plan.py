@@ -126,12 +126,33 @@ def vae_group_calls(info, chunk, dtype, device: str, degree: int, whole: dict[st
         return dict(whole)
     limits = ModelLimits.from_info(info)
     f = limits.spatial_factor
-    rows = chunk.height // f
-    band = replace(chunk, height=-(-rows // degree) * f)
+    band = replace(chunk, height=band_height(chunk.height, f, degree))
     peaks = estimate_calls(info, band, dtype, device, names=list(VAE_CALLS))["vae"]
-    size = {"latents": info.vae["z_dim"] * limits.latent_frames(chunk.frames) * rows * (chunk.width // f),
-            "frames": 3 * chunk.frames * chunk.height * chunk.width}
-    return {name: peak + 2 * size[VAE_CALLS[name]] * dtype.itemsize for name, peak in peaks.items()}
+    size = gathered_bytes(info.vae["z_dim"], chunk.frames, chunk.height, chunk.width, f, dtype)
+    return {name: peak + size[VAE_CALLS[name]] for name, peak in peaks.items()}
+
+
+def band_height(height: int, factor: int, degree: int) -> int:
+    """The pixel height of the largest band of a VAE group of ``degree`` (``vae_split.bands``: whole latent rows)."""
+    return -(-(height // factor) // degree) * factor
+
+
+def gathered_bytes(z_dim: int, frames: int, height: int, width: int, factor: int, dtype: torch.dtype) -> dict:
+    """What a VAE group rank holds of a call's whole result once gathered: every rank's padded band and the joined
+    whole, twice the result (``latents`` of an encode, ``frames`` of a decode)."""
+    latent = z_dim * (1 + (frames - 1) // 4) * (height // factor) * (width // factor)
+    return {"latents": 2 * latent * dtype.itemsize, "frames": 2 * 3 * frames * height * width * dtype.itemsize}
+
+
+def vae_degree_lines(vae_degrees: dict[int, dict[str, int]], current: int, scale: float, unit: str) -> list[str]:
+    """The plan's lines of the VAE's activation peak per rank by the VAE group's degree."""
+    lines = ["", "VAE group: each rank's activation peak by the group's degree (--vae_parallel_degree; each call split "
+             "by rows, the result gathered on every rank):"]
+    for degree, peaks in sorted(vae_degrees.items()):
+        mark = "  <- this placement" if degree == current else ""
+        lines.append(f"  {degree:>2} rank{'s' if degree > 1 else ' '} "
+                     + ", ".join(f"{name.split(' (')[0]} {b / scale:.2f} {unit}" for name, b in peaks.items()) + mark)
+    return lines
 
 
 def format_plan(title: str, placement: Placement, by_stage, calls, guidance: float, gpu_memory_gb: float,
@@ -170,13 +191,7 @@ def format_plan(title: str, placement: Placement, by_stage, calls, guidance: flo
               "about 1/sp of a step's activations (the expanded timestep embedding and the gathered velocity stay "
               "whole: a lower bound)"]
     if vae_degrees:
-        lines += ["", "VAE group: each rank's activation peak by the group's degree (--vae_parallel_degree; each call "
-                  "split by rows, the result gathered on every rank):"]
-        for degree, peaks in sorted(vae_degrees.items()):
-            mark = "  <- this placement" if degree == len(placement.vae.ranks) else ""
-            lines.append(f"  {degree:>2} rank{'s' if degree > 1 else ' '} "
-                         + ", ".join(f"{name.split(' (')[0]} {b / scale:.2f} {unit}" for name, b in peaks.items())
-                         + mark)
+        lines += vae_degree_lines(vae_degrees, len(placement.vae.ranks), scale, unit)
     lines += ["", f"preset placements for one video: DiT groups, largest rank peak ({unit}), whether every rank fits"]
     lines.append(f"{'ranks':>5}  {'DiT groups':<28}{'largest':>9}{sizes}")
     for world, p in presets.items():
