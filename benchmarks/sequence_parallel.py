@@ -17,8 +17,12 @@ on 1/2/4/8 GPUs with this fork's one-video presets (cfg 2 x sp N/2), next to ups
 * FLOPs of one forward (DiT 28 blocks + 4 ControlNet blocks at 84,480 tokens): counted from the model shapes here.
 * one GPU's DiT seconds: upstream's 502.6 s minus the non-DiT critical path, i.e. upstream's own effective FLOP
   rate (assumed equal here: same models, same kernels).
-* non-DiT critical path (text encode, control encode, decode of the one chunk): ASSUMED ``--non_dit_s`` (15 s). One
-  chunk cannot hide it behind the DiT, in upstream or here.
+* non-DiT critical path: the VAE's calls of the one chunk, MEASURED ``--vae_s`` (8.59 s: one control's encode 3.47 s +
+  the decode 5.12 s, Transfer2.5-2B 93 x 704 x 1280 bf16 on one H200, the GPU-stacks issue), divided by the VAE
+  group's degree (this fork's default on GPUs: every rank of the DiT group, ``transfer.distributed.vae_split``; the
+  "VAE on one rank" column keeps it whole, as upstream and this fork before the VAE group), plus ASSUMED ``--other_s``
+  (6.41 s: text encode, guardrails, I/O; 15 s of non-DiT path in all at one GPU, as before). One chunk cannot hide
+  it behind the DiT, in upstream or here.
 * bytes per rank (Ulysses all-to-alls + the velocity gather): ``bytes_per_forward``, checked against part 1's
   counted bytes, at bf16 and the real sizes.
 * link: ASSUMED ``--link_gbps`` (300 GB/s effective all-to-all bandwidth per GPU: NVSwitch H100 SXM is 450 GB/s per
@@ -164,7 +168,7 @@ def collectives_per_forward(layers: int) -> int:
     return 4 * layers + 2
 
 
-def project(link_gbps: float, non_dit_s: float, latency_us: float, steps: int = 36) -> list[tuple]:
+def project(link_gbps: float, other_s: float, latency_us: float, vae_s: float = 8.59, steps: int = 36) -> list[tuple]:
     """One Transfer2.5-2B 720p 93-frame edge video on N GPUs (see the module docstring for every term)."""
     from configs.models import preset
 
@@ -173,7 +177,7 @@ def project(link_gbps: float, non_dit_s: float, latency_us: float, steps: int = 
     C, layers = t["num_attention_heads"] * t["attention_head_dim"], t["num_layers"] + cfg.controlnet["n_controlnet_blocks"]
     N = 24 * (704 // 16) * (1280 // 16)  # latent frames x patches = 84,480 tokens
     flops = layers * (28 * N * C * C + 4 * N * N * C)  # linear layers (qkvo, cross q/o, 4x MLP) + attention
-    dit_one = UPSTREAM_SECONDS[1] - non_dit_s
+    dit_one = UPSTREAM_SECONDS[1] - other_s - vae_s
     forwards = 2 * steps  # CFG: two branches per step
     velocity_bytes = 16 * 24 * 88 * 160 * 4
     rows = []
@@ -186,9 +190,10 @@ def project(link_gbps: float, non_dit_s: float, latency_us: float, steps: int = 
         calls = (collectives_per_forward(layers) if sp > 1 else 0) + (2 if cfg_split == 2 else 0)
         # each rank runs one branch: one forward per step
         comm = steps * ((ulysses + exchange) / (link_gbps * 1e9) + calls * latency_us * 1e-6)
-        total = non_dit_s + compute + comm
+        one_vae = other_s + vae_s + compute + comm
+        total = other_s + vae_s / gpus + compute + comm  # the VAE group: every rank of the DiT group
         up = UPSTREAM_SECONDS.get(gpus)
-        rows.append((gpus, f"{cfg_split}x{sp}", forwards * flops / 1e15, ulysses / 1e9, comm, total,
+        rows.append((gpus, f"{cfg_split}x{sp}", forwards * flops / 1e15, ulysses / 1e9, comm, one_vae, total,
                      UPSTREAM_SECONDS[1] / total, up, UPSTREAM_SECONDS[1] / up if up else None))
     return rows
 
@@ -199,7 +204,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="timed steps per sp (default 3; --small 1)")
     p.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4], help="sequence-parallel degrees (default 1 2 4)")
     p.add_argument("--link_gbps", type=float, default=300.0, help="assumed all-to-all GB/s per GPU (default 300)")
-    p.add_argument("--non_dit_s", type=float, default=15.0, help="assumed non-DiT seconds of one video (default 15)")
+    p.add_argument("--other_s", type=float, default=6.41,
+                   help="assumed non-DiT, non-VAE seconds of one video: text, guardrails, I/O (default 6.41)")
+    p.add_argument("--vae_s", type=float, default=8.59,
+                   help="the VAE seconds of the one chunk on one GPU (default 8.59: measured on one H200, "
+                   "encode 3.47 + decode 5.12)")
     p.add_argument("--latency_us", type=float, default=50.0,
                    help="assumed fixed cost of one collective in microseconds (default 50)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -236,18 +245,21 @@ def main() -> None:
           "which part 2 uses)")
 
     print(f"\npart 2, projected: Transfer2.5-2B edge, 720p 93 frames (84,480 tokens), 36 steps with CFG; link "
-          f"{args.link_gbps:g} GB/s and {args.latency_us:g} us per collective (assumed), non-DiT critical path "
-          f"{args.non_dit_s:g} s (assumed)")
-    head = (f"{'GPUs':>4}  {'cfg x sp':<9}{'PFLOP':>7}{'GB/fwd/rank':>13}{'comm s':>8}{'ours s':>8}{'ours x':>8}"
-            f"{'upstream s':>12}{'upstream x':>12}")
+          f"{args.link_gbps:g} GB/s and {args.latency_us:g} us per collective (assumed); non-DiT path: VAE "
+          f"{args.vae_s:g} s (measured, one H200) / the VAE group's degree + {args.other_s:g} s other (assumed)")
+    head = (f"{'GPUs':>4}  {'cfg x sp':<9}{'PFLOP':>7}{'GB/fwd/rank':>13}{'comm s':>8}{'VAE 1 rank s':>14}{'ours s':>8}"
+            f"{'ours x':>8}{'upstream s':>12}{'upstream x':>12}")
     print(head + "\n" + "-" * len(head))
-    for gpus, shape, pflop, gb, comm, total, speed, up, up_speed in project(args.link_gbps, args.non_dit_s,
-                                                                            args.latency_us):
+    for gpus, shape, pflop, gb, comm, one_vae, total, speed, up, up_speed in project(
+            args.link_gbps, args.other_s, args.latency_us, args.vae_s):
         up_s = f"{up:>12.1f}" if up else f"{'-':>12}"
         up_x = f"{up_speed:>11.2f}x" if up_speed else f"{'-':>12}"
-        print(f"{gpus:>4}  {shape:<9}{pflop:>7.0f}{gb:>13.2f}{comm:>8.2f}{total:>8.1f}{speed:>7.2f}x{up_s}{up_x}")
-    print("ours x = upstream's 1-GPU 502.6 s over ours; the DiT's one-GPU time is upstream's minus the assumed non-DiT "
-          "path; per-rank compute assumed to split evenly. Not measured on GPUs (benchmarks/gpu_check.sh).")
+        print(f"{gpus:>4}  {shape:<9}{pflop:>7.0f}{gb:>13.2f}{comm:>8.2f}{one_vae:>14.1f}{total:>8.1f}{speed:>7.2f}x"
+              f"{up_s}{up_x}")
+    print("ours s = with the VAE group over every rank (VAE seconds / GPUs); VAE 1 rank s = the same with the VAE "
+          "whole on one rank; ours x = upstream's 1-GPU 502.6 s over ours s; the DiT's one-GPU time is upstream's "
+          "minus the non-DiT path; per-rank compute assumed to split evenly. Not measured on GPUs "
+          "(benchmarks/gpu_check.sh).")
 
 
 if __name__ == "__main__":
