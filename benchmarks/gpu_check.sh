@@ -14,7 +14,9 @@
 #   4. tests/test_cuda.py (bf16 vs fp32, CUDA vs CPU, NCCL stage processes with >= 2 GPUs);
 #   5. --plan for the 2B preset;
 #   6. Cosmos 3: benchmarks/real_size.py --preset cosmos3-nano at 720p 121 frames (VAE calls and each transformer pass,
-#      random weights, beside --plan), the tiny Cosmos 3 example on this GPU, and with >= 2 GPUs under torchrun.
+#      random weights, beside --plan), the tiny Cosmos 3 example on this GPU, and with >= 2 GPUs under torchrun;
+#   7. the VAE split over ranks (benchmarks/vae_split.py): with >= 2 GPUs, one chunk's encode and decode at degree 1
+#      and every degree the GPUs allow, both VAE forms (degree 1 alone is section 2's).
 # On this workplace's lent machine first run benchmarks/gpu_wheels.sh here and carry .whl (the script installs it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -93,5 +95,15 @@ a, b = (np.load(f"{os.environ['C3']}/{d}/example_cosmos3.npz") for d in ("one", 
 print(f"    cosmos3 sp 2 vs one GPU: latents max diff {abs(a['latents'] - b['latents']).max():.3e}, "
       f"frames max diff {abs(a['frames'].astype(int) - b['frames'].astype(int)).max()}")
 PYEOF
+fi
+section "7. The VAE split over ranks (benchmarks/vae_split.py)"
+if [ "$GPUS" -ge 2 ] && [ -z "${QUICK:-}" ]; then
+  DEGREES="1 ${WORLDS//,/ }"
+  for p in transfer2.5-2b cosmos3-nano; do
+    run "${VAE_LIMIT:-150}" $PY benchmarks/vae_split.py --preset "$p" --degrees $DEGREES --frames 93 --height 704 \
+      --width 1280 2>&1 | grep -v '^{' | quiet | sed 's/^/    /'
+  done
+else
+  echo "    one GPU (or QUICK): the split needs a GPU per rank; degree 1's encode and decode are section 2's"
 fi
 echo "total $((SECONDS - START)) s; report: $REPORT"

@@ -153,6 +153,8 @@ def _bad_cases(d: Path) -> dict:
         "bad_chunk": (dict(), ["--num_frames_per_chunk", "10"], "--num_frames_per_chunk must be 1 + 4k"),
         "too_many_steps": (dict(), ["--num_steps", "1000000000"], "--num_steps must be in [1, 1000]"),
         "too_many_threads": (dict(), ["--cpu_threads", "100000"], "--cpu_threads must be in [1, 256], got 100000"),
+        "vae_group_too_big": (dict(), ["--vae_parallel_degree", "2"],
+                              "--vae_parallel_degree 2 must be between 1 and the 1 process(es) started"),
         "bad_name": (dict(), ["--video_save_name", "../escape"], "is not a plain file name"),
         "missing_checkpoint": (dict(), ["--checkpoint_dir", str(d / "no_ckpt")], "checkpoint directory not found"),
         "too_many_frames": (dict(), ["--max_frames", "5"], "has 13 frames, more than --max_frames 5"),
@@ -173,7 +175,7 @@ def bad_inputs(short_inputs, tmp_path_factory):
 @pytest.mark.parametrize("case", [
     "missing_video", "corrupt_mp4", "not_a_video", "empty_video", "unknown_control", "negative_weight", "bad_resolution",
     "short_control", "malformed_json", "no_input_control", "missing_preprocessor_weights", "missing_prompt", "bad_chunk", "too_many_steps",
-    "too_many_threads", "bad_name", "missing_checkpoint", "too_many_frames", "too_large", "json_bomb_nesting", "json_bomb_size",
+    "too_many_threads", "vae_group_too_big", "bad_name", "missing_checkpoint", "too_many_frames", "too_large", "json_bomb_nesting", "json_bomb_size",
 ])
 def test_bad_spec_input_fails_cleanly(tiny_ckpt, bad_inputs, tmp_path, capsys, case):
     d, cases = bad_inputs
