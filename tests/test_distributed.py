@@ -357,6 +357,46 @@ def test_early_velocity_waits_for_its_step_and_unknown_messages_are_named():
         loop.dispatch(Message("decoded", 2, {"j": 3, "k": 0}))
 
 
+def test_a_dropped_request_still_follows_its_vae_groups_calls():
+    """A VAE group's leader may be inside a split call's collectives when another rank gets ``drop`` for that request:
+    the follower must still make the call (``vae_work`` is ``always``), or the leader waits forever; other messages
+    of a dropped request are ignored, and forgetting it keeps a queued ``vae_work``."""
+    from collections import deque
+
+    from transfer.distributed.rank_loop import RankLoop
+    from transfer.distributed.transport import LocalTransport, Message
+
+    class Recorder:
+        name = "vae"
+        calls: list = []
+
+        def on_vae_work(self, msg):
+            self.calls.append(("vae_work", msg.meta["j"]))
+
+        def on_decode(self, msg):
+            self.calls.append(("decode", msg.meta["j"]))
+
+        def forget(self, j):
+            pass
+
+        def after_message(self):
+            pass
+
+    loop = RankLoop.__new__(RankLoop)
+    loop.rank, loop.stages, loop.dropped, loop.transport = 1, ["vae"], set(), LocalTransport(1)
+    role = Recorder()
+    loop.roles = {"vae": role}
+    work = Message("vae_work", 0, {"j": 3, "k": 0, "op": "decode", "reencode": False})
+    loop.deferred = deque([work, Message("decode", 0, {"j": 3, "k": 0, "reencode": False})])
+    loop.job = type("Job", (), {"batch": True})()
+    loop.placement = Placement(2, vae=(0, 1), dit_groups=((0,),))
+    loop.forget(3)
+    assert list(loop.deferred) == [work]  # the queued call survives the drop
+    loop.dispatch(loop.deferred.popleft())
+    loop.dispatch(Message("decode", 0, {"j": 3, "k": 1, "reencode": False}))
+    assert role.calls == [("vae_work", 3)]
+
+
 def test_protocol_table_matches_the_roles_and_guards_the_sender():
     """Every dispatched message kind has its ``on_<kind>`` handler on the class of its receiving role (``any``: the
     rank loop's own) and every handler is a kind its class receives; the batch failure rule reads the table; a send
@@ -374,8 +414,8 @@ def test_protocol_table_matches_the_roles_and_guards_the_sender():
                 for name in vars(cls) if name.startswith("on_")}
     assert handlers == {(k.receiver, k.name) for k in KINDS if k.dispatched}
     assert {k.name for k in KINDS if k.request_work} == {"precompute", "text", "controls", "decode", "chunk_plan", "embeds",
-                                                          "control_latents", "cond", "shard_chunk", "vae_controls",
-                                                          "vae_work"}
+                                                          "control_latents", "cond", "shard_chunk", "vae_work"}
+    assert {k.name for k in KINDS if k.always} == {"vae_work"}  # handled for a dropped request: collectives wait
     assert all(k.per_request for k in KINDS if k.request_work)
     transport = LocalTransport(0)
     with pytest.raises(ProtocolError, match="unknown message kind 'nonsense'"):

@@ -86,6 +86,13 @@ def encode_controls(vae, controls: dict[str, torch.Tensor], window: tuple[int, i
     return {m: vae.encode(pad_frames(video[:, :, start:end], frames_per_chunk), dtype) for m, video in controls.items()}
 
 
+def window_latents(vae, frames: dict, frames_per_chunk: int, dtype) -> dict[str, torch.Tensor]:
+    """The control latents of one chunk window's uint8 frames ``[n, H, W, 3]`` per modality (numpy or torch)."""
+    videos = {m: to_model_video(np.asarray(f)) for m, f in frames.items()}
+    n = next(iter(videos.values())).shape[2] if videos else 0
+    return encode_controls(vae, videos, (0, n), frames_per_chunk, dtype)
+
+
 def roundtrip_condition(vae, previous: torch.Tensor, num_conditional_frames: int) -> torch.Tensor:
     """Condition latents from the previous decoded chunk ``[1, 3, F, H, W]``: its last frames first, -1 after."""
     video = previous.clone()
@@ -171,9 +178,12 @@ class ChunkSchedule:
     def control_latents(self, vae, controls: dict, k: int, dtype) -> dict[str, torch.Tensor]:
         """Chunk ``k``'s control latents from the uint8 control frames ``[N, H, W, 3]`` (numpy or torch), per
         modality: only its window is converted."""
+        return window_latents(vae, self.window_frames(controls, k), self.settings.num_frames_per_chunk, dtype)
+
+    def window_frames(self, controls: dict, k: int) -> dict:
+        """Chunk ``k``'s window of each control's uint8 frames."""
         start, end = self.windows[k]
-        videos = {m: to_model_video(np.asarray(frames[start:end])) for m, frames in controls.items()}
-        return encode_controls(vae, videos, (0, end - start), self.settings.num_frames_per_chunk, dtype)
+        return {m: frames[start:end] for m, frames in controls.items()}
 
     def scales(self, scalar: dict, k: int) -> dict:
         """The control scales the DiT gets for chunk ``k``: the request's scalar weights, or its token-weight maps."""

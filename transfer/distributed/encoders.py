@@ -18,7 +18,7 @@ import torch
 
 from transfer.distributed.role import Role
 from transfer.distributed.transport import Message
-from transfer.chunks import ChunkSchedule, roundtrip_condition, to_uint8_frames
+from transfer.chunks import ChunkSchedule, roundtrip_condition, to_uint8_frames, window_latents
 
 
 class PreprocessRole(Role):
@@ -57,30 +57,20 @@ class VAERole(Role):
         self.controls: dict[int, dict] = {}
         """Per request: its uint8 control frames, chunk windows, leader and chunks left to encode."""
         self.work: deque[tuple[int, int]] = deque()
-        """(request, chunk) control encodes to do when no message waits (the group's leader)."""
+        """(request, chunk) control encodes to do when no message waits."""
         group = self.placement.vae
         self.followers = [r for r in group.ranks if r != self.rank] if self.rank == group.leader else []
-        """The group's other ranks, on its leader: each of its VAE calls is theirs too."""
+        """On a VAE group's leader: the group's other ranks, which make each of its VAE calls too (``vae_work``)."""
 
     def forget(self, j: int) -> None:
         self.controls.pop(j, None)
         self.work = deque(w for w in self.work if w[0] != j)
 
-    def _follow(self, kind: str, meta: dict, tensors: dict | None = None) -> None:
-        for r in self.followers:
-            self.transport.send(r, kind, meta, tensors)
-
     def on_controls(self, msg: Message) -> None:
-        self._follow("vae_controls", msg.meta, msg.tensors)
-        self.keep_controls(msg)
-        self.work.extend((msg.meta["j"], k) for k in range(len(self.controls[msg.meta["j"]]["schedule"])))
-
-    def keep_controls(self, msg: Message) -> None:
         j, m = msg.meta["j"], msg.meta  # kept as uint8; each chunk's window is converted when it is encoded
         schedule = ChunkSchedule(self.job.requests[j].settings, self.job.limits, m["num_frames"], m["height"], m["width"])
         self.controls[j] = {"frames": msg.tensors, "schedule": schedule, "leader": m["leader"], "left": len(schedule)}
-
-    on_vae_controls = keep_controls
+        self.work.extend((j, k) for k in range(len(schedule)))
 
     @property
     def has_idle_work(self) -> bool:
@@ -93,27 +83,29 @@ class VAERole(Role):
         self.loop.for_request(j, "encode_controls", self.encode_controls, j, k)
         return True
 
-    def encode_controls(self, j: int, k: int) -> None:
-        self._follow("vae_work", {"j": j, "k": k, "op": "encode_controls", "reencode": False})
-        state = self.controls[j]
-        with self.tracer.span("vae", "encode_controls", request=j, chunk=k):
-            latents = state["schedule"].control_latents(self.vae, state["frames"], k, self.dtype)
-        self.transport.send(state["leader"], "control_latents", {"j": j, "k": k}, latents)
-        self._done_with(j)
+    def _follow(self, meta: dict, tensors: dict) -> None:
+        """The group's other ranks: make this call too, on your band (before this rank enters it)."""
+        for r in self.followers:
+            self.transport.send(r, "vae_work", meta, tensors)
 
-    def _done_with(self, j: int) -> None:
+    def encode_controls(self, j: int, k: int) -> None:
         state = self.controls[j]
+        frames = state["schedule"].window_frames(state["frames"], k)
+        self._follow({"j": j, "k": k, "op": "encode_controls", "reencode": False}, frames)
+        with self.tracer.span("vae", "encode_controls", request=j, chunk=k):
+            latents = window_latents(self.vae, frames, state["schedule"].settings.num_frames_per_chunk, self.dtype)
+        self.transport.send(state["leader"], "control_latents", {"j": j, "k": k}, latents)
         state["left"] -= 1
         if state["left"] == 0:
             del self.controls[j]
 
     def on_decode(self, msg: Message) -> None:
-        self._follow("vae_work", {**msg.meta, "op": "decode"}, msg.tensors)
+        self._follow({**msg.meta, "op": "decode"}, msg.tensors)
         self.decode(msg.meta, msg.tensors["latents"], msg.src)
 
     def decode(self, meta: dict, latents: torch.Tensor, leader: int | None) -> None:
-        """Decode chunk k (and with ``reencode``, encode chunk k + 1's condition from it); ``leader``: where the
-        results go (None: a follower, whose results stay here)."""
+        """Decode chunk k (with ``reencode``, also encode chunk k + 1's condition from it); the results go to the
+        coordinator and to ``leader`` (None: a follower, whose results stay here)."""
         j, k = meta["j"], meta["k"]
         with self.tracer.span("vae", "decode", request=j, chunk=k):
             video = self.vae.decode(latents)
@@ -128,12 +120,12 @@ class VAERole(Role):
                 self.transport.send(leader, "cond", {"j": j, "k": k + 1}, {"cond": cond})
 
     def on_vae_work(self, msg: Message) -> None:
-        """A follower: the leader's next call, on this rank's band."""
+        """A follower: the leader's call, on this rank's band, with the leader's inputs (whatever this rank knows of
+        the request: it runs even for a dropped one, since the leader is inside the call's collectives)."""
         m = msg.meta
         if m["op"] == "encode_controls":
-            state = self.controls[m["j"]]
             with self.tracer.span("vae", "encode_controls (band)", request=m["j"], chunk=m["k"]):
-                state["schedule"].control_latents(self.vae, state["frames"], m["k"], self.dtype)
-            self._done_with(m["j"])
+                window_latents(self.vae, msg.tensors, self.job.requests[m["j"]].settings.num_frames_per_chunk,
+                               self.dtype)
         else:
             self.decode(m, msg.tensors["latents"], None)

@@ -39,6 +39,8 @@ class Kind:
     """Its handler does one request's work: an error there fails that request only, in a batch."""
     dispatched: bool = True
     """Handled by the receiver's ``on_<kind>`` (False: a reply its sender awaits, or the transport's own)."""
+    always: bool = False
+    """Handled even for a request this rank dropped: its sender is already inside collectives that need this rank."""
     about: str = ""
 
     @property
@@ -48,8 +50,8 @@ class Kind:
 
 
 def _kind(name: str, sender: str, receiver: str, meta: str, tensors: str = "", request_work: bool = False,
-          dispatched: bool = True, about: str = "") -> Kind:
-    return Kind(name, sender, receiver, frozenset(meta.split()), tensors, request_work, dispatched, about)
+          dispatched: bool = True, about: str = "", always: bool = False) -> Kind:
+    return Kind(name, sender, receiver, frozenset(meta.split()), tensors, request_work, dispatched, always, about)
 
 
 KINDS = (
@@ -76,10 +78,10 @@ KINDS = (
           about="cfg 2: this branch's velocity at step i, for the counterpart in the other branch"),
     _kind("decode", "dit", "vae", "j k reencode", "latents", request_work=True,
           about="chunk k's denoised latents (reencode: chunk k+1 waits for its condition from them)"),
-    _kind("vae_controls", "vae", "vae", "j leader num_frames height width", "{m}: uint8 control frames",
-          request_work=True, about="a VAE group's leader to its other ranks: request j's controls (as it got them)"),
-    _kind("vae_work", "vae", "vae", "j k op reencode", "[latents]", request_work=True,
-          about="a VAE group's leader to its other ranks: do your band of this (op: encode_controls or decode), now"),
+    _kind("vae_work", "vae", "vae", "j k op reencode", "[latents] [{m}: uint8 control frames of the window]",
+          request_work=True, always=True,
+          about="a VAE group's leader to its other ranks, before it enters the call: make this call on your band "
+          "(op: encode_controls with the window's frames, or decode with the latents, and with reencode the condition)"),
     _kind("decoded", "vae", "coordinator", "j k", "frames latents", about="chunk k's frames (uint8) and latents"),
     _kind("released", "coordinator", "coordinator", "",
           about="the output gate finished a request (guards beside generation wake the loop)"),

@@ -155,7 +155,7 @@ class RankLoop:
         """Hand one message to the handler of the role receiving its kind, then let the roles do what became ready
         (the DiT's chunks)."""
         j = msg.meta.get("j")
-        if j in self.dropped:
+        if j in self.dropped and not getattr(PROTOCOL.get(msg.kind), "always", False):
             return
         handler = self.handler(msg.kind)
         if handler is None:  # a protocol bug: say what came from where
@@ -204,7 +204,7 @@ class RankLoop:
         self.dropped.add(j)
         for role in self.roles.values():
             role.forget(j)
-        self.deferred = deque(m for m in self.deferred if m.meta.get("j") != j)
+        self.deferred = deque(m for m in self.deferred if m.meta.get("j") != j or getattr(PROTOCOL.get(m.kind), "always", False))
 
     def on_drop(self, msg: Message) -> None:
         self.forget(msg.meta["j"])
