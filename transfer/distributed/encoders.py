@@ -5,9 +5,9 @@ request's DiT group leader. The VAE rank keeps each request's controls as uint8,
 in idle time (ahead of the DiT), decodes finished chunks for the coordinator and, with ``roundtrip`` conditioning,
 re-encodes the next chunk's conditioning frames for the leader. A VAE group of several ranks splits each of those
 calls by rows (``transfer.distributed.vae_split``): its leader takes the messages and, before each call, tells the
-group's other ranks to make the same call (``vae_controls``, ``vae_work``), so that every rank of the group enters
-the call's collectives in the same order; only the leader's result leaves the group. A preprocess rank (placed off the coordinator)
-computes the controls a request leaves out and tells the coordinator when they are on disk.
+group's other ranks to make the same call (``vae_work``, with the call's inputs), so that every rank of the group
+enters the call's collectives in the same order; only the leader's result leaves the group. A preprocess rank (placed
+off the coordinator) computes the controls a request leaves out and tells the coordinator when they are on disk.
 """
 
 from __future__ import annotations
