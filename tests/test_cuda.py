@@ -65,3 +65,17 @@ def test_nccl_stage_processes_equal_single_process(tiny_ckpt, spec, tmp_path):
     one = run(tmp_path, "one", 1, spec)
     two = run(tmp_path, "two", 2, spec, "--placement", str(placement))
     assert np.array_equal(one["latents"], two["latents"]) and np.array_equal(one["frames"], two["frames"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: NCCL does not run two ranks on one GPU")
+def test_nccl_vae_group_is_close_to_single_process(tiny_ckpt, spec, tmp_path):
+    """The default 2-GPU layout (a CFG pair whose ranks also form the VAE group: every VAE call split by rows, the
+    halos over NCCL) against one GPU, fp32: close (bands run the convolutions on other shapes, whose cuDNN kernels --
+    TF32 included -- may round differently; the bound is loose until a GPU run measures it: printed for the report)."""
+    one = run(tmp_path, "one", 1, spec, "--dtype", "fp32")
+    two = run(tmp_path, "two", 2, spec, "--dtype", "fp32")
+    assert "VAE group [0, 1]" in two["stderr"]
+    rel = np.abs(one["latents"] - two["latents"]).mean() / np.abs(one["latents"]).mean()
+    levels = np.abs(one["frames"].astype(int) - two["frames"].astype(int)).max()
+    print(f"\nVAE group of 2 (NCCL) vs one GPU, fp32: mean relative latent error {rel:.2e}, frames max {levels} levels")
+    assert np.isfinite(two["latents"]).all() and rel < 1e-2
