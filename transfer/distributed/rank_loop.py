@@ -323,6 +323,10 @@ def _run_distributed(config: RunConfig) -> None:
             raise TransferError(f"--compile {job.runtime.compile} is not supported in sequence-parallel DiT groups (untested "
                                 "with diffusers' context-parallel hooks): use --compile none, or --placement / "
                                 "--context_parallel_size 1 for groups without sequence parallelism")
+        if job.runtime.compile == "tensorrt" and len(placement.vae.ranks) > 1:
+            raise TransferError(f"--compile tensorrt builds engines of the whole VAE encoder and decoder, which a VAE "
+                                f"group of {len(placement.vae.ranks)} ranks splits by rows: use --vae_parallel_degree 1 "
+                                "(or --compile torch, which leaves the VAE eager)")
     except TransferError as e:  # every rank validates the same inputs and fails the same way
         refuse(rank, world, f"transfer.py: error: {e}")
     if rank == 0:
