@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vae_parallel_degree", "--vae-parallel-degree", type=int, metavar="N",
                      help="split each VAE encode and decode of a chunk over N ranks by rows (exact: halos exchanged, "
                      "the middle attention over the whole frame); the group is the first N ranks of the first DiT "
-                     "group, led by its leader, and runs between denoising (default: on GPUs, every rank of the DiT "
-                     "group when the VAE would otherwise sit beside one of its shards; else 1; docs/parallelism.md)")
+                     "group, led by its leader, and runs between denoising (Cosmos 3: rank 0 and the ranks after it) "
+                     "(default: on GPUs, every rank of the DiT group when the VAE would otherwise sit beside one of its "
+                     "shards; else 1; docs/parallelism.md)")
     run.add_argument("--compile", choices=("none", "torch", "tensorrt"), default="none",
                      help="compile the DiT, ControlNets and VAE of the stages a process holds: torch = torch.compile "
                      "(CPU or CUDA); tensorrt = torch-tensorrt engines, cached on disk (pip install '.[tensorrt]', "
