@@ -115,10 +115,10 @@ class HaloConv(nn.Module):
     def __init__(self, inner: nn.Module, split: RowSplit, top: int, bottom: int, stride: int = 1):
         super().__init__()
         self.inner, self.top, self.bottom, self.stride = inner, top, bottom, stride
-        self.split = (split,)  # a tuple: not a submodule
+        self.split = split
 
     def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-        split = self.split[0]
+        split = self.split
         if not split.on:
             return self.inner(x) if cache_x is None else self.inner(x, cache_x)
         cached = 0
@@ -142,10 +142,10 @@ class BandAttention(nn.Module):
     def __init__(self, inner: nn.Module, split: RowSplit):
         super().__init__()
         self.inner = inner
-        self.split = (split,)
+        self.split = split
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        split = self.split[0]
+        split = self.split
         if not split.on:
             return self.inner(x)
         frame, offset = split.gather(x)
