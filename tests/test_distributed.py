@@ -256,8 +256,10 @@ def test_placement_presets_and_validation():
     cpu = preset(4, split_sequence=False, vae_degree=2)  # the DiT group [1, 2] splits the VAE; rank 3 is freed
     assert (cpu.vae.ranks, cpu.dit_groups[0].ranks, cpu.idle) == ((1, 2), (1, 2), (3,))
     assert "VAE group [1, 2]" in cpu.describe()
-    with pytest.raises(TransferError, match="--vae_parallel_degree 9: the smallest request has 8 latent rows"):
-        preset(8, vae_degree=9, latent_rows=8)
+    with pytest.raises(TransferError, match="--vae_parallel_degree 6: the smallest request has 5 latent rows"):
+        preset(8, vae_degree=6, latent_rows=5)
+    with pytest.raises(TransferError, match=r"--vae_parallel_degree 9 must be between 1 and the 8 process\(es\)"):
+        preset(8, vae_degree=9)
     with pytest.raises(TransferError, match="no placement of 4 processes .* and a VAE group of 3"):
         preset(4, split_sequence=False, vae_degree=3)  # the CPU preset's DiT group has 2 ranks
     assert preset(2).dit_groups == (DiTGroup((0, 1), 2, 1),)

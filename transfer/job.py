@@ -17,6 +17,7 @@ from guardrails import check_guard_config
 from transfer.acceleration import check_acceleration
 from transfer.checkpoint import require_modalities
 from transfer.cosmos3_checkpoint import Cosmos3Info, model_info, transfer25_check
+from transfer.distributed.placement import check_vae_degree
 from transfer.config import GenerationSettings, RunConfig, RuntimeConfig
 from transfer.errors import TransferError
 from transfer.manifest import Manifest
@@ -224,9 +225,7 @@ def plan_job(config: RunConfig) -> Job:
         logger.warning(f"the checkpoint declares resolution {declared} (the size it was trained at); generating at "
                        f"{', '.join(other)}, which it has not seen: expect worse results")
     check_acceleration(config.runtime)
-    vae = config.parallel.vae_degree
-    if vae is not None and not 1 <= vae <= world:
-        raise TransferError(f"--vae_parallel_degree {vae} must be between 1 and the {world} process(es) started")
+    check_vae_degree(config.parallel.vae_degree, world=world)
     return Job(config, info, limits, usable, control_maker(config, info, usable), failures,
                Manifest(out.folder, out.overwrite), latent_rows=min(h for h, _ in sizes) // limits.spatial_factor)
 

@@ -38,6 +38,7 @@ from transfer.cosmos3_stages import (DECODE_BLOCKS, DIT_BLOCKS, DIT_TO_VAE, ENCO
 from transfer.device import default_device, dtype_for
 from transfer.distributed import sequence_parallel, vae_split
 from transfer.distributed.cosmos3_parallel import check_processors, enable_ulysses, install_pass_split
+from transfer.distributed.placement import check_vae_degree
 from transfer.errors import TransferError, check_stop
 from transfer.outputs import make_gate
 from transfer.request_loop import generate_requests
@@ -72,11 +73,7 @@ class Cosmos3Layout:
         """This layout with its VAE group: ``degree`` ranks from rank 0 (``--vae_parallel_degree``), by default every
         rank on GPUs (the calls run between denoising, 1/N each; rank 0 then no longer encodes hints ahead), one on
         CPU; at most one rank per latent row of the smallest request."""
-        if degree is not None and not 1 <= degree <= self.world:
-            raise TransferError(f"--vae_parallel_degree {degree} must be between 1 and the {self.world} process(es)")
-        if degree is not None and latent_rows is not None and degree > latent_rows:
-            raise TransferError(f"--vae_parallel_degree {degree}: the smallest request has {latent_rows} latent rows "
-                                "(each rank of the VAE group needs one)")
+        check_vae_degree(degree, latent_rows, self.world)
         if degree is None:
             degree = min(self.world, latent_rows or self.world) if gpu else len(self.vae_ranks)
         return replace(self, vae_ranks=tuple(range(degree)))
@@ -160,9 +157,8 @@ def layout_for(parallel, world: int, heads: int, latent_rows: int | None = None,
         raise TransferError("give --placement or --cp-size / --cfgp-size / --vae_parallel_degree, not both")
     if parallel.placement_file:
         layout = cosmos3_layout_file(parallel.placement_file, world)
-        if latent_rows is not None and len(layout.vae_ranks) > latent_rows:
-            raise TransferError(f"placement: a VAE group of {len(layout.vae_ranks)} ranks, but the smallest request "
-                                f"has {latent_rows} latent rows (each rank needs one)")
+        check_vae_degree(len(layout.vae_ranks), latent_rows, what=f"placement: a VAE group of {len(layout.vae_ranks)} "
+                         "ranks")
         return layout
     return cosmos3_layout(world, parallel.sp_degree, parallel.pass_degree, heads).with_vae(parallel.vae_degree, gpu,
                                                                                           latent_rows)

@@ -285,6 +285,20 @@ def _layout(world: int, per_node: int, cfg: int, sp: int, groups: int, reserve: 
     return Placement(world, coordinator, text, vae, dit_groups, preprocess, idle)
 
 
+def check_vae_degree(degree: int | None, latent_rows: int | None = None, world: int | None = None,
+                     what: str | None = None) -> None:
+    """A VAE group's size (``--vae_parallel_degree``, or ``what`` names it) against the processes started and the
+    smallest request's latent rows (each rank of the group needs one); None checks nothing."""
+    if degree is None:
+        return
+    what = what or f"--vae_parallel_degree {degree}"
+    if world is not None and not 1 <= degree <= world:
+        raise TransferError(f"{what} must be between 1 and the {world} process(es) started")
+    if latent_rows is not None and degree > latent_rows:
+        raise TransferError(f"{what}: the smallest request has {latent_rows} latent rows (each rank of the VAE group "
+                            "needs one)")
+
+
 def auto_vae_degree(p: Placement, split_sequence: bool, latent_rows: int | None) -> int:
     """The default VAE group: on GPUs (``split_sequence``), where the VAE sits beside a shard of the first DiT group,
     every rank of that group (at most one per latent row); else 1."""
@@ -320,9 +334,7 @@ def choose_preset(world_size: int, *, requests: int = 1, guidance: float = 3.0, 
     matrix products may round differently, docs/parallelism.md "Equality"). ``vae_degree``: ``--vae_parallel_degree``
     (None: ``auto_vae_degree``); ``latent_rows``: the smallest request's latent height (a VAE group's bound);
     ``roundtrip`` and ``controls`` (per request) weigh the VAE term."""
-    if vae_degree is not None and latent_rows is not None and vae_degree > latent_rows:
-        raise TransferError(f"--vae_parallel_degree {vae_degree}: the smallest request has {latent_rows} latent rows "
-                            "(each rank of the VAE group needs one)")
+    check_vae_degree(vae_degree, latent_rows, max(world_size, 1))
     if world_size < 1:
         raise TransferError(f"no placement for {world_size} processes")
     if world_size == 1:

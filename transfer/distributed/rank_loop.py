@@ -41,7 +41,7 @@ from transfer.distributed.encoders import PreprocessRole, TextRole, VAERole
 from transfer.distributed.role import Role
 from transfer.distributed import sequence_parallel, vae_split
 from transfer.distributed.protocol import PROTOCOL
-from transfer.distributed.placement import Placement, PresetChoice, choose_preset, from_file
+from transfer.distributed.placement import Placement, PresetChoice, check_vae_degree, choose_preset, from_file
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
 from transfer.distributed.transport import Message, PeerFailure, TorchTransport, Transport, direction_groups
 from transfer.errors import (STOPPED_CLEANLY, Terminated, TransferError, check_stop, raise_on_stop_signals,
@@ -247,9 +247,8 @@ def choose_placement(config: RunConfig, world_size: int, requests: int = 1, head
                                 '("vae": [ranks])')
         placement = from_file(parallel.placement_file, world_size)
         placement.check_runnable()
-        if latent_rows is not None and len(placement.vae.ranks) > latent_rows:
-            raise TransferError(f"placement: a VAE group of {len(placement.vae.ranks)} ranks, but the smallest "
-                                f"request has {latent_rows} latent rows (each rank needs one)")
+        check_vae_degree(len(placement.vae.ranks), latent_rows, what=f"placement: a VAE group of "
+                         f"{len(placement.vae.ranks)} ranks")
         return PresetChoice(placement, f"--placement {parallel.placement_file}")
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if plan is not None:
