@@ -20,7 +20,7 @@ from transfer.cosmos3_checkpoint import Cosmos3Info
 from transfer.distributed.cosmos3_ranks import Cosmos3Layout, cosmos3_layout
 from transfer.errors import TransferError
 from transfer.device import default_dtype
-from transfer.plan import GB, _bytes, _init_kwargs, band_height, gathered_bytes, vae_degree_lines
+from transfer.plan import GB, _bytes, _init_kwargs, band_height, gathered_bytes, vae_calls_at, vae_degree_lines
 
 #: GPU sizes a Cosmos 3 plan reports against (H100 80 GB, H200 141 GB).
 COSMOS3_GPU_SIZES_GB = (80, 141)
@@ -113,7 +113,7 @@ def rank_peaks(layout: Cosmos3Layout, est: dict) -> list[tuple[int, str, int, in
     degree (``estimate``'s ``vae_degrees``; an upper bound, the nearest estimated degree below, where it is not one)."""
     w, calls, by_degree = est["weights"], est["calls"], est.get("vae_degrees", {1: est["calls"]["vae"]})
     dit_act = max(calls["dit"].values()) // layout.sp
-    vae_act = max(by_degree[max(d for d in by_degree if d <= len(layout.vae_ranks))].values())
+    vae_act = max(vae_calls_at(by_degree, len(layout.vae_ranks)).values())
     rows = []
     for rank in range(layout.world):
         stages, weights, act = ["coordinator"] if rank == 0 else [], 0, 0

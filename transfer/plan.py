@@ -132,6 +132,13 @@ def vae_group_calls(info, chunk, dtype, device: str, degree: int, whole: dict[st
     return {name: peak + size[VAE_CALLS[name]] for name, peak in peaks.items()}
 
 
+def vae_calls_at(vae_degrees: dict[int, dict[str, int]] | None, degree: int) -> dict[str, int] | None:
+    """The VAE call peaks of a rank in a VAE group of ``degree``: those estimated at the largest degree not above it
+    (an upper bound where ``degree`` itself was not estimated); None without estimates."""
+    near = max((d for d in (vae_degrees or {}) if d <= degree), default=None)
+    return None if near is None else vae_degrees[near]
+
+
 def band_height(height: int, factor: int, degree: int) -> int:
     """The pixel height of the largest band of a VAE group of ``degree`` (``vae_split.bands``: whole latent rows)."""
     return -(-(height // factor) // degree) * factor
@@ -160,7 +167,7 @@ def format_plan(title: str, placement: Placement, by_stage, calls, guidance: flo
     """The report: per rank weights, activations, peak and fit; components; call peaks; the VAE's per rank by VAE
     group degree (``vae_degrees``: degree -> call peaks, the placement's degree among them); the preset
     placements."""
-    vae_calls = (vae_degrees or {}).get(len(placement.vae.ranks))
+    vae_calls = vae_calls_at(vae_degrees, len(placement.vae.ranks))
     ranks = rank_totals(placement, by_stage, calls, guidance, vae_calls)
     replicated = sum(sum(c.values()) for c in by_stage.values())
     one = Placement(1)  # every stage in one process: what upstream holds on each GPU
@@ -195,9 +202,8 @@ def format_plan(title: str, placement: Placement, by_stage, calls, guidance: flo
     lines += ["", f"preset placements for one video: DiT groups, largest rank peak ({unit}), whether every rank fits"]
     lines.append(f"{'ranks':>5}  {'DiT groups':<28}{'largest':>9}{sizes}")
     for world, p in presets.items():
-        near = max((d for d in (vae_degrees or {}) if d <= len(p.vae.ranks)), default=None)  # an upper bound
         peak = max(r.total + act for r, act in rank_totals(p, by_stage, calls, guidance,
-                                                           (vae_degrees or {}).get(near)))
+                                                           vae_calls_at(vae_degrees, len(p.vae.ranks))))
         shape = ", ".join(f"{g.cfg_degree}x{g.sp_degree}" for g in p.dit_groups)
         lines.append(f"{world:>5}  {'cfg x sp ' + shape:<28}{peak / scale:>9.2f}"
                      + "".join(f"{'yes' if peak / GB < g else 'NO':>7}" for g in GPU_SIZES_GB))
