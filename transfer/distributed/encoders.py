@@ -93,11 +93,15 @@ class VAERole(Role):
         frames = state["schedule"].window_frames(state["frames"], k)
         self._follow({"j": j, "k": k, "op": "encode_controls", "reencode": False}, frames)
         with self.tracer.span("vae", "encode_controls", request=j, chunk=k):
-            latents = window_latents(self.vae, frames, state["schedule"].settings.num_frames_per_chunk, self.dtype)
+            latents = self.encode_window(j, frames)
         self.transport.send(state["leader"], "control_latents", {"j": j, "k": k}, latents)
         state["left"] -= 1
         if state["left"] == 0:
             del self.controls[j]
+
+    def encode_window(self, j: int, frames: dict) -> dict[str, torch.Tensor]:
+        """Request ``j``'s control latents of one chunk window's uint8 frames (``ChunkSchedule.window_frames``)."""
+        return window_latents(self.vae, frames, self.job.requests[j].settings.num_frames_per_chunk, self.dtype)
 
     def on_decode(self, msg: Message) -> None:
         self._follow({**msg.meta, "op": "decode"}, msg.tensors)
@@ -125,7 +129,6 @@ class VAERole(Role):
         m = msg.meta
         if m["op"] == "encode_controls":
             with self.tracer.span("vae", "encode_controls (band)", request=m["j"], chunk=m["k"]):
-                window_latents(self.vae, msg.tensors, self.job.requests[m["j"]].settings.num_frames_per_chunk,
-                               self.dtype)
+                self.encode_window(m["j"], msg.tensors)
         else:
             self.decode(m, msg.tensors["latents"], None)
