@@ -96,6 +96,12 @@ KINDS = (
 PROTOCOL = {k.name: k for k in KINDS}
 
 
+def survives_drop(kind: str) -> bool:
+    """Whether a message of ``kind`` is handled even for a request its receiver dropped (``Kind.always``)."""
+    spec = PROTOCOL.get(kind)
+    return spec is not None and spec.always
+
+
 class ProtocolError(RuntimeError):
     """A message the protocol does not have (a bug in the sender)."""
 

@@ -40,7 +40,7 @@ from transfer.distributed.dit_group import DiTRole, RequestDropped
 from transfer.distributed.encoders import PreprocessRole, TextRole, VAERole
 from transfer.distributed.role import Role
 from transfer.distributed import sequence_parallel, vae_split
-from transfer.distributed.protocol import PROTOCOL
+from transfer.distributed.protocol import PROTOCOL, survives_drop
 from transfer.distributed.placement import Placement, PresetChoice, check_vae_degree, choose_preset, from_file
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
 from transfer.distributed.transport import Message, PeerFailure, TorchTransport, Transport, direction_groups
@@ -155,7 +155,7 @@ class RankLoop:
         """Hand one message to the handler of the role receiving its kind, then let the roles do what became ready
         (the DiT's chunks)."""
         j = msg.meta.get("j")
-        if j in self.dropped and not getattr(PROTOCOL.get(msg.kind), "always", False):
+        if j in self.dropped and not survives_drop(msg.kind):
             return
         handler = self.handler(msg.kind)
         if handler is None:  # a protocol bug: say what came from where
@@ -204,7 +204,7 @@ class RankLoop:
         self.dropped.add(j)
         for role in self.roles.values():
             role.forget(j)
-        self.deferred = deque(m for m in self.deferred if m.meta.get("j") != j or getattr(PROTOCOL.get(m.kind), "always", False))
+        self.deferred = deque(m for m in self.deferred if m.meta.get("j") != j or survives_drop(m.kind))
 
     def on_drop(self, msg: Message) -> None:
         self.forget(msg.meta["j"])

@@ -134,13 +134,19 @@ def _one_accelerator():
         torch.accelerator.device_count = original
 
 
-def padded_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """All-gather shards that may differ in size along ``dim``: exchange sizes, pad to the largest, gather, trim."""
-    n = dist.get_world_size(group)
+def gathered_sizes(x: torch.Tensor, dim: int, group) -> list[int]:
+    """Every rank's size of its shard along ``dim``, in rank order."""
     size = torch.tensor([x.shape[dim]], dtype=torch.int64, device=x.device)
-    sizes = [torch.empty_like(size) for _ in range(n)]
+    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, size, group=group)
-    sizes = [int(s) for s in sizes]
+    return [int(s) for s in sizes]
+
+
+def padded_gather(x: torch.Tensor, dim: int, group, sizes: list[int] | None = None) -> torch.Tensor:
+    """All-gather shards that may differ in size along ``dim``: exchange sizes (unless given, ``gathered_sizes``), pad
+    to the largest, gather, trim."""
+    n = dist.get_world_size(group)
+    sizes = sizes or gathered_sizes(x, dim, group)
     pad = [0, 0] * (x.dim() - 1 - dim) + [0, max(sizes) - x.shape[dim]]
     x = F.pad(x, pad).contiguous()
     parts = [torch.empty_like(x) for _ in range(n)]

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from transfer.distributed.sequence_parallel import padded_gather
+from transfer.distributed.sequence_parallel import gathered_sizes, padded_gather
 from transfer.errors import TransferError
 
 
@@ -101,11 +101,8 @@ class RowSplit:
 
     def gather(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Every rank's band of ``x`` joined along dim -2 (on every rank), and where this rank's rows start in it."""
-        rows = torch.tensor([x.shape[-2]], dtype=torch.int64, device=x.device)
-        sizes = [torch.empty_like(rows) for _ in range(self.degree)]
-        dist.all_gather(sizes, rows, group=self.group)
-        offset = int(sum(int(s) for s in sizes[:self.index]))
-        return padded_gather(x, x.dim() - 2, self.group), offset
+        sizes = gathered_sizes(x, x.dim() - 2, self.group)
+        return padded_gather(x, x.dim() - 2, self.group, sizes), sum(sizes[:self.index])
 
 
 class HaloConv(nn.Module):
@@ -204,11 +201,6 @@ def _split_calls(vae: nn.Module, split: RowSplit) -> None:
         return DecoderOutput(sample=frames) if return_dict else (frames,)
 
     vae._encode, vae._decode = MethodType(split_encode, vae), MethodType(split_decode, vae)
-
-
-def split_of(vae: nn.Module) -> RowSplit | None:
-    """The ``RowSplit`` a VAE was patched for, if any."""
-    return getattr(vae, "_row_split", None)
 
 
 class VAEService:
