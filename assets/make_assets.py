@@ -3,7 +3,7 @@
 example_input.mp4   121 frames, 160x96: shapes moving over a gradient (2 chunks at 93 frames/chunk)
 example_edge.mp4    Canny edges of it (upstream 'medium' thresholds 100/200)
 example_vis.mp4     bilateral blur + down/up resize of it (upstream 'medium': d 30, 150/100, x2)
-demo_input.mp4      41 frames, 64x64: held-out scene 1000994 of the demo world (demo.world), the README's main command
+demo_input.mp4      41 frames, 64x64: held-out scene demo.world.README_SEED of the demo world (demo.world), the README's main command
 demo_spec.json      its cosmos-transfer1 spec (edge computed from the input); demo_spec25.json the same as a
                     cosmos-transfer2.5 sample
 """
@@ -14,12 +14,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from demo.world import Scene, render
+from demo.world import README_SEED, Scene, render
 from transfer.video_io import write_mp4
 
 HERE = Path(__file__).parent
 T, H, W = 121, 96, 160
-DEMO_SEED, DEMO_FRAMES = 1000994, 41  # held out from training; 5 chunks of the demo model's 9 frames
+DEMO_SEED, DEMO_FRAMES = README_SEED, 41  # held out from training; 5 chunks of the demo model's 9 frames
 
 
 def input_frames() -> np.ndarray:

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs.models import DEMO_CHECKPOINT  # noqa: E402
 import numpy as np  # noqa: E402
 
-from demo.evaluate import generate, held_out, mean, round_trip, score, write_batch  # noqa: E402
+from demo.evaluate import (README_FORMS, generate, held_out, mean, readme_scene, round_trip, score,  # noqa: E402
+                           write_batch)
 from transfer.chunks import plan_chunks  # noqa: E402
 from transfer.video_io import read_video  # noqa: E402
 
@@ -88,6 +89,21 @@ def ceiling_row(cases, work: Path) -> dict:
     return {**mean([score(out, case) for case in cases]), "seconds": time.perf_counter() - start}
 
 
+def readme_table(work: Path, folders: list[Path]) -> None:
+    """The README's scene in both its forms through the demo and each checkpoint folder, as the README states it."""
+    print("\nThe README scene (a black circle and a yellow square on a blue background; 41 frames, 5 chunks of 9)\n")
+    print("| checkpoint | form | edge F1 | frames, background >= 90% blue | background blue (mean / frame 0 / worst "
+          "frame) | black circle black (frames) | yellow square yellow (frames) | background holds at boundaries |")
+    print("|---|---|---:|---:|---|---:|---:|---:|")
+    for name, checkpoint in [("demo", "demo"), *((str(f), f.resolve()) for f in folders)]:
+        for form in README_FORMS:
+            r = readme_scene(work / f"readme-{Path(name).name}-{form}", checkpoint, form)
+            s = r["shape_frames"]
+            print(f"| {name} | {form} | {r['edge_f1']:.3f} | {r['background_frames_90']:.0%} | "
+                  f"{r['background_mean']:.0%} / {r['background_frame0']:.0%} / {r['background_worst']:.0%} | "
+                  f"{s['black circle']:.0%} | {s['yellow square']:.0%} | {r['background_holds']:.0%} |", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenes", type=int, default=16, help="held-out scenes of one chunk (default: 16)")
@@ -97,11 +113,16 @@ def main() -> int:
     p.add_argument("--checkpoint_dir", type=Path, action="append", default=[],
                    help="also this checkpoint at its own defaults (repeatable: e.g. training snapshots)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each run")
+    p.add_argument("--readme_only", action="store_true",
+                   help="only the README scene's table (the quick score of a training snapshot)")
     p.add_argument("--step_cache", action="store_true",
                    help="also the demo with each step cache setting (CACHE_SETTINGS) against its exact run")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    readme_table(work, args.checkpoint_dir)
+    if args.readme_only:
+        return 0
     batch, cases = write_batch(work / "short", held_out(args.scenes), CHUNK)
     rows = [("demo", "defaults", run_row(batch, cases, work, "demo", [], args.threads)),
             ("tiny (random weights)", "--num_frames_per_chunk 9",

@@ -131,3 +131,45 @@ def mean(rows: list[dict]) -> dict:
     for n in sorted({r["shapes"] for r in rows}):
         result[f"color_{n}"] = float(np.mean([r["color"] for r in rows if r["shapes"] == n]))
     return result
+
+
+#: The README's two commands for its scene (``demo.world.README_SEED``): the cosmos-transfer1 form (seed 1) and the
+#: Transfer2.5 form (seed 2025), each writing 41 frames in 5 chunks.
+README_FORMS = {"transfer1": ("--controlnet_specs", "assets/demo_spec.json"),
+                "transfer2.5": ("-i", "assets/demo_spec25.json")}
+
+
+def readme_scene(out: Path, checkpoint: str | Path, form: str) -> dict:
+    """The README's scene through ``checkpoint`` in one of its forms (``README_FORMS``), scored as the README states it:
+    edge F1, the share of frames whose background is the prompt's colour on >= 90% of its pixels (and that share in
+    frame 0 and the worst frame), each shape's share of frames in its colour, the background holding at the chunk
+    boundaries."""
+    from transfer.video_io import read_video
+
+    which = (["--checkpoint_dir", str(checkpoint)] if isinstance(checkpoint, Path)
+             else ["--checkpoint_preset", checkpoint])
+    folder = "--video_save_folder" if form == "transfer1" else "-o"
+    cmd = [sys.executable, str(ROOT / "transfer.py"), *README_FORMS[form], *which, folder, str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "TRANSFER_LOG_LEVEL": "WARNING"}, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    from demo.world import README_SEED
+
+    scene = Scene.from_seed(README_SEED)
+    frames, masks = render(scene, 41)
+    video = out / ("output.mp4" if form == "transfer1" else "demo.mp4")
+    output, _ = read_video(video)
+    case = Case(README_SEED, scene, masks, ROOT / "assets" / "demo_input.mp4")
+    result = score(video.parent, case, [9, 17, 25, 33]) if video.name == case.name + ".mp4" else None
+    if result is None:  # score reads <folder>/scene<seed>.mp4: link the output under that name
+        link = out / f"{case.name}.mp4"
+        link.unlink(missing_ok=True)
+        link.symlink_to(video.name)
+        result = score(out, case, [9, 17, 25, 33])
+    pixels = background_pixels(output, scene, masks)
+    result.update(background_mean=float(pixels.mean()), background_frame0=float(pixels[0]),
+                  background_worst=float(pixels.min()),
+                  shape_frames={f"{s.color} {s.kind}": c for s, c in zip(scene.shapes,
+                                                                          shape_colors(output, scene, masks))})
+    return result

@@ -281,73 +281,235 @@ def flow_times(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.sigmoid(lo + (hi - lo) * torch.rand(n, generator=generator))
 
 
-def train_dit(args) -> None:
-    """Rectified flow on the demo world, through the product's own ``stages.Denoiser.velocity`` (the inference arithmetic)."""
-    from diffusers import CosmosControlNetModel, CosmosTransformer3DModel, UniPCMultistepScheduler
+def encode_prompts(text_model, tokenizer, prompts: list[str], device, pad: bool = True) -> torch.Tensor:
+    """T5 embeddings ``[B, 512, D]`` of ``prompts`` in one call, with gradients: the encoder runs over the longest
+    prompt's tokens only and the rest is zeros, which is what the product's ``TextEncoder`` gives (it pads to 512 and
+    zeroes past each prompt; T5's masked attention makes a prompt's embeddings independent of the padding's length;
+    equal within float rounding, tests/test_train_demo.py). ``pad=False``: ``[B, longest, D]``, without the zeros."""
+    from transfer.text_encoding import MAX_SEQUENCE_LENGTH
 
-    from configs.models import TRANSFER25_SCHEDULER
-    from preprocessors import edge
-    from transfer.specs import DEFAULT_NEGATIVE_PROMPT
-    from transfer.stages import CONDITIONAL_FRAME_TIMESTEP, Denoiser, VideoVAE
-    from transfer.text_encoding import TextEncoder
+    inputs = tokenizer(prompts, padding="longest", return_tensors="pt")
+    mask = inputs["attention_mask"].to(device)
+    embeds = text_model(inputs["input_ids"].to(device), attention_mask=mask.bool()).last_hidden_state
+    embeds = embeds * mask[..., None]
+    return F.pad(embeds, (0, 0, 0, MAX_SEQUENCE_LENGTH - embeds.shape[1])) if pad else embeds
 
-    device = torch.device(args.device)
-    vae = VideoVAE(load_vae(args.work).to(device), device)
-    torch.manual_seed(args.seed + 1)  # the models' initial weights (drawn on the CPU whatever --device)
-    t_cfg, c_cfg = demo_dit_configs(stage_patch(args.work, args.dit_name, args.patch, start=True))
-    transformer, controlnet = CosmosTransformer3DModel(**t_cfg), CosmosControlNetModel(**c_cfg)
-    transformer, controlnet = transformer.to(device), controlnet.to(device)
-    text = TextEncoder(demo_text_model().to(device), demo_tokenizer(), device, torch.float32)
-    dit = Denoiser(transformer, {"edge": controlnet}, UniPCMultistepScheduler(**TRANSFER25_SCHEDULER), device)
-    models = {"transformer": transformer, "controlnet": controlnet, "text_encoder": text.model.train()}
-    stage = Stage(args.work, args.dit_name, models, lr=args.lr or 3e-4, init=args.init)
-    canny = edge.Preprocessor(edge.Config())
 
-    t0 = time.time()
-    bar = tqdm(total=args.steps, initial=stage.step, desc=args.dit_name, unit="step")
-    while stage.step < min(args.steps, args.stop_at or args.steps):
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + stage.step)
-        stage.set_lr(args.steps)
-        image = stage.step < args.image_steps  # the per-frame phase: single frames, a larger batch
-        x, scenes, shapes = clips(args.seed, stage.step, args.image_batch if image else args.batch,
-                                  1 if image else FRAMES)
-        frames = ((x.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-        control = torch.from_numpy(np.stack([canny(f) for f in frames])).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3)
+class PaddingAsOneToken:
+    """The DiT's and ControlNet's cross-attention processor in training: diffusers' own ``CosmosAttnProcessor2_5``,
+    given the text trimmed to the batch's longest prompt plus one zero token whose attention logit is raised by
+    ``log(512 - longest)`` (``mask``). A zero text embedding has a zero key and a zero value (no bias in ``to_k`` /
+    ``to_v``, RMS norm of zero is zero): each of the 512-token context's padding positions adds ``exp(0)`` to the
+    softmax's sum and nothing to its output, so one zero key weighted ``512 - longest`` gives the same attention over
+    5x fewer keys (with the 103-token negative prompt; 40x without) (equal within float rounding,
+    tests/test_train_demo.py)."""
+
+    def __init__(self, inner):
+        self.inner, self.mask = inner, None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        return self.inner(attn, hidden_states, encoder_hidden_states, (self.mask, None), image_rotary_emb)
+
+
+def short_context(embeds: torch.Tensor, processors: list[PaddingAsOneToken]) -> torch.Tensor:
+    """``embeds`` ``[B, L, D]`` (``encode_prompts(pad=False)``) with the one zero token appended; sets the processors'
+    mask for it."""
+    from transfer.text_encoding import MAX_SEQUENCE_LENGTH
+
+    length = embeds.shape[1]
+    mask = torch.zeros(1, 1, 1, length + 1, device=embeds.device, dtype=embeds.dtype)
+    mask[..., -1] = math.log(MAX_SEQUENCE_LENGTH - length)
+    for p in processors:
+        p.mask = mask
+    return F.pad(embeds, (0, 0, 0, 1))
+
+
+class DitTrainer:
+    """The dit stage's models and one training step, fed either way: ``online`` renders clips, computes their edge
+    controls and VAE-encodes both every step (the recipe of the shipped run); ``from_corpus`` draws them from a
+    corpus encoded once (``--stage corpus``; the VAE is frozen, so its latents of a clip never change). ``timings``
+    (a dict, optional) accumulates seconds per phase: benchmarks/train_throughput.py prints them."""
+
+    def __init__(self, args, timings: dict | None = None):
+        from diffusers import CosmosControlNetModel, CosmosTransformer3DModel, UniPCMultistepScheduler
+
+        from configs.models import TRANSFER25_SCHEDULER
+        from preprocessors import edge
+        from transfer.stages import Denoiser, VideoVAE
+        from transfer.text_encoding import TextEncoder
+
+        self.args, self.timings = args, timings
+        self.device = device = torch.device(args.device)
+        self.vae = VideoVAE(load_vae(args.work).to(device), device)
+        torch.manual_seed(args.seed + 1)  # the models' initial weights (drawn on the CPU whatever --device)
+        t_cfg, c_cfg = demo_dit_configs(stage_patch(args.work, args.dit_name, args.patch, start=True))
+        transformer, controlnet = CosmosTransformer3DModel(**t_cfg), CosmosControlNetModel(**c_cfg)
+        self.text_model, self.tokenizer = demo_text_model(), demo_tokenizer()
+        if args.init_from:  # a fine-tune of an exported checkpoint's DiT, ControlNet and T5
+            for model, folder in ((transformer, "transformer"), (controlnet, "controlnet/edge"),
+                                  (self.text_model, "text_encoder")):
+                model.load_state_dict(type(model).from_pretrained(args.init_from / folder).state_dict())
+        transformer, controlnet = transformer.to(device), controlnet.to(device)
+        self.text_model = self.text_model.to(device).train()
+        self.text = TextEncoder(self.text_model, self.tokenizer, device, torch.float32)
+        self.dit = Denoiser(transformer, {"edge": controlnet}, UniPCMultistepScheduler(**TRANSFER25_SCHEDULER), device)
+        self.models = {"transformer": transformer, "controlnet": controlnet, "text_encoder": self.text_model}
+        self.canny = edge.Preprocessor(edge.Config())
+        self.corpus = load_corpus(args.work) if args.corpus else None
+        self.short = []  # the cross-attention processors over the short context (all but the "before" loop)
+        if not getattr(args, "per_prompt_t5", False):
+            for block in (*transformer.transformer_blocks, *controlnet.control_blocks):
+                block.attn2.set_processor(PaddingAsOneToken(block.attn2.processor))
+                self.short.append(block.attn2.processor)
+        if args.compile:  # regional compile: each repeated block once (as --compile torch does at inference)
+            for block in (*transformer.transformer_blocks, *controlnet.control_blocks):
+                block.compile()
+
+    def tick(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[name] = self.timings.get(name, 0.0) + now - since
+        return now
+
+    def online(self, step: int, batch: int, frames: int = FRAMES, batched: bool = False):
+        """Rendered clips, their edge controls and both encoded, now: ``(z0, zc, prompts, cover)``. ``batched``: the
+        VAE encodes the whole batch in one call (the corpus stage) instead of a clip at a time (as inference does,
+        and the shipped run did)."""
+        t = time.perf_counter()
+        x, scenes, shapes = clips(self.args.seed, step, batch, frames)
+        t = self.tick("render scenes", t)
+        video = ((x.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        control = torch.from_numpy(np.stack([self.canny(f) for f in video])).float().div(127.5).sub(1)
+        t = self.tick("edge control (Canny)", t)
+        control = control.permute(0, 4, 1, 2, 3)
         with torch.no_grad():
-            z0, zc = vae.encode(x, torch.float32), vae.encode(control, torch.float32)
+            if batched:
+                vae, mean, std = self.vae.vae, self.vae.mean.to(self.device), self.vae.std.to(self.device)
+                z0, zc = ((vae.encode(v.to(self.device)).latent_dist.mode() - mean) / std for v in (x, control))
+            else:
+                z0, zc = self.vae.encode(x, torch.float32), self.vae.encode(control, torch.float32)
+        self.tick("VAE encode (video + control)", t)
+        cover = latent_coverage(shapes, self.vae.temporal_factor, self.vae.spatial_factor)
+        return z0, zc, [s.prompt for s in scenes], cover
+
+    def from_corpus(self, step: int, batch: int):
+        """``batch`` clips of the corpus, drawn with replacement as a function of (seed, step)."""
+        t = time.perf_counter()
+        c = self.corpus
+        index = torch.from_numpy(np.random.default_rng([self.args.seed, step, 7]).integers(len(c["prompts"]),
+                                                                                          size=batch))
+        out = (c["z0"][index].float(), c["zc"][index].float(), [c["prompts"][i] for i in index.tolist()],
+               c["cover"][index].float() / 255)
+        self.tick("corpus batch", t)
+        return out
+
+    def step(self, stage: "Stage", z0, zc, prompts, cover) -> float:
+        """One optimizer step of rectified flow on these latents; returns the loss."""
+        from transfer.specs import DEFAULT_NEGATIVE_PROMPT
+        from transfer.stages import CONDITIONAL_FRAME_TIMESTEP
+
+        args, device = self.args, self.device
+        t = time.perf_counter()
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + stage.step)
+        z0, zc = z0.to(device), zc.to(device)
         B, _, T, h, w = z0.shape  # every draw below on the CPU generator, then moved: the same draws on any device
-        t = flow_times(B, g).view(B, 1, 1, 1, 1).to(device)
+        tt = flow_times(B, g).view(B, 1, 1, 1, 1).to(device)
         noise = torch.randn(z0.shape, generator=g).to(device)
-        x_t = (1 - t) * z0 + t * noise
+        x_t = (1 - tt) * z0 + tt * noise
         cond = (torch.rand(B, generator=g) < (0.0 if T == 1 else 0.5)).float().view(B, 1, 1, 1, 1).to(device)
         cond_mask = torch.zeros(B, 1, T, 1, 1, device=device)  # frame 0 given clean where cond
         cond_mask[:, :, :1] = cond
         in_latents = cond_mask * z0 + (1 - cond_mask) * x_t
-        timestep = cond_mask * CONDITIONAL_FRAME_TIMESTEP + (1 - cond_mask) * t.view(B, 1, 1, 1, 1)
-        drop = torch.rand(B, generator=g) < 0.1  # the negative prompt in place of the prompt: guidance learns
-        prompts = [DEFAULT_NEGATIVE_PROMPT if d else s.prompt for d, s in zip(drop, scenes)]
-        context = dit.context(torch.cat([text._encode_t5(p) for p in prompts]))  # with gradients: T5 trains too
+        timestep = cond_mask * CONDITIONAL_FRAME_TIMESTEP + (1 - cond_mask) * tt
+        drop = torch.rand(B, generator=g) < args.prompt_dropout  # the negative prompt instead: guidance learns
+        prompts = [DEFAULT_NEGATIVE_PROMPT if d else p for d, p in zip(drop, prompts)]
+        t = self.tick("noise draws", t)
+        if self.short:
+            embeds = short_context(encode_prompts(self.text_model, self.tokenizer, prompts, device, pad=False),
+                                   self.short)
+        else:  # the shipped run's way (benchmarks/train_throughput.py's "before")
+            embeds = torch.cat([self.text._encode_t5(p) for p in prompts])
+        context = self.dit.context(embeds)
+        if isinstance(context, tuple) and self.short:
+            # The image context is zeros: its 256 tokens are one token repeated (same key, same value), so attention
+            # over them is that token's value whatever the query. One token gives the same output, 256x cheaper.
+            context = (context[0], context[1][:, :1])
+        t = self.tick("T5 forward", t)
         full_mask = cond_mask.expand(B, 1, T, h, w)
-        padding = torch.zeros(1, 1, h * vae.spatial_factor, w * vae.spatial_factor, device=device)
-        velocity = dit.velocity(in_latents, timestep, context, {"edge": zc}, {"edge": 1.0}, full_mask, padding)
+        padding = torch.zeros(1, 1, h * self.vae.spatial_factor, w * self.vae.spatial_factor, device=device)
+        velocity = self.dit.velocity(in_latents, timestep, context, {"edge": zc}, {"edge": 1.0}, full_mask, padding)
         weight = 1 - full_mask
         if args.shape_weight:  # the shapes' cells count more: they are a small part of the frame, and their colour
-            cover = latent_coverage(shapes, vae.temporal_factor, vae.spatial_factor).to(device)
-            weight = weight * (1 + args.shape_weight * cover)
+            weight = weight * (1 + args.shape_weight * cover.to(device))
         loss = (((velocity - (noise - z0)) ** 2) * weight).sum() / (weight.sum() * z0.shape[1])
+        t = self.tick("DiT + ControlNet forward", t)
         stage.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        t = self.tick("backward", t)
         torch.nn.utils.clip_grad_norm_([p for m in stage.models.values() for p in m.parameters()], 1.0)
         stage.optimizer.step()
+        self.tick("optimizer", t)
         stage.step += 1
-        stage.log({"loss": loss.item(), "minutes": (time.time() - t0) / 60})
+        return loss.item()
+
+
+def train_dit(args) -> None:
+    """Rectified flow on the demo world, through the product's own ``stages.Denoiser.velocity`` (the inference
+    arithmetic), on clips made each step or drawn from the corpus (``--corpus``)."""
+    trainer = DitTrainer(args)
+    stage = Stage(args.work, args.dit_name, trainer.models, lr=args.lr or 3e-4, init=args.init)
+    t0 = time.time()
+    bar = tqdm(total=args.steps, initial=stage.step, desc=args.dit_name, unit="step")
+    while stage.step < min(args.steps, args.stop_at or args.steps):
+        stage.set_lr(args.steps)
+        if trainer.corpus is not None:
+            batch = trainer.from_corpus(stage.step, args.batch)
+        else:
+            image = stage.step < args.image_steps  # the per-frame phase: single frames, a larger batch
+            batch = trainer.online(stage.step, args.image_batch if image else args.batch, 1 if image else FRAMES)
+        loss = trainer.step(stage, *batch)
+        stage.log({"loss": loss, "minutes": (time.time() - t0) / 60})
         bar.update()
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}")
         if stage.step % args.save_every == 0 or stage.step in (args.steps, args.stop_at):
             stage.save()
         if args.keep_every and stage.step % args.keep_every == 0:
             stage.snapshot()
     bar.close()
+
+
+def build_corpus(args) -> None:
+    """``--clips`` training clips encoded once, in shards of ``--shard`` (a stopped stage resumes at the first missing
+    shard): ``work/corpus/shard_<k>.pt`` holds the VAE's
+    normalised latents of each clip and of its edge control (float16, ``[n, 16, 5, 16, 16]``: 80 KB a clip), the
+    shapes' coverage of each latent cell (uint8) and the prompts. Shard k's clips are ``clips(seed, k * 10000 + j,
+    n)`` for j < shard / n, n = min(64, shard) (scenes from the training seeds): the corpus is a function of
+    ``--seed``, ``--shard`` and its size."""
+    trainer = DitTrainer(argparse.Namespace(**{**vars(args), "corpus": False, "compile": False, "init_from": None}))
+    folder = args.work / "corpus"
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, n = math.ceil(args.clips / args.shard), min(64, args.shard)
+    for k in tqdm(range(shards), desc="corpus", unit="shard"):
+        path = folder / f"shard_{k:04d}.pt"
+        if path.is_file():
+            continue
+        parts = [trainer.online(k * 10_000 + j, n, batched=True) for j in range(args.shard // n)]
+        z0, zc, cover = (torch.cat([p[i] for p in parts]) for i in (0, 1, 3))
+        prompts = [p for part in parts for p in part[2]]
+        tmp = path.with_suffix(".tmp")
+        torch.save({"z0": z0.half(), "zc": zc.half(), "cover": (cover * 255).round().to(torch.uint8),
+                    "prompts": prompts}, tmp)
+        tmp.replace(path)
+
+
+def load_corpus(work: Path) -> dict:
+    """Every shard of ``work/corpus`` in one dict of tensors (``build_corpus``)."""
+    paths = sorted((work / "corpus").glob("shard_*.pt"))
+    if not paths:
+        raise SystemExit(f"train_demo.py: error: no corpus in {work / 'corpus'}: run --stage corpus --clips N first")
+    shards = [torch.load(p, weights_only=False) for p in paths]
+    return {"z0": torch.cat([s["z0"] for s in shards]), "zc": torch.cat([s["zc"] for s in shards]),
+            "cover": torch.cat([s["cover"] for s in shards]), "prompts": [p for s in shards for p in s["prompts"]]}
 
 
 #: The demo checkpoint's own generation defaults (``transfer_defaults.json``; a flag or spec field overrides them):
@@ -413,7 +575,7 @@ def curve(args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="training folder (checkpoints and loss logs per stage)")
-    p.add_argument("--stage", choices=("vae", "vae_from", "dit", "export", "curve"), required=True)
+    p.add_argument("--stage", choices=("vae", "vae_from", "corpus", "dit", "export", "curve"), required=True)
     p.add_argument("--steps", type=int, help="train until this many steps in all (resumes; the lr schedule follows it)")
     p.add_argument("--stop_at", type=int, help="stop after this step, as an interrupted run would (resume with --steps)")
     p.add_argument("--out", type=Path, help="export: the checkpoint folder to write (default: the shipped demo/checkpoint)")
@@ -437,6 +599,14 @@ def main(argv=None) -> int:
                    help="dit: spatial patch in latent cells, fixed when the stage starts (default: 2)")
     p.add_argument("--shape_weight", type=float, default=0.0,
                    help="dit: loss weight 1 + this x the shapes' coverage of each latent cell (default: 0, uniform)")
+    p.add_argument("--clips", type=int, default=20480, help="corpus: clips to encode (default: 20480, 20 shards)")
+    p.add_argument("--shard", type=int, default=1024, help="corpus: clips per shard file (default: 1024)")
+    p.add_argument("--corpus", action="store_true", help="dit: draw batches from the corpus (--stage corpus first)")
+    p.add_argument("--compile", action="store_true", help="dit: torch.compile each DiT and ControlNet block")
+    p.add_argument("--init_from", type=Path,
+                   help="dit: start a fresh stage from an exported checkpoint's DiT, ControlNet and T5 (a fine-tune)")
+    p.add_argument("--prompt_dropout", type=float, default=0.1,
+                   help="dit: share of clips trained on the negative prompt instead of theirs (default: 0.1)")
     args = p.parse_args(argv)
     if args.stage in ("vae", "dit") and args.steps is None:
         p.error(f"--stage {args.stage} needs --steps")
@@ -446,7 +616,9 @@ def main(argv=None) -> int:
         args.out = DEMO_CHECKPOINT
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"vae": train_vae, "vae_from": vae_from, "dit": train_dit, "export": export, "curve": curve}[args.stage](args)
+    stages = {"vae": train_vae, "vae_from": vae_from, "corpus": build_corpus, "dit": train_dit, "export": export,
+              "curve": curve}
+    stages[args.stage](args)
     return 0
 
 

@@ -7,7 +7,8 @@ import numpy as np
 
 from demo.metrics import (background_accuracy, background_holds, background_pixels, color_accuracy, edge_f1, edges,
                           seam_ratio, shape_colors)
-from demo.world import BACKGROUNDS, COLORS, HELD_OUT_SEEDS, TRAIN_SEEDS, Scene, render
+from demo.world import (BACKGROUNDS, COLORS, HALF_WIDTH, HELD_OUT_SEEDS, MAX_SHAPES, README_SEED, TRAIN_SEEDS, WORDS,
+                        Scene, render)
 
 
 def edge_video(frames: np.ndarray) -> np.ndarray:
@@ -28,7 +29,19 @@ def test_no_scene_has_two_shapes_of_one_kind():
     """The prompt alone says which shape wears which colour only if no two shapes share a kind."""
     scenes = [Scene.from_seed(seed) for seed in list(HELD_OUT_SEEDS)[:200]]
     assert all(len({s.kind for s in scene.shapes}) == len(scene.shapes) for scene in scenes)
-    assert {len(scene.shapes) for scene in scenes} == {1, 2, 3}
+    assert {len(scene.shapes) for scene in scenes} == set(range(1, MAX_SHAPES + 1)) == {1, 2}
+
+
+def test_the_narrowed_world_holds_the_readme_scene_and_keeps_the_tokenizers_words():
+    """Issue 40's world: one or two shapes 17-26 px across in six colours; the README's scene is a held-out one of
+    it; the tokenizer's words (and so the shipped T5's token ids) are the wider world's, every prompt's words among
+    them."""
+    assert README_SEED in HELD_OUT_SEEDS
+    assert Scene.from_seed(README_SEED).prompt == "a black circle and a yellow square on a blue background"
+    scenes = [Scene.from_seed(seed) for seed in range(300)]
+    assert {c for scene in scenes for c in [s.color for s in scene.shapes]} == set(COLORS) and len(COLORS) == 6
+    assert all(HALF_WIDTH[0] * 64 <= s.size <= HALF_WIDTH[1] * 64 for scene in scenes for s in scene.shapes)
+    assert all(set(scene.prompt.replace(",", " ,").split()) <= set(WORDS) for scene in scenes)
 
 
 def test_metrics_separate_the_true_video_from_noise():

@@ -95,3 +95,54 @@ def test_patch_one_on_the_shipped_vae_trains_and_exports(tmp_path, cache_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = inspect_checkpoint(tmp_path / "ckpt")
     assert list(info.transformer["patch_size"]) == [1, 1, 1]
+
+
+def test_corpus_stage_feeds_the_dit_stage_and_a_resumed_corpus_run_equals_an_uninterrupted_one(tmp_path):
+    """Issue 40's loop: clips encoded once (``--stage corpus``: the shipped VAE's latents of video and edge control,
+    float16, with coverage and prompts), then DiT steps drawn from them, fine-tuning the shipped model
+    (``--init_from``); a run stopped after step 1 and resumed equals the uninterrupted one."""
+    for work in ("a", "b"):
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--work", str(tmp_path / work), "--stage", "vae_from"],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    train(tmp_path / "a", "corpus", 0, "--clips", "4", "--shard", "2")
+    shards = sorted((tmp_path / "a" / "corpus").glob("shard_*.pt"))
+    assert [p.name for p in shards] == ["shard_0000.pt", "shard_0001.pt"]
+    shard = torch.load(shards[1], weights_only=False)
+    assert shard["z0"].shape == shard["zc"].shape == (2, 16, 5, 16, 16) and shard["z0"].dtype == torch.float16
+    assert shard["cover"].dtype == torch.uint8 and shard["cover"].shape == (2, 1, 5, 16, 16)
+    assert len(shard["prompts"]) == 2 and all(p.endswith("background") for p in shard["prompts"])
+    (tmp_path / "b" / "corpus").symlink_to(tmp_path / "a" / "corpus")
+    more = ("--corpus", "--init_from", str(ROOT / "demo" / "checkpoint"), "--shape_weight", "1")
+    train(tmp_path / "a", "dit", 2, *more, batch=3)
+    train(tmp_path / "b", "dit", 2, "--stop_at", "1", *more, batch=3)
+    train(tmp_path / "b", "dit", 2, *more, batch=3)
+    a, b = (torch.load(tmp_path / w / "dit" / "state.pt", weights_only=False) for w in ("a", "b"))
+    assert a["step"] == b["step"] == 2
+    for part in ("transformer", "controlnet", "text_encoder"):
+        assert all(torch.equal(a["models"][part][k], b["models"][part][k]) for k in a["models"][part]), part
+    from safetensors.torch import load_file
+
+    shipped = load_file(ROOT / "demo" / "checkpoint" / "controlnet" / "edge" / "diffusion_pytorch_model.safetensors")
+    moved = (a["models"]["controlnet"]["patch_embed.proj.weight"] - shipped["patch_embed.proj.weight"]).abs().max()
+    assert 0 < moved < 1e-2  # two AdamW steps from the shipped weights, not from random ones
+
+
+def test_batched_prompt_encoding_equals_the_products_text_encoder():
+    """Training encodes a batch's prompts in one T5 call over the longest prompt's tokens; the product pads each to
+    512 and zeroes past it: the same embeddings (within float rounding)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_demo
+    from transformers import T5EncoderModel
+
+    from transfer.text_encoding import TextEncoder
+
+    model, tokenizer = T5EncoderModel.from_pretrained(ROOT / "demo" / "checkpoint" / "text_encoder"), \
+        train_demo.demo_tokenizer()
+    prompts = ["a black circle and a yellow square on a blue background", "a red triangle on a gray background"]
+    product = TextEncoder(model, tokenizer, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        batched = train_demo.encode_prompts(model, tokenizer, prompts, "cpu")
+        one_by_one = torch.cat([product._encode_t5(p) for p in prompts])
+    assert batched.shape == one_by_one.shape == (2, 512, 64)
+    assert (batched - one_by_one).abs().max() < 1e-5 and batched[1, 10:].abs().max() == 0
