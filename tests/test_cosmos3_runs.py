@@ -158,6 +158,11 @@ def test_stock_processor_is_refused_under_sequence_parallel(cache_dir):
     ({"control_guidance": 2.0}, ["--checkpoint_preset", "tiny"], "'control_guidance' is Cosmos 3's: this checkpoint is "
                                                                  "Transfer2.5"),
     ({}, ["--checkpoint_preset", "tiny", "--cfgp-size", "2"], "--cfgp-size deals Cosmos 3's transformer passes"),
+    # issue 41: Transfer2.5's runtime flags the Cosmos 3 path would ignore
+    ({}, ["--compile", "torch"], "--compile torch is Transfer2.5's: the Cosmos 3 path does not apply it"),
+    ({}, ["--offload_diffusion_transformer"], "--offload stages is Transfer2.5's"),
+    ({}, ["--step_cache", "taylorseer"], "--step_cache taylorseer is Transfer2.5's"),
+    ({}, ["--attention_backend", "native"], "--attention_backend native is Transfer2.5's"),
 ])
 def test_spec_refusals(spec, tmp_path, sample, flags, message):
     """Each is one line and exit 2, nothing written."""

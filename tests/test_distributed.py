@@ -418,7 +418,7 @@ def test_protocol_table_matches_the_roles_and_guards_the_sender():
     assert {k.name for k in KINDS if k.request_work} == {"precompute", "text", "controls", "decode", "chunk_plan", "embeds",
                                                           "control_latents", "cond", "shard_chunk", "vae_work"}
     assert {k.name for k in KINDS if k.always} == {"vae_work"}  # handled for a dropped request: collectives wait
-    assert all(k.per_request for k in KINDS if k.request_work)
+    assert all("j" in k.meta for k in KINDS if k.request_work)  # one request's work names the request
     transport = LocalTransport(0)
     with pytest.raises(ProtocolError, match="unknown message kind 'nonsense'"):
         transport.send(0, "nonsense", {"j": 1})

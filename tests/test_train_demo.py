@@ -146,3 +146,39 @@ def test_batched_prompt_encoding_equals_the_products_text_encoder():
         one_by_one = torch.cat([product._encode_t5(p) for p in prompts])
     assert batched.shape == one_by_one.shape == (2, 512, 64)
     assert (batched - one_by_one).abs().max() < 1e-5 and batched[1, 10:].abs().max() == 0
+
+
+def test_the_padding_as_one_weighted_token_equals_the_512_token_context():
+    """Training's cross-attention over the longest prompt's tokens plus one zero key weighted for the padding
+    (``PaddingAsOneToken``) and one image-context token gives the DiT's output over the product's context (512 text
+    tokens, 256 zero image tokens), within float rounding; without the weight it does not."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_demo
+    from diffusers import CosmosTransformer3DModel
+    from transformers import T5EncoderModel
+
+    from transfer.specs import DEFAULT_NEGATIVE_PROMPT
+
+    checkpoint = ROOT / "demo" / "checkpoint"
+    dit = CosmosTransformer3DModel.from_pretrained(checkpoint / "transformer")
+    t5, tokenizer = T5EncoderModel.from_pretrained(checkpoint / "text_encoder"), train_demo.demo_tokenizer()
+    prompts = ["a red circle on a blue background", DEFAULT_NEGATIVE_PROMPT]
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 16, 5, 16, 16, generator=g), torch.rand(2, 1, 5, 1, 1, generator=g)
+    kwargs = dict(hidden_states=x, timestep=t, condition_mask=torch.zeros(2, 1, 5, 16, 16),
+                  padding_mask=torch.zeros(1, 1, 64, 64), return_dict=False)
+    image = torch.zeros(2, dit.config.img_context_num_tokens, dit.config.img_context_dim_in)
+    with torch.no_grad():
+        full = dit(encoder_hidden_states=(train_demo.encode_prompts(t5, tokenizer, prompts, "cpu"), image), **kwargs)[0]
+        processors = []
+        for block in dit.transformer_blocks:
+            block.attn2.set_processor(train_demo.PaddingAsOneToken(block.attn2.processor))
+            processors.append(block.attn2.processor)
+        embeds = train_demo.encode_prompts(t5, tokenizer, prompts, "cpu", pad=False)
+        context = train_demo.short_context(embeds, processors)
+        short = dit(encoder_hidden_states=(context, image[:, :1]), **kwargs)[0]
+        for p in processors:
+            p.mask = torch.zeros_like(p.mask)  # the zero key unweighted: the padding's mass is lost
+        unweighted = dit(encoder_hidden_states=(context, image[:, :1]), **kwargs)[0]
+    assert context.shape[1] == embeds.shape[1] + 1 < 120
+    assert (full - short).abs().max() < 1e-5 < (full - unweighted).abs().max()

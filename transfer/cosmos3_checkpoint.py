@@ -62,6 +62,20 @@ class Cosmos3Info:
                                 "--chunk_conditioning roundtrip only")
 
 
+    def check_runtime(self, runtime) -> None:
+        """Refuse in one line, before anything loads, a runtime flag the Cosmos 3 path does not apply (``runtime``:
+        ``transfer.config.RuntimeConfig``): it loads diffusers' modular pipeline as it is, so ``--compile``,
+        ``--offload``, ``--step_cache`` and ``--attention_backend`` (Transfer2.5's DiT stages) would do nothing."""
+        refused = [(runtime.compile != "none", f"--compile {runtime.compile}"),
+                   (runtime.offload != "none", f"--offload {runtime.offload}"),
+                   (runtime.step_cache.method != "off", f"--step_cache {runtime.step_cache.method}"),
+                   (runtime.attention != "auto", f"--attention_backend {runtime.attention}")]
+        for bad, flag in refused:
+            if bad:
+                raise TransferError(f"{flag} is Transfer2.5's: the Cosmos 3 path does not apply it yet (leave it out; "
+                                    "docs/cosmos3.md, 'Flags')")
+
+
 def _where(request) -> str:
     return f"{request.source} ({request.name})" if request.source else request.name
 

@@ -83,11 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--video_save_name", default="output",
                     help="output file stem for a single spec: NAME.mp4 and NAME.txt (default: output)")
     io.add_argument("--save_raw", action="store_true",
-                    help="also write NAME.npz with uint8 'frames' (T,H,W,3) and float32 'latents' (chunks,16,T,h,w)")
+                    help="also write NAME.npz with uint8 'frames' (T,H,W,3) and float32 'latents' (chunks,C,T,h,w): C is "
+                    "16 for Transfer2.5, 48 for Cosmos 3")
     io.add_argument("--overwrite", action="store_true",
                     help="replace outputs an earlier run made with other settings (without it such a request is "
                     "refused); complete outputs with the same settings are skipped either way (docs/batch.md)")
-    io.add_argument("--fps", type=float, default=24, help="output frame rate (default: 24)")
+    io.add_argument("--fps", type=float, default=24,
+                    help="output frame rate (default: 24); Cosmos 3 also reads it in its prompt (the clip's duration), "
+                    "so it changes Cosmos 3's frames too")
     io.add_argument("--max_frames", type=int, default=10_000,
                     help="refuse input or control videos longer than this, before decoding them (default: 10000)")
     io.add_argument("--max_resolution", type=int, default=4096,
@@ -158,18 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", choices=("none", "torch", "tensorrt"), default="none",
                      help="compile the DiT, ControlNets and VAE of the stages a process holds: torch = torch.compile "
                      "(CPU or CUDA); tensorrt = torch-tensorrt engines, cached on disk (pip install '.[tensorrt]', "
-                     "CUDA only) (default: none) (docs/performance.md)")
+                     "CUDA only) (default: none) (docs/performance.md). Transfer2.5 only: refused for Cosmos 3")
     run.add_argument("--attention_backend", choices=ATTENTION_CHOICES, default="auto",
                      help="attention kernel of the DiT and ControlNets, by diffusers' dispatcher name: native = torch "
                      "SDPA's own choice, _native_cudnn/_native_flash/_native_efficient/_native_math force one of "
                      "torch's, flash/_flash_3/sage/xformers need their packages; auto = the fastest measured on this "
-                     "GPU model (docs/performance.md), native on CPU (default: auto)")
+                     "GPU model (docs/performance.md), native on CPU (default: auto). Transfer2.5 only: refused for "
+                     "Cosmos 3")
     run.add_argument("--step_cache", choices=STEP_CACHE_METHODS, default="off",
                      help="skip the DiT and ControlNet forwards of some denoising steps (lossy; default: off): taylorseer "
                      "= compute every --step_cache_interval-th step after the warm-up, predict the others by a "
                      "first-order Taylor expansion of the computed velocities; adaptive = reuse the last computed "
                      "velocities while the accumulated relative change, measured from the computed steps, stays under "
-                     "--step_cache_threshold (docs/performance.md)")
+                     "--step_cache_threshold (docs/performance.md). Transfer2.5 only: refused for Cosmos 3")
     run.add_argument("--step_cache_threshold", type=float, default=0.03,
                      help="adaptive: accumulated relative velocity change allowed across skipped steps (default: 0.03)")
     run.add_argument("--step_cache_interval", type=int, default=2,
@@ -179,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--offload", choices=("none", "stages"), default="none",
                      help="stages: where one process holds several stages, only the one at work keeps its weights on the "
                      "device (the others wait in CPU memory; on a CPU run, in a temp file); a memory report ends the run "
-                     "(default: none)")
+                     "(default: none). Transfer2.5 only: refused for Cosmos 3")
     for flag in ("diffusion_transformer", "text_encoder_model", "tokenizer", "guardrail_models", "prompt_upsampler"):
         run.add_argument(f"--offload_{flag}", action="store_true", help="upstream's flag: same as --offload stages")
     run.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",

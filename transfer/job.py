@@ -189,6 +189,8 @@ def plan_job(config: RunConfig) -> Job:
     if passes is not None and not cosmos3:
         raise TransferError("--cfgp-size deals Cosmos 3's transformer passes: this checkpoint is Transfer2.5 (its CFG "
                             "branches are placed by the preset, docs/parallelism.md)")
+    if cosmos3:
+        info.check_runtime(config.runtime)
     if passes is not None and not 1 <= passes <= min(3, world):
         raise TransferError(f"--cfgp-size {passes} must be between 1 and {min(3, world)} (at most 3 passes a step, "
                             f"{world} process(es) started)")

@@ -9,7 +9,7 @@ A cosmos-transfer1 spec (``--controlnet_specs``, ``--batch_input_path``)::
 A batch line carries the same fields (plus optional ``name`` and ``seed``); upstream's
 ``visual_input`` and ``control_overrides`` are accepted too; ``control_weight`` may be a ``.pt`` map.
 
-A cosmos-transfer2.5 sample (``-i FILE.json`` / ``.jsonl``, one sample a line; ``transfer.transfer25``)::
+A cosmos-transfer2.5 sample (``-i FILE.json`` / ``.jsonl``, one sample a line; ``transfer.spec25``)::
 
     {"name": "robot_edge", "prompt_path": "../robot_prompt.txt", "video_path": "../robot_input.mp4",
      "guidance": 3, "edge": {"control_path": "robot_edge.mp4", "control_weight": 1.0, "mask_path": "m.mp4"}}
@@ -38,7 +38,7 @@ T25_ONLY = ("prompt_path", "video_path", "guidance", "num_steps", "num_video_fra
             "context_frame_index", "image_context_path")
 T25_CONTROL_ONLY = ("control_path", "mask_path", "mask_prompt", *SPEC_EXTRAS)
 
-#: Cosmos 3's own request fields (``transfer.cosmos3_job``), in either spec format; refused with a Transfer2.5
+#: Cosmos 3's own request fields (checked by ``transfer.cosmos3_checkpoint``), in either spec format; refused with a Transfer2.5
 #: checkpoint. ``control_guidance``: the hints' guidance scale (1: off); the intervals: ``[low, high]`` timesteps
 #: (0-1000) where text / control guidance applies.
 COSMOS3_FIELDS = ("control_guidance", "guidance_interval", "control_guidance_interval")

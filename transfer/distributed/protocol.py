@@ -9,7 +9,7 @@ other stages, every rank of it denoises), ``any`` (every rank).
 One request's messages, in order (chunk k of K; ``roundtrip`` conditioning shown)::
 
     coordinator --text--------------> text --embeds-----------> dit leader
-    coordinator --job---------------> dit leader
+    coordinator --chunk_plan--------> dit leader
     coordinator --controls----------> vae --control_latents(k)-> dit leader
     dit leader  --shard_chunk(k)----> the group's other ranks   (they exchange velocity per step with cfg 2)
     dit leader  --decode(k)---------> vae --decoded(k)---------> coordinator   (writes after the last chunk)
@@ -42,11 +42,7 @@ class Kind:
     always: bool = False
     """Handled even for a request this rank dropped: its sender is already inside collectives that need this rank."""
     about: str = ""
-
-    @property
-    def per_request(self) -> bool:
-        """Whether it belongs to one request (``j`` in its meta): dropped with it."""
-        return "j" in self.meta
+    """What it carries, for the reader of this table (no code reads it)."""
 
 
 def _kind(name: str, sender: str, receiver: str, meta: str, tensors: str = "", request_work: bool = False,

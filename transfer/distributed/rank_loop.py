@@ -3,7 +3,7 @@
 Flow of one request j with chunks k (``roundtrip`` conditioning)::
 
     coordinator --text--------> text  --embeds----------> dit leader
-    coordinator --job---------------------------------> dit leader        (plan, seed, weights)
+    coordinator --chunk_plan--------------------------> dit leader        (plan, seed, weights)
     coordinator --controls----> vae   --control_latents--> dit leader     (encoded ahead, idle time)
                                 vae   <--decode (j,k)---- dit leader
     coordinator <--decoded----- vae   --cond (j,k+1)---> dit leader       (decode, re-encode)
