@@ -80,7 +80,7 @@ def test_stages_on_separate_states_equal_the_pipeline(cache_dir):
 
 def test_a_cosmos3_folder_given_to_the_transfer25_reader_is_one_line(cache_dir):
     """Transfer2.5's folder reader (the A/B reference's) refuses a Cosmos 3 folder by name, not by a missing part;
-    transfer.py recognises it first (``cosmos3_checkpoint.model_info``)."""
+    transfer.py recognises it first (``transfer.families.family_of``)."""
     import pytest
 
     from transfer.checkpoint import inspect_checkpoint

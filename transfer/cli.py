@@ -212,9 +212,9 @@ def _main(argv: list[str] | None) -> int:
     logger.add(sys.stderr, level=os.environ.get("TRANSFER_LOG_LEVEL", "INFO"),
                format="<green>{time:HH:mm:ss}</green> | <level>{level: <7}</level> | {message}")
     if config.plan is not None:
-        from transfer.cosmos3_plan import cosmos3_plan
+        from transfer.families import plan
 
-        report = cosmos3_plan(config)
+        report = plan(config)
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank plans; one prints
             print(report)
         return 0

@@ -136,18 +136,3 @@ def inspect_cosmos3(root: str | Path) -> Cosmos3Info:
         raise TransferError(f"inconsistent checkpoint: text_tokenizer/ has {len(tokenizer)} tokens, transformer/ "
                             f"embeds {t.get('vocab_size', 151936)}")
     return Cosmos3Info(root, t, vae, configs["scheduler"])
-
-
-def model_info(choice):
-    """The run's checkpoint configs, either family: a Cosmos 3 folder or preset gives ``Cosmos3Info``, anything else
-    ``transfer.checkpoint.checkpoint_info``'s Transfer2.5 ``CheckpointInfo``."""
-    from configs.cosmos3 import COSMOS3_PRESETS
-    from transfer.checkpoint import checkpoint_info, resolve_checkpoint
-
-    if choice.random_weights and not choice.dir and choice.preset in COSMOS3_PRESETS:
-        return cosmos3_preset_info(choice.preset)
-    if not choice.random_weights:
-        root = resolve_checkpoint(choice)
-        if is_cosmos3(root):
-            return inspect_cosmos3(root)
-    return checkpoint_info(choice)

@@ -142,26 +142,6 @@ def layouts(worlds=(1, 2, 4, 8), heads: int = 32) -> list[Cosmos3Layout]:
     return out
 
 
-def cosmos3_plan(config) -> str:
-    """The ``--plan`` report, either family: a Cosmos 3 folder or preset here, anything else
-    ``transfer.plan.run_plan``'s."""
-    from configs.cosmos3 import COSMOS3_PRESETS
-    from transfer.checkpoint import resolve_checkpoint
-    from transfer.cosmos3_checkpoint import cosmos3_preset_info, inspect_cosmos3, is_cosmos3
-    from transfer.plan import run_plan
-
-    choice = config.checkpoint
-    if config.plan.gpu_memory_gb <= 0:
-        raise TransferError(f"--gpu_memory_gb must be positive, got {config.plan.gpu_memory_gb}")
-    if not choice.dir and choice.preset in COSMOS3_PRESETS and not COSMOS3_PRESETS[choice.preset]().embedded:
-        return cosmos3_plan_report(config, cosmos3_preset_info(choice.preset), f"preset {choice.preset}")
-    if choice.dir or choice.preset in COSMOS3_PRESETS:
-        root = resolve_checkpoint(choice)
-        if is_cosmos3(root):
-            return cosmos3_plan_report(config, inspect_cosmos3(root), str(root))
-    return run_plan(config)
-
-
 def cosmos3_plan_report(config, info: Cosmos3Info, name: str) -> str:
     from transfer.device import DTYPES
 

@@ -15,11 +15,10 @@ from loguru import logger
 
 from guardrails import check_guard_config
 from transfer.acceleration import check_acceleration
-from transfer.checkpoint import require_modalities
-from transfer.cosmos3_checkpoint import Cosmos3Info, model_info, transfer25_check
 from transfer.distributed.placement import check_vae_degree
 from transfer.config import GenerationSettings, RunConfig, RuntimeConfig
 from transfer.errors import TransferError
+from transfer.families import family_of
 from transfer.manifest import Manifest
 from transfer.outputs import RunRecord
 from transfer.prepare import ModelLimits, preflight, prepare_request
@@ -57,6 +56,13 @@ class Job:
     @property
     def runtime(self) -> RuntimeConfig:
         return self.config.runtime
+
+    @property
+    def family(self):
+        """``transfer.families.Family`` of the checkpoint."""
+        from transfer.families import family_for
+
+        return family_for(self.info)
 
     @property
     def batch(self) -> bool:
@@ -183,20 +189,12 @@ def plan_job(config: RunConfig) -> Job:
     check_output_folder(out.folder)
     bad_lines: list[dict] = []
     requests = requests_from(inputs, config.generation.chunk_conditioning, bad_lines)
-    info = model_info(config.checkpoint)
-    cosmos3 = isinstance(info, Cosmos3Info)
-    passes = config.parallel.pass_degree
-    if passes is not None and not cosmos3:
-        raise TransferError("--cfgp-size deals Cosmos 3's transformer passes: this checkpoint is Transfer2.5 (its CFG "
-                            "branches are placed by the preset, docs/parallelism.md)")
-    if cosmos3:
-        info.check_runtime(config.runtime)
-    if passes is not None and not 1 <= passes <= min(3, world):
-        raise TransferError(f"--cfgp-size {passes} must be between 1 and {min(3, world)} (at most 3 passes a step, "
-                            f"{world} process(es) started)")
+    family = family_of(config.checkpoint)
+    info = family.info(config.checkpoint)
+    family.check_run(info, config, world)
     if inputs.max_frames < 1 or inputs.max_resolution < 16:
         raise TransferError("--max_frames must be at least 1 and --max_resolution at least 16")
-    limits = replace(info.limits() if cosmos3 else ModelLimits.from_info(info), max_frames=inputs.max_frames,
+    limits = replace(family.limits(info), max_frames=inputs.max_frames,
                      max_side=inputs.max_resolution)
     settings = config.generation
     limits.check_settings(settings)
@@ -205,11 +203,7 @@ def plan_job(config: RunConfig) -> Job:
     usable, sizes = [], set()
     for request in requests:
         try:
-            if cosmos3:
-                info.check_request(request, request.settings or settings)
-            else:
-                transfer25_check(request)
-                require_modalities(info, request.controls, request.source)
+            family.check_request(info, request, request.settings or settings)
             sizes.add(preflight(request, limits))
             if request.settings is None:
                 request.settings = settings

@@ -9,12 +9,9 @@ from pathlib import Path
 from loguru import logger
 
 from transfer.config import RunConfig
-from transfer.cosmos3_checkpoint import Cosmos3Info
 from transfer.device import default_device, dtype_for, pin_cpu_threads
 from transfer.job import plan_job
 from transfer.outputs import make_gate
-from transfer.loading import load_stages
-from transfer.pipeline import TransferPipeline
 from transfer.request_loop import generate_requests
 from transfer.residency import describe
 from transfer.video_io import freeze_heap
@@ -66,12 +63,6 @@ def load_pipeline(job, modalities: list[str]):
     dtype = dtype_for(device, job.runtime.dtype)
     where = job.info.root or "random weights (--random_weights)"
     logger.info(f"checkpoint {where} on {device} ({dtype}), controls: {', '.join(modalities)}")
-    if isinstance(job.info, Cosmos3Info):
-        from transfer.cosmos3_pipeline import Cosmos3Pipeline, load_cosmos3
-
-        pipe = load_cosmos3(job.info, device, dtype)
-        freeze_heap()
-        return Cosmos3Pipeline(pipe, job.settings, job.config.output.fps)
-    stages, job.residency = load_stages(job.info, ["text", "vae", "dit"], modalities, device, dtype, job.runtime)
+    pipeline = job.family.load(job, modalities, device, dtype)
     freeze_heap()
-    return TransferPipeline(stages["text"], stages["vae"], stages["dit"], job.limits, job.settings)
+    return pipeline

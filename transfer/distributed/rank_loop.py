@@ -33,7 +33,6 @@ import guardrails
 from loguru import logger
 
 from transfer.config import RunConfig
-from transfer.cosmos3_checkpoint import Cosmos3Info
 from transfer.distributed.coordinator import CoordinatorRole
 from transfer.distributed.leaving import leave, refuse
 from transfer.distributed.dit_group import DiTRole, RequestDropped
@@ -305,15 +304,11 @@ def _run_distributed(config: RunConfig) -> None:
         logger.add(sys.stderr, level="WARNING", format=f"rank {rank} | {{level}} | {{message}}")
     try:
         job = plan_job(config)
-        if isinstance(job.info, Cosmos3Info):  # its own stage processes (transfer.distributed.cosmos3_ranks)
-            from transfer.distributed.cosmos3_ranks import layout_for, run_cosmos3
-
-            layout = layout_for(config.parallel, world, job.info.transformer["num_attention_heads"], job.latent_rows,
-                                cuda)
+        program = job.family.rank_program(job, config, world, rank, cuda)
     except TransferError as e:  # every rank validates the same inputs and fails the same way
         refuse(rank, world, f"transfer.py: error: {e}")
-    if isinstance(job.info, Cosmos3Info):
-        leave(*run_cosmos3(job, layout, rank))
+    if program is not None:  # the family's own rank program
+        leave(*program())
     try:
         choice = choose_placement(config, world, len(job.requests), job.info.transformer["num_attention_heads"],
                                   job.latent_rows, max(len(r.controls) for r in job.requests))
