@@ -49,7 +49,7 @@ class Cosmos3Info:
     def check_request(self, request, settings) -> None:
         """Refuse in one line what Cosmos 3 cannot do with a request: a control it has no hint for, a control weight
         (it has none: ``control_guidance`` scales every hint), latent chunk conditioning."""
-        where = _where(request)
+        where = request.where
         for modality, control in request.controls.items():
             if modality not in HINT_OF:
                 raise TransferError(f"{where}: control {modality!r}: Cosmos 3 has no such hint (hints: edge, blur or vis, "
@@ -74,19 +74,6 @@ class Cosmos3Info:
             if bad:
                 raise TransferError(f"{flag} is Transfer2.5's: the Cosmos 3 path does not apply it yet (leave it out; "
                                     "docs/cosmos3.md, 'Flags')")
-
-
-def _where(request) -> str:
-    return f"{request.source} ({request.name})" if request.source else request.name
-
-
-def transfer25_check(request) -> None:
-    """A Transfer2.5 checkpoint given a request with Cosmos 3's own fields or hints: one line."""
-    where = _where(request)
-    own = [*request.cosmos3, *(["wsm"] if "wsm" in request.controls else [])]
-    if own:
-        raise TransferError(f"{where}: {own[0]!r} is Cosmos 3's: this checkpoint is Transfer2.5 (give a Cosmos 3 "
-                            "checkpoint, e.g. --checkpoint_preset cosmos3-tiny)")
 
 
 def cosmos3_preset_info(name: str) -> Cosmos3Info:

@@ -78,9 +78,12 @@ class Transfer25(Family):
 
     def check_request(self, info, request, settings) -> None:
         from transfer.checkpoint import require_modalities
-        from transfer.cosmos3_checkpoint import transfer25_check
+        from transfer.errors import TransferError
 
-        transfer25_check(request)
+        own = [*request.cosmos3, *(["wsm"] if "wsm" in request.controls else [])]  # Cosmos 3's fields and hint
+        if own:
+            raise TransferError(f"{request.where}: {own[0]!r} is Cosmos 3's: this checkpoint is Transfer2.5 (give a "
+                                "Cosmos 3 checkpoint, e.g. --checkpoint_preset cosmos3-tiny)")
         require_modalities(info, request.controls, request.source)
 
     def load(self, job, modalities: list[str], device, dtype):

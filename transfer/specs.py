@@ -118,6 +118,11 @@ class Request:
     cosmos3: dict = field(default_factory=dict)
     """Cosmos 3's own fields the spec gives (``COSMOS3_FIELDS``, checked by ``cosmos3_fields``)."""
 
+    @property
+    def where(self) -> str:
+        """The request in an error message: ``source (name)``, or its name."""
+        return f"{self.source} ({self.name})" if self.source else self.name
+
     def scales(self) -> dict[str, float]:
         """Scalar control weights divided by max(sum, 1), as cosmos-transfer1 does."""
         total = sum(c.weight for c in self.controls.values())
