@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import example_frames, failure, ROOT
-from transfer.distributed.placement import Placement, preset
+from transfer.distributed.placement import Placement
+from transfer.planning.chooser import preset
 from transfer.errors import TransferError
 from transfer.video_io import read_video, write_mp4
 
@@ -245,7 +246,8 @@ def test_bad_request_found_by_the_coordinator_is_recorded_and_the_rest_runs(tiny
 
 
 def test_placement_presets_and_validation():
-    from transfer.distributed.placement import DiTGroup, choose_preset, heads_split
+    from transfer.distributed.placement import DiTGroup, heads_split
+    from transfer.planning.chooser import choose_preset
 
     # one video (Transfer2.5-2B: 16 heads, guidance 3): one DiT group over every rank, stages beside shards; on GPUs
     # the group's ranks also form the VAE group (led by the DiT leader), on CPU the VAE keeps one rank unless asked

@@ -9,7 +9,8 @@ import torch
 from configs.models import preset as checkpoint_preset
 from tests.conftest import run_cli
 from transfer.checkpoint import info_from_preset, inspect_checkpoint, load_dit, load_stage, load_text_encoder, load_vae
-from transfer.distributed.placement import Placement, preset
+from transfer.distributed.placement import Placement
+from transfer.planning.chooser import preset
 from transfer.memory import CALLS, ChunkSize, call_inputs, estimate_calls, measured_peak
 from transfer.plan import component_bytes, plan_ranks
 

@@ -218,8 +218,8 @@ def run_plan(config) -> str:
     weights, no inputs read)."""
     from configs.models import preset
     from transfer.checkpoint import info_from_preset, inspect_checkpoint, require_modalities
-    from transfer.distributed.placement import preset as placement_preset
-    from transfer.distributed.rank_loop import SHARE_STAGES_GB, choose_placement
+    from transfer.planning.chooser import SHARE_STAGES_GB, choose_placement
+    from transfer.planning.chooser import preset as placement_preset
     from transfer.errors import TransferError
     from transfer.checkpoint import resolve_checkpoint
     from transfer.device import DTYPES

@@ -40,7 +40,8 @@ from transfer.distributed.encoders import PreprocessRole, TextRole, VAERole
 from transfer.distributed.role import Role
 from transfer.distributed import sequence_parallel, vae_split
 from transfer.distributed.protocol import PROTOCOL, survives_drop
-from transfer.distributed.placement import Placement, PresetChoice, check_vae_degree, choose_preset, from_file
+from transfer.distributed.placement import Placement
+from transfer.planning.chooser import choose_placement
 from transfer.distributed.trace import Tracer, stage_table, write_chrome_trace
 from transfer.distributed.transport import Message, PeerFailure, TorchTransport, Transport, direction_groups
 from transfer.errors import (STOPPED_CLEANLY, Terminated, TransferError, check_stop, raise_on_stop_signals,
@@ -54,9 +55,6 @@ from transfer.video_io import freeze_heap
 #: Gloo's timeout for one blocking operation. Stages legitimately wait minutes for the DiT;
 #: failures are detected by broken connections and abort messages, not by this.
 GROUP_TIMEOUT = datetime.timedelta(hours=6)
-#: GPUs at least this large (GB) may hold the text encoder or the VAE beside a DiT shard in the presets (Transfer2.5-2B
-#: with Reason1-7B: 16.6 GB of text encoder + 9.5 GB of DiT and ControlNets + activations, ``--plan``).
-SHARE_STAGES_GB = 64
 
 
 class RankLoop:
@@ -231,34 +229,6 @@ class RankLoop:
         self.transport.flush(60)
         self.residency.close()
         self.running = False
-
-
-def choose_placement(config: RunConfig, world_size: int, requests: int = 1, heads: int = 16,
-                     latent_rows: int | None = None, controls: int = 1) -> PresetChoice:
-    """``--placement``, else the preset for this run: request count, guidance, the DiT's heads,
-    ``--context_parallel_size``, ``--vae_parallel_degree`` (at most ``latent_rows``), the chunk conditioning, the
-    controls per request and the ranks per node (LOCAL_WORLD_SIZE). On CPU the preset splits no sequence and no VAE
-    call unless asked (its outputs then equal one process's bit for bit); ``--plan`` plans for GPUs."""
-    parallel, plan = config.parallel, config.plan
-    if parallel.placement_file:
-        if parallel.vae_degree is not None:
-            raise TransferError("--vae_parallel_degree and --placement: say the VAE group in the placement file "
-                                '("vae": [ranks])')
-        placement = from_file(parallel.placement_file, world_size)
-        placement.check_runnable()
-        check_vae_degree(len(placement.vae.ranks), latent_rows, what=f"placement: a VAE group of "
-                         f"{len(placement.vae.ranks)} ranks")
-        return PresetChoice(placement, f"--placement {parallel.placement_file}")
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    if plan is not None:
-        share = plan.gpu_memory_gb >= SHARE_STAGES_GB
-    else:
-        share = not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory / 1e9 >= SHARE_STAGES_GB
-    return choose_preset(world_size, requests=requests, guidance=config.generation.guidance, heads=heads,
-                         sp=parallel.sp_degree, per_node=per_node, share_stages=share,
-                         split_sequence=plan is not None or torch.cuda.is_available(), vae_degree=parallel.vae_degree,
-                         latent_rows=latent_rows, roundtrip=config.generation.chunk_conditioning == "roundtrip",
-                         controls=controls)
 
 
 def make_transport(rank: int, world: int, cuda: bool, placement: Placement) -> Transport:
