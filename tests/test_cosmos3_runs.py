@@ -123,7 +123,8 @@ def test_pass_deal_and_layouts(tmp_path):
     for data, match in (({"vae": 1}, "vae must be rank 0 or a VAE group led by rank 0"),
                         ({"vae": [1, 0]}, "led by rank 0"), ({"dit_groups": [[1], [2]]}, "one DiT group"),
                         ({"dit_groups": [{"ranks": [1, 2], "cfg": 2}]}, "rank 3 has no stage"),
-                        ({"dit_groups": [{"ranks": [1, 2, 3, 0], "cfg": 4}]}, "cfg \\(1 to 3 pass branches\\)")):
+                        ({"dit_groups": [{"ranks": [1, 2, 3, 0], "cfg": 4}]}, "cfg \\(1 to 3 pass branches\\)"),
+                        ({"preprocess": 1}, "\\(Cosmos 3\\): unknown key 'preprocess' \\(coordinator, text, vae")):
         path = tmp_path / "placement.json"
         path.write_text(json.dumps(data))
         with pytest.raises(TransferError, match=match):

@@ -38,7 +38,7 @@ from transfer.cosmos3_stages import (DECODE_BLOCKS, DIT_BLOCKS, DIT_TO_VAE, ENCO
 from transfer.device import default_device, dtype_for
 from transfer.distributed import sequence_parallel, vae_split
 from transfer.distributed.cosmos3_parallel import check_processors, enable_ulysses, install_pass_split
-from transfer.distributed.placement import check_vae_degree
+from transfer.distributed.placement import check_vae_degree, read_placement_file
 from transfer.errors import TransferError, check_stop
 from transfer.outputs import make_gate
 from transfer.request_loop import generate_requests
@@ -109,17 +109,8 @@ def cosmos3_layout_file(path, world: int) -> Cosmos3Layout:
     "dit_groups": [{"ranks": [1, 2, 3, 4], "cfg": 2, "sp": 2}]}``; ``cfg`` counts the pass branches (1-3, also
     ``cfgp``), ``sp`` the ranks per pass (also ``cp``). The coordinator, tokenizer (``text``) and VAE are rank 0; one DiT
     group, which may include rank 0; every rank takes part."""
-    import json
-    from pathlib import Path
-
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise TransferError(f"cannot read placement file {path}: {e}") from None
     where = f"placement file {path} (Cosmos 3)"
-    unknown = sorted(set(data) - {"coordinator", "text", "vae", "dit_groups"}) if isinstance(data, dict) else ["?"]
-    if unknown:
-        raise TransferError(f"{where}: unknown key {unknown[0]!r} (coordinator, text, vae, dit_groups)")
+    data = read_placement_file(path, ("coordinator", "text", "vae", "dit_groups"), where)
     for key in ("coordinator", "text"):
         if data.get(key, 0) not in (0, [0]):
             raise TransferError(f"{where}: {key} must be rank 0 (rank 0 holds the coordinator, the tokenizer and the VAE)")

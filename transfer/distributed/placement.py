@@ -238,17 +238,23 @@ def check_vae_degree(degree: int | None, latent_rows: int | None = None, world: 
                             "needs one)")
 
 
-def from_file(path: str | Path, world_size: int) -> Placement:
-    """A placement from JSON: ``{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}``, optionally
-    ``"preprocess": RANK``; a DiT group is ``[r]``, ``[a, b]`` (CFG pair) or ``{"ranks": [...], "cfg": 1|2, "sp": N}``;
-    ``text`` and ``vae`` a rank or a list of ranks (a stage group)."""
+def read_placement_file(path: str | Path, keys: tuple[str, ...], where: str | None = None) -> dict:
+    """A ``--placement`` file's JSON object, with none but ``keys`` (both families' parsers read it here)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise TransferError(f"cannot read placement file {path}: {e}") from None
-    unknown = set(data) - {"coordinator", "text", "vae", "dit_groups", "preprocess"}
+    unknown = sorted(set(data) - set(keys)) if isinstance(data, dict) else ["?"]
     if unknown:
-        raise TransferError(f"placement file {path}: unknown key {sorted(unknown)[0]!r}")
+        raise TransferError(f"{where or f'placement file {path}'}: unknown key {unknown[0]!r} ({', '.join(keys)})")
+    return data
+
+
+def from_file(path: str | Path, world_size: int) -> Placement:
+    """A placement from JSON: ``{"coordinator": 0, "text": 1, "vae": 2, "dit_groups": [[3]]}``, optionally
+    ``"preprocess": RANK``; a DiT group is ``[r]``, ``[a, b]`` (CFG pair) or ``{"ranks": [...], "cfg": 1|2, "sp": N}``;
+    ``text`` and ``vae`` a rank or a list of ranks (a stage group)."""
+    data = read_placement_file(path, ("coordinator", "text", "vae", "dit_groups", "preprocess"))
     groups = tuple(DiTGroup.parse(g) for g in data.get("dit_groups", [[0]]))
     return Placement(world_size, data.get("coordinator", 0), StageGroup.parse(data.get("text", 0)),
                      StageGroup.parse(data.get("vae", 0)), groups, data.get("preprocess"))
