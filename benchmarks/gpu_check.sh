@@ -13,7 +13,8 @@
 #   3. smoke: the main command (demo checkpoint, face pixelation on) and the tiny Transfer2.5 example on this GPU;
 #   4. tests/test_cuda.py (bf16 vs fp32, CUDA vs CPU, NCCL stage processes with >= 2 GPUs);
 #   5. --plan for the 2B preset;
-#   6. Cosmos 3: benchmarks/real_size.py --preset cosmos3-nano at 720p 121 frames (VAE calls and each transformer pass,
+#   6. Cosmos 3: benchmarks/cosmos3_step.py (one Nano 720p denoise step, ours vs diffusers' own transformer side by
+#      side), benchmarks/real_size.py --preset cosmos3-nano at 720p 121 frames (VAE calls and each transformer pass,
 #      random weights, beside --plan), the tiny Cosmos 3 example on this GPU, and with >= 2 GPUs under torchrun;
 #   7. the VAE split over ranks (benchmarks/vae_split.py): with >= 2 GPUs, one chunk's encode and decode at degree 1
 #      and every degree the GPUs allow, both VAE forms (degree 1 alone is section 2's).
@@ -79,6 +80,8 @@ for w in 1 ${WORLDS//,/ }; do
 done
 section "6. Cosmos 3 (docs/cosmos3.md)"
 if [ -z "${QUICK:-}" ]; then
+  # one denoise step of Nano at 720p, two hints: this fork's transformer vs diffusers' own, same weights, same GPU
+  run "${COSMOS3_STEP_LIMIT:-240}" $PY benchmarks/cosmos3_step.py --height 720 --width 1280 --frames 121 2>&1 | quiet
   run "${COSMOS3_LIMIT:-180}" $PY benchmarks/real_size.py --preset cosmos3-nano --height 720 --width 1280 --frames 121 \
     --steps 1 --placements "" 2>&1 | quiet
 fi

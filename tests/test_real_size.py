@@ -53,6 +53,20 @@ def test_real_size_small_for_cosmos3():
     assert "FAILED" not in out
 
 
+def test_cosmos3_step_small_times_both_transformers_on_the_same_weights():
+    """``benchmarks/cosmos3_step.py --small`` (gpu_check.sh section 6's Nano step, on cosmos3-tiny): every pass of one
+    step timed for diffusers' transformer and ours, and the outputs equal (the same attention, another kernel)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cosmos3_step.py"), "--small"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for name in ("cond", "cond_no_control", "uncond"):
+        row = re.search(rf"^\| {name} \| ([\d.]+) \| ([\d.]+) \| [\d.]+x \| ([\d.e+-]+) \|$", proc.stdout, re.M)
+        assert row and float(row.group(1)) > 0 and float(row.group(2)) > 0, name
+        assert float(row.group(3)) < 1e-5, name
+    assert re.search(r"^\| \*\*step\*\* \| \*\*[\d.]+\*\* \| \*\*[\d.]+\*\* \| \*\*[\d.]+x\*\* \| \|$",
+                     proc.stdout, re.M)
+
+
 def test_dit_step_small_prints_every_table():
     """``benchmarks/dit_step.py --small``: the per-backend table (native, and _native_math against it), the counted
     FLOPs, the CFG steps with their peak memory, the taylorseer projections."""
