@@ -2,7 +2,7 @@
 random weights, one process, beside ``--plan``'s estimate, and the projected wall time of a video.
 
 Calls: the VAE encoding one hint chunk, its decode of a chunk, and one transformer pass of each kind (cond, cond
-without hints, uncond) with the inputs diffusers' blocks pack for the chunk (``transfer.cosmos3_plan.pass_inputs``).
+without hints, uncond) with the inputs diffusers' blocks pack for the chunk (``transfer.families.cosmos3.plan.pass_inputs``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import time
 import torch
 
 from benchmarks.call_costs import add_totals, timed
-from transfer.cosmos3_checkpoint import cosmos3_preset_info
-from transfer.cosmos3_pipeline import load_cosmos3
-from transfer.cosmos3_plan import estimate, pass_inputs
+from transfer.families.cosmos3.checkpoint import cosmos3_preset_info
+from transfer.families.cosmos3.pipeline import load_cosmos3
+from transfer.families.cosmos3.plan import estimate, pass_inputs
 from transfer.memory import measured_peak
 
 HINTS = ("edge", "depth")

@@ -6,11 +6,11 @@ device, random weights (no download).
 
 A step is the transformer passes diffusers' ``Cosmos3TransferLoopDenoiser`` runs for it (cond, cond without hints,
 uncond: guidance 3, control guidance 1.5), each with the inputs diffusers' blocks pack for the chunk
-(``transfer.cosmos3_plan.pass_inputs``). The same weights run twice:
+(``transfer.families.cosmos3.plan.pass_inputs``). The same weights run twice:
 
 * ``diffusers``: the transformer as diffusers' loader leaves it (``Cosmos3AttnProcessor``: grouped-query attention);
 * ``ours``: with the expanded-KV processor this fork gives every Cosmos 3 transformer on CUDA
-  (``transfer.cosmos3_attention.expand_kv_heads``: the KV heads repeated, the understanding stream's causal mask
+  (``transfer.families.cosmos3.attention.expand_kv_heads``: the KV heads repeated, the understanding stream's causal mask
   explicit, so that torch picks a flash / cuDNN kernel at ~86k tokens instead of the math fallback).
 
 Prints each pass's seconds for both, the step's total, the ratio, and the largest difference between the two
@@ -45,10 +45,10 @@ def main() -> int:
         args.preset, args.height, args.width, args.frames = "cosmos3-tiny", 64, 64, 9
     from diffusers.modular_pipelines.cosmos.denoise import Cosmos3TransferLoopDenoiser
 
-    from transfer.cosmos3_attention import expand_kv_heads
-    from transfer.cosmos3_checkpoint import cosmos3_preset_info
-    from transfer.cosmos3_pipeline import load_cosmos3
-    from transfer.cosmos3_plan import pass_inputs
+    from transfer.families.cosmos3.attention import expand_kv_heads
+    from transfer.families.cosmos3.checkpoint import cosmos3_preset_info
+    from transfer.families.cosmos3.pipeline import load_cosmos3
+    from transfer.families.cosmos3.plan import pass_inputs
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -56,7 +56,7 @@ def main() -> int:
     if device.type == "cuda":  # load_cosmos3 expanded the heads on CUDA: put diffusers' own processor back first
         from diffusers.models.transformers.transformer_cosmos3 import Cosmos3AttnProcessor
 
-        from transfer.cosmos3_attention import ExpandedCosmos3Processor
+        from transfer.families.cosmos3.attention import ExpandedCosmos3Processor
 
         for module in pipe.transformer.modules():
             if isinstance(getattr(module, "processor", None), ExpandedCosmos3Processor):

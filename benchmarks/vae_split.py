@@ -36,8 +36,8 @@ def build_vae(name: str, device: torch.device, dtype: torch.dtype):
     from transfer.checkpoint import info_from_preset, load_vae
 
     if name in COSMOS3_PRESETS:
-        from transfer.cosmos3_checkpoint import cosmos3_preset_info
-        from transfer.cosmos3_pipeline import load_cosmos3
+        from transfer.families.cosmos3.checkpoint import cosmos3_preset_info
+        from transfer.families.cosmos3.pipeline import load_cosmos3
 
         return load_cosmos3(cosmos3_preset_info(name), device, dtype, ("vae",)).vae
     return load_vae(info_from_preset(preset(name)), device, dtype).vae

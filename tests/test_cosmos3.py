@@ -52,12 +52,12 @@ def test_diffusers_transfer_runs_on_the_embedded_tiny_folder(cache_dir):
 
 
 def test_stages_on_separate_states_equal_the_pipeline(cache_dir):
-    """The stage boundaries (``transfer.cosmos3_stages``) are complete: text, VAE and DiT each on its own state, only
+    """The stage boundaries (``transfer.families.cosmos3.stages``) are complete: text, VAE and DiT each on its own state, only
     the listed fields passed, give diffusers' pipeline's video bit for bit (two hints, two chunks, CFG, control
     guidance and a guidance interval)."""
     from PIL import Image
 
-    from transfer.cosmos3_stages import run_staged
+    from transfer.families.cosmos3.stages import run_staged
     from transfer.embedded_checkpoint import ensure_tiny_checkpoint
     from transfer.reference import cosmos3_reference_pipeline
 
@@ -98,7 +98,7 @@ def test_cosmos3_folder_is_recognised_and_checked(cache_dir, tmp_path):
 
     import pytest
 
-    from transfer.cosmos3_checkpoint import inspect_cosmos3, is_cosmos3
+    from transfer.families.cosmos3.checkpoint import inspect_cosmos3, is_cosmos3
     from transfer.embedded_checkpoint import ensure_tiny_checkpoint
     from transfer.errors import TransferError
 

@@ -50,7 +50,7 @@ def test_single_process_equals_diffusers_modular_pipeline(spec, tmp_path):
     """transfer.py's one-process path (``Cosmos3Pipeline``: the request prepared as for Transfer2.5, diffusers' blocks
     run stage by stage) gives diffusers' ``Cosmos3OmniModularPipeline`` output bit for bit on the same inputs."""
     from transfer.cli import parse_config
-    from transfer.cosmos3_pipeline import Cosmos3Pipeline, load_cosmos3, pipeline_inputs, to_frames
+    from transfer.families.cosmos3.pipeline import Cosmos3Pipeline, load_cosmos3, pipeline_inputs, to_frames
     from transfer.job import plan_job
 
     torch.set_num_threads(1)
@@ -94,8 +94,8 @@ def test_stage_processes_equal_one_process(spec, tmp_path):
 
 
 def test_pass_deal_and_layouts(tmp_path):
-    from transfer.distributed.cosmos3_parallel import deal_passes
-    from transfer.distributed.cosmos3_ranks import cosmos3_layout, cosmos3_layout_file
+    from transfer.families.cosmos3.parallel import deal_passes
+    from transfer.families.cosmos3.ranks import cosmos3_layout, cosmos3_layout_file
 
     passes = [("cond", 300), ("cond_no_control", 100), ("uncond", 290)]
     assert deal_passes(passes, 2) == {"cond": 0, "uncond": 1, "cond_no_control": 1}
@@ -138,7 +138,7 @@ def test_pass_deal_and_layouts(tmp_path):
 def test_stock_processor_is_refused_under_sequence_parallel(cache_dir):
     from diffusers import Cosmos3OmniTransformer
 
-    from transfer.distributed.cosmos3_parallel import check_processors
+    from transfer.families.cosmos3.parallel import check_processors
     from transfer.embedded_checkpoint import ensure_tiny_checkpoint
 
     transformer = Cosmos3OmniTransformer.from_pretrained(ensure_tiny_checkpoint("cosmos3-tiny") / "transformer")
@@ -213,9 +213,9 @@ def test_expanded_kv_processor_equals_the_stock_one(cache_dir):
     fallback) gives the stock processor's chunk latents within float rounding, two hints and all three passes."""
     from PIL import Image
 
-    from transfer.cosmos3_attention import ExpandedCosmos3Processor, expand_kv_heads
-    from transfer.cosmos3_pipeline import load_cosmos3_pipeline
-    from transfer.cosmos3_stages import run_staged
+    from transfer.families.cosmos3.attention import ExpandedCosmos3Processor, expand_kv_heads
+    from transfer.families.cosmos3.pipeline import load_cosmos3_pipeline
+    from transfer.families.cosmos3.stages import run_staged
     from transfer.embedded_checkpoint import ensure_tiny_checkpoint
 
     torch.set_num_threads(1)

@@ -40,7 +40,7 @@ COMPONENT_CLASSES = {
     "scheduler": "UniPCMultistepScheduler",
 }
 CONTROLNET_CLASS = "CosmosControlNetModel"
-#: A Cosmos 3 folder's transformer (``transfer.cosmos3_checkpoint`` reads those folders).
+#: A Cosmos 3 folder's transformer (``transfer.families.cosmos3.checkpoint`` reads those folders).
 COSMOS3_TRANSFORMER = "Cosmos3OmniTransformer"
 
 

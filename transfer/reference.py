@@ -83,9 +83,9 @@ def reference_pipeline(ckpt: Path, modality: str, device: str = "cpu", dtype=tor
 
 def cosmos3_reference_pipeline(ckpt: Path, device: str = "cpu", dtype=torch.float32):
     """diffusers' ``Cosmos3OmniModularPipeline`` from a Cosmos 3 folder, with diffusers' and transformers' own loaders
-    (``transfer.cosmos3_pipeline.load_cosmos3_pipeline``: the product loads it the same way, then runs its blocks
+    (``transfer.families.cosmos3.pipeline.load_cosmos3_pipeline``: the product loads it the same way, then runs its blocks
     stage by stage)."""
-    from transfer.cosmos3_pipeline import load_cosmos3_pipeline
+    from transfer.families.cosmos3.pipeline import load_cosmos3_pipeline
 
     return load_cosmos3_pipeline(ckpt, device, dtype)
 

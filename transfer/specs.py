@@ -38,7 +38,7 @@ T25_ONLY = ("prompt_path", "video_path", "guidance", "num_steps", "num_video_fra
             "context_frame_index", "image_context_path")
 T25_CONTROL_ONLY = ("control_path", "mask_path", "mask_prompt", *SPEC_EXTRAS)
 
-#: Cosmos 3's own request fields (checked by ``transfer.cosmos3_checkpoint``), in either spec format; refused with a Transfer2.5
+#: Cosmos 3's own request fields (checked by ``transfer.families.cosmos3.checkpoint``), in either spec format; refused with a Transfer2.5
 #: checkpoint. ``control_guidance``: the hints' guidance scale (1: off); the intervals: ``[low, high]`` timesteps
 #: (0-1000) where text / control guidance applies.
 COSMOS3_FIELDS = ("control_guidance", "guidance_interval", "control_guidance_interval")

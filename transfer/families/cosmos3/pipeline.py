@@ -1,5 +1,5 @@
 """Cosmos 3 transfer in one process: a prepared request (``transfer.prepare``) through diffusers'
-``Cosmos3OmniModularPipeline``, run stage by stage (``transfer.cosmos3_stages.run_staged``: the same blocks, the same
+``Cosmos3OmniModularPipeline``, run stage by stage (``transfer.families.cosmos3.stages.run_staged``: the same blocks, the same
 boundaries the stage processes use), into the project's ``GenerationResult``.
 
 What the request gives the model (``pipeline_inputs``) is written once, for this process, the stage processes and the
@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from transfer.chunks import GenerationResult
 from transfer.config import GenerationSettings
-from transfer.cosmos3_attention import expand_kv_heads
-from transfer.cosmos3_checkpoint import HINT_OF, Cosmos3Info
+from transfer.families.cosmos3.attention import expand_kv_heads
+from transfer.families.cosmos3.checkpoint import HINT_OF, Cosmos3Info
 from transfer.device import default_dtype
 from transfer.errors import check_stop
 from transfer.prepare import PreparedRequest, resize_frames
@@ -29,7 +29,7 @@ def load_cosmos3_pipeline(root: Path, device="cpu", dtype=torch.float32):
     """diffusers' ``Cosmos3OmniModularPipeline`` (transfer when given ``control_videos``) built from a Cosmos 3 folder
     (``configs.cosmos3``'s layout) with diffusers' and transformers' own loaders; its safety checker off (this fork
     guards with ``--guardrail``)."""
-    from transfer.cosmos3_checkpoint import inspect_cosmos3
+    from transfer.families.cosmos3.checkpoint import inspect_cosmos3
 
     return load_cosmos3(inspect_cosmos3(root), device, dtype)
 
@@ -43,7 +43,7 @@ def load_cosmos3(info: Cosmos3Info, device="cpu", dtype=torch.float32, parts=PAR
     weights from the preset's configs built on ``device`` in ``dtype`` (``--random_weights``: real-size time and
     memory without a download; the tokenizer is then the embedded preset's, Qwen's is not here). A stage without the
     transformer gets it on the meta device (no memory: the blocks it runs read its dtype and config); without the
-    VAE, none. On CUDA the transformer attends with expanded KV heads (``transfer.cosmos3_attention``)."""
+    VAE, none. On CUDA the transformer attends with expanded KV heads (``transfer.families.cosmos3.attention``)."""
     from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer, UniPCMultistepScheduler
 
     from transfer.embedded_checkpoint import ensure_tiny_checkpoint
@@ -141,7 +141,7 @@ class Cosmos3Pipeline:
 
     @torch.no_grad()
     def generate(self, prepared: PreparedRequest, progress: bool = True) -> GenerationResult:
-        from transfer.cosmos3_stages import run_staged
+        from transfer.families.cosmos3.stages import run_staged
 
         inputs = pipeline_inputs(prepared, prepared.request.settings or self.settings, self.fps)
         with per_pass(self.pipe.transformer, prepared.request.name, progress):

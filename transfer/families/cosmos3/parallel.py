@@ -12,7 +12,7 @@ its branch to the group, and lets diffusers' block combine them (its velocity fo
 
 **Sequence.** ``enable_ulysses`` splits every forward over a branch's ranks: the understanding and generation streams
 and the rotary tables are split at the decoder layers (diffusers' hooks, a hand plan: the model has none), each layer
-attends with ``transfer.cosmos3_attention.ExpandedCosmos3Processor`` (KV heads expanded for the all-to-all, the
+attends with ``transfer.families.cosmos3.attention.ExpandedCosmos3Processor`` (KV heads expanded for the all-to-all, the
 understanding stream's causal mask built explicitly over the gathered length, ragged shards through diffusers'
 ``ulysses_anything``), and the
 streams are gathered after the final norms through the model's ``_cp_gather_fn`` seam (padded: gloo's all-gather
@@ -29,7 +29,7 @@ from diffusers.models.transformers.transformer_cosmos3 import Cosmos3AttnProcess
 from diffusers.modular_pipelines.cosmos.denoise import Cosmos3TransferLoopDenoiser
 from diffusers.utils import logging as diffusers_logging
 
-from transfer.cosmos3_attention import ExpandedCosmos3Processor, expand_kv_heads
+from transfer.families.cosmos3.attention import ExpandedCosmos3Processor, expand_kv_heads
 from transfer.distributed.sequence_parallel import Branch, _one_accelerator, padded_gather
 from transfer.errors import TransferError
 
@@ -56,7 +56,7 @@ def check_processors(transformer, sp: int) -> None:
             raise TransferError(
                 f"sequence parallel (sp {sp}): transformer.{name} uses {type(proc).__name__}, which attends within "
                 "one shard under the context-parallel hooks and would give a wrong video; its processor must be "
-                "transfer.cosmos3_attention.ExpandedCosmos3Processor, set before enable_parallelism")
+                "transfer.families.cosmos3.attention.ExpandedCosmos3Processor, set before enable_parallelism")
 
 
 def enable_ulysses(transformer, branch: Branch) -> None:

@@ -1,4 +1,4 @@
-"""``--plan`` for Cosmos 3: each rank's peak memory for a layout (``cosmos3_ranks.cosmos3_layout``) at a chunk size,
+"""``--plan`` for Cosmos 3: each rank's peak memory for a layout (``transfer.families.cosmos3.ranks.cosmos3_layout``) at a chunk size,
 from configs alone, in seconds.
 
 Weights: the transformer and the VAE built under ``FakeTensorMode`` (shapes, no storage), counted at the plan dtype.
@@ -16,8 +16,8 @@ import types
 
 import torch
 
-from transfer.cosmos3_checkpoint import Cosmos3Info
-from transfer.distributed.cosmos3_ranks import Cosmos3Layout, cosmos3_layout
+from transfer.families.cosmos3.checkpoint import Cosmos3Info
+from transfer.families.cosmos3.ranks import Cosmos3Layout, cosmos3_layout
 from transfer.errors import TransferError
 from transfer.device import default_dtype
 from transfer.plan import GB, _bytes, _init_kwargs, band_height, gathered_bytes, vae_calls_at, vae_degree_lines
@@ -37,8 +37,8 @@ def pass_inputs(hints, frames: int, height: int, width: int, guidance: float, co
                 dtype: torch.dtype) -> dict[str, tuple]:
     """``{pass: (static, vision_tokens, vision_timesteps, kwargs)}`` of one step of a chunk, as diffusers' blocks
     pack them for the transformer (recorded, not run)."""
-    from transfer.cosmos3_pipeline import load_cosmos3_pipeline
-    from transfer.cosmos3_stages import DIT_BLOCKS, execution_blocks, initial_state, run_blocks
+    from transfer.families.cosmos3.pipeline import load_cosmos3_pipeline
+    from transfer.families.cosmos3.stages import DIT_BLOCKS, execution_blocks, initial_state, run_blocks
     from transfer.embedded_checkpoint import ensure_tiny_checkpoint
 
     pipe = load_cosmos3_pipeline(ensure_tiny_checkpoint("cosmos3-tiny"), dtype=dtype)

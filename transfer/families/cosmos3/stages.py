@@ -9,7 +9,7 @@ fields that cross it (what a stage process will send).
     vae   per chunk: decode; the coordinator stitches the chunks
 
 ``run_staged`` (one process) runs each stage on its own state with only these fields passed, packed as a message
-carries them, and equals the pipeline; the stage processes (``transfer.distributed.cosmos3_ranks``) send the same
+carries them, and equals the pipeline; the stage processes (``transfer.families.cosmos3.ranks``) send the same
 fields between ranks.
 """
 

@@ -103,7 +103,7 @@ class Cosmos3(Family):
     def owns(self, choice) -> bool:
         from configs.cosmos3 import COSMOS3_PRESETS
         from transfer.checkpoint import resolve_checkpoint
-        from transfer.cosmos3_checkpoint import is_cosmos3
+        from transfer.families.cosmos3.checkpoint import is_cosmos3
 
         if choice.dir:
             return is_cosmos3(resolve_checkpoint(choice))
@@ -111,7 +111,7 @@ class Cosmos3(Family):
 
     def info(self, choice):
         from transfer.checkpoint import checkpoint_info, resolve_checkpoint
-        from transfer.cosmos3_checkpoint import cosmos3_preset_info, inspect_cosmos3
+        from transfer.families.cosmos3.checkpoint import cosmos3_preset_info, inspect_cosmos3
 
         if choice.random_weights:
             if choice.dir:
@@ -135,12 +135,12 @@ class Cosmos3(Family):
         info.check_request(request, settings)
 
     def load(self, job, modalities: list[str], device, dtype):
-        from transfer.cosmos3_pipeline import Cosmos3Pipeline, load_cosmos3
+        from transfer.families.cosmos3.pipeline import Cosmos3Pipeline, load_cosmos3
 
         return Cosmos3Pipeline(load_cosmos3(job.info, device, dtype), job.settings, job.config.output.fps)
 
     def rank_program(self, job, config, world: int, rank: int, cuda: bool):
-        from transfer.distributed.cosmos3_ranks import layout_for, run_cosmos3
+        from transfer.families.cosmos3.ranks import layout_for, run_cosmos3
 
         layout = layout_for(config.parallel, world, job.info.transformer["num_attention_heads"], job.latent_rows, cuda)
         return lambda: run_cosmos3(job, layout, rank)  # lockstep ranks (not yet the RankLoop's roles)
@@ -148,8 +148,8 @@ class Cosmos3(Family):
     def plan(self, config) -> str:
         from configs.cosmos3 import COSMOS3_PRESETS
         from transfer.checkpoint import resolve_checkpoint
-        from transfer.cosmos3_checkpoint import cosmos3_preset_info, inspect_cosmos3
-        from transfer.cosmos3_plan import cosmos3_plan_report
+        from transfer.families.cosmos3.checkpoint import cosmos3_preset_info, inspect_cosmos3
+        from transfer.families.cosmos3.plan import cosmos3_plan_report
 
         choice = config.checkpoint
         if not choice.dir and not COSMOS3_PRESETS[choice.preset]().embedded:  # a real size: configs only
@@ -179,6 +179,6 @@ def plan(config) -> str:
 
 def family_for(info) -> Family:
     """The family of checkpoint configs already read (``Family.info``'s result)."""
-    from transfer.cosmos3_checkpoint import Cosmos3Info
+    from transfer.families.cosmos3.checkpoint import Cosmos3Info
 
     return COSMOS3 if isinstance(info, Cosmos3Info) else TRANSFER25

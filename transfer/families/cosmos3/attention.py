@@ -3,8 +3,8 @@
 * **A long sequence on a GPU.** diffusers' ``Cosmos3AttnProcessor`` calls SDPA with ``enable_gqa=True`` (8 KV heads
   for 32 query heads in Nano); at the ~86k tokens of a 720p two-hint pass that falls to the math kernel (diffusers'
   Cosmos 3 docs), a sequence-squared score matrix. With the KV heads repeated to the query heads, flash / cuDNN /
-  memory-efficient kernels run. ``transfer.cosmos3_pipeline.load_cosmos3`` installs this processor on CUDA.
-* **A sequence split over ranks** (``transfer.distributed.cosmos3_parallel``): diffusers' context-parallel dispatch
+  memory-efficient kernels run. ``transfer.families.cosmos3.pipeline.load_cosmos3`` installs this processor on CUDA.
+* **A sequence split over ranks** (``transfer.families.cosmos3.parallel``): diffusers' context-parallel dispatch
   takes neither GQA nor ``is_causal``; here the heads are expanded and the understanding stream's causal mask is built
   explicitly over its gathered length; the generation stream attends to both streams without a mask (the order of
   keys across shards does not matter to it).

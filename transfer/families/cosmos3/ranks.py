@@ -1,8 +1,8 @@
 """Cosmos 3 transfer over stage processes (issue 33): the coordinator with the tokenizer and the VAE, and one DiT
 group whose ranks deal each step's passes among ``--cfgp-size`` branches and split each pass over ``--cp-size``
-ranks (``transfer.distributed.cosmos3_parallel``).
+ranks (``transfer.families.cosmos3.parallel``).
 
-Every rank runs the blocks of its stage from diffusers' modular pipeline (``transfer.cosmos3_stages``: the same
+Every rank runs the blocks of its stage from diffusers' modular pipeline (``transfer.families.cosmos3.stages``: the same
 lists and boundaries as the single process's ``run_staged``), in lockstep, request after request::
 
     rank 0 (coordinator, tokenizer, VAE)      DiT group (every rank of it)
@@ -12,7 +12,7 @@ lists and boundaries as the single process's ``run_staged``), in lockstep, reque
                decode                    <--- latents (from the group's first rank)
     stitch, guard, write
 
-Fields cross as ``cosmos3_stages.pack_fields`` packs them (structure as JSON-able meta, tensors by path), over the
+Fields cross as ``stages.pack_fields`` packs them (structure as JSON-able meta, tensors by path), over the
 world group (gloo; CPU copies). The DiT group is ranks 1.. (``cfgp x cp = WORLD_SIZE - 1``), or every rank with rank 0
 sharing its GPU (``cfgp x cp = WORLD_SIZE``).
 
@@ -30,14 +30,14 @@ import torch
 import torch.distributed as dist
 from loguru import logger
 
-from transfer.cosmos3_pipeline import finish, load_cosmos3, per_pass, pipeline_inputs
-from transfer.cosmos3_stages import (DECODE_BLOCKS, DIT_BLOCKS, DIT_TO_VAE, ENCODE_BLOCKS, STITCH_BLOCKS,
+from transfer.families.cosmos3.pipeline import finish, load_cosmos3, per_pass, pipeline_inputs
+from transfer.families.cosmos3.stages import (DECODE_BLOCKS, DIT_BLOCKS, DIT_TO_VAE, ENCODE_BLOCKS, STITCH_BLOCKS,
                                      TEXT_BLOCKS, TEXT_TO_DIT, TEXT_TO_VAE, VAE_TO_DIT, VAE_TO_STITCH, copy_fields,
                                      execution_blocks, hint_latents, initial_state, pack_fields, run_blocks,
                                      seed_latents, unpack_fields)
 from transfer.device import default_device, dtype_for
 from transfer.distributed import sequence_parallel, vae_split
-from transfer.distributed.cosmos3_parallel import check_processors, enable_ulysses, install_pass_split
+from transfer.families.cosmos3.parallel import check_processors, enable_ulysses, install_pass_split
 from transfer.distributed.placement import check_vae_degree, read_placement_file
 from transfer.errors import TransferError, check_stop
 from transfer.outputs import make_gate
