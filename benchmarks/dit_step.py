@@ -197,7 +197,7 @@ def main() -> None:
 
 def taylorseer_computed(steps: int, interval: int, warmup: int = 2) -> int:
     """Steps a ``taylorseer`` chunk computes (its schedule depends on the step index only)."""
-    from transfer.step_cache import StepCacheConfig, new_cache
+    from transfer.families.transfer25.step_cache import StepCacheConfig, new_cache
 
     cache = new_cache(StepCacheConfig("taylorseer", interval=interval, warmup=warmup), steps)
     for i in range(steps):

@@ -13,7 +13,7 @@ output's Canny edges against the control (2 px tolerance), prompt color accuracy
 difference across chunk boundaries / within chunks; the input video's own ratio beside it) for ``roundtrip`` and
 ``latent`` chunk conditioning. Color accuracy is also split by the number of shapes in the scene, and a last row
 passes the inputs through the demo VAE alone: the ceiling a DiT on that VAE could reach. ``--step_cache`` adds a
-table of the lossy step caches (``transfer.step_cache``) on the same scenes: the share of DiT forwards saved (from
+table of the lossy step caches (``transfer.families.transfer25.step_cache``) on the same scenes: the share of DiT forwards saved (from
 each chunk's logged computed steps), the metrics, and the PSNR of the output frames against the exact (uncached)
 run's. Prints markdown tables (docs/demo.md, docs/long_video.md, docs/performance.md).
 """

@@ -12,7 +12,7 @@ Stages, each resumable from its own checkpoint in ``--work`` (models, optimizer,
   (``flow_times``); for half the clips the first latent frame held clean (timestep 0.1, as chunk conditioning does)
   and excluded from the loss; the prompt replaced by the default negative prompt 10% of the time (for guidance);
   the edge control is the project's edge preprocessor on the clip; the velocity comes from the product's own
-  ``transfer.stages.Denoiser.velocity`` (the inference arithmetic, ControlNet residuals included). ``--keep_every N``
+  ``transfer.families.transfer25.stages.Denoiser.velocity`` (the inference arithmetic, ControlNet residuals included). ``--keep_every N``
   also keeps the models every N steps. Options the shipped recipe does not use (tried, docs/demo.md: no gain in
   shape color at 16-17 minutes): ``--image_steps K`` trains the first K steps on single frames, ``--image_batch``
   of them per step (about 4x the scenes per second); ``--shape_weight A`` weighs each latent cell's loss by
@@ -286,7 +286,7 @@ def encode_prompts(text_model, tokenizer, prompts: list[str], device, pad: bool 
     prompt's tokens only and the rest is zeros, which is what the product's ``TextEncoder`` gives (it pads to 512 and
     zeroes past each prompt; T5's masked attention makes a prompt's embeddings independent of the padding's length;
     equal within float rounding, tests/test_train_demo.py). ``pad=False``: ``[B, longest, D]``, without the zeros."""
-    from transfer.text_encoding import MAX_SEQUENCE_LENGTH
+    from transfer.families.transfer25.text_encoding import MAX_SEQUENCE_LENGTH
 
     inputs = tokenizer(prompts, padding="longest", return_tensors="pt")
     mask = inputs["attention_mask"].to(device)
@@ -314,7 +314,7 @@ class PaddingAsOneToken:
 def short_context(embeds: torch.Tensor, processors: list[PaddingAsOneToken]) -> torch.Tensor:
     """``embeds`` ``[B, L, D]`` (``encode_prompts(pad=False)``) with the one zero token appended; sets the processors'
     mask for it."""
-    from transfer.text_encoding import MAX_SEQUENCE_LENGTH
+    from transfer.families.transfer25.text_encoding import MAX_SEQUENCE_LENGTH
 
     length = embeds.shape[1]
     mask = torch.zeros(1, 1, 1, length + 1, device=embeds.device, dtype=embeds.dtype)
@@ -335,8 +335,8 @@ class DitTrainer:
 
         from configs.models import TRANSFER25_SCHEDULER
         from preprocessors import edge
-        from transfer.stages import Denoiser, VideoVAE
-        from transfer.text_encoding import TextEncoder
+        from transfer.families.transfer25.stages import Denoiser, VideoVAE
+        from transfer.families.transfer25.text_encoding import TextEncoder
 
         self.args, self.timings = args, timings
         self.device = device = torch.device(args.device)
@@ -406,7 +406,7 @@ class DitTrainer:
     def step(self, stage: "Stage", z0, zc, prompts, cover) -> float:
         """One optimizer step of rectified flow on these latents; returns the loss."""
         from transfer.specs import DEFAULT_NEGATIVE_PROMPT
-        from transfer.stages import CONDITIONAL_FRAME_TIMESTEP
+        from transfer.families.transfer25.stages import CONDITIONAL_FRAME_TIMESTEP
 
         args, device = self.args, self.device
         t = time.perf_counter()

@@ -14,7 +14,7 @@ from tests.test_distributed import launch
 from transfer.checkpoint import inspect_checkpoint, load_dit, load_text_encoder, load_vae
 from transfer.chunks import latent_condition
 from transfer.config import GenerationSettings
-from transfer.pipeline import TransferPipeline
+from transfer.families.transfer25.pipeline import TransferPipeline
 from transfer.prepare import ModelLimits, prepare_request
 from transfer.specs import load_spec
 from transfer.video_io import write_mp4

@@ -25,7 +25,7 @@ import torch
 from tests.conftest import example_frames
 from transfer.checkpoint import inspect_checkpoint, load_dit, load_text_encoder, load_vae
 from transfer.config import GenerationSettings
-from transfer.pipeline import TransferPipeline
+from transfer.families.transfer25.pipeline import TransferPipeline
 from transfer.prepare import ModelLimits, PreparedRequest
 from transfer.specs import ControlSpec, Request
 from transfer.reference import deterministic_latents, reference_pipeline

@@ -16,7 +16,7 @@ from tests.conftest import ROOT, example_frames, failure, run_cli
 from tests.test_distributed import launch
 from transfer.flags import build_parser
 from transfer.config import STEP_CACHE_METHODS, StepCacheConfig
-from transfer.step_cache import new_cache
+from transfer.families.transfer25.step_cache import new_cache
 from transfer.video_io import write_mp4
 
 

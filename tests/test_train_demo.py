@@ -135,7 +135,7 @@ def test_batched_prompt_encoding_equals_the_products_text_encoder():
     import train_demo
     from transformers import T5EncoderModel
 
-    from transfer.text_encoding import TextEncoder
+    from transfer.families.transfer25.text_encoding import TextEncoder
 
     model, tokenizer = T5EncoderModel.from_pretrained(ROOT / "demo" / "checkpoint" / "text_encoder"), \
         train_demo.demo_tokenizer()

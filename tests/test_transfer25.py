@@ -150,7 +150,7 @@ def test_half_mask_zeroes_residuals_outside_it(folder, tiny_ckpt):
     """A mask over the left half: that control's ControlNet residuals are exactly zero at every token of the right
     half, unchanged (equal to the unmasked run's) on the left half."""
     from transfer.checkpoint import inspect_checkpoint
-    from transfer.loading import load_stages
+    from transfer.families.transfer25.loading import load_stages
     from transfer.chunks import ChunkSchedule
     from transfer.prepare import ModelLimits, prepare_request
     from transfer.spec25 import parse_sample

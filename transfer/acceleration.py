@@ -25,7 +25,7 @@ go to CPU memory (``Module.to``); on a CPU run, where CPU memory *is* the device
 temp folder and the parameters become meta tensors, so the resident bytes really drop. The weights come back bit for
 bit, so the output is the same. Each process reports per-stage weight bytes, the peak of resident parameter bytes,
 the moves and the time they took (and on CUDA ``torch.cuda.max_memory_allocated``). The offload mechanics live in
-``transfer.residency`` (below the model wrappers), the loading of whole stages in ``transfer.loading`` (above them).
+``transfer.residency`` (below the model wrappers), the loading of whole stages in ``transfer.families.transfer25.loading`` (above them).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from transfer.errors import TransferError
 
 if TYPE_CHECKING:
     from transfer.config import CheckpointChoice
-from transfer.text_encoding import TEXT_ENCODER_TYPES, embedding_dim
+from transfer.families.transfer25.text_encoding import TEXT_ENCODER_TYPES, embedding_dim
 
 COMPONENT_CLASSES = {
     "transformer": "CosmosTransformer3DModel",
@@ -271,7 +271,7 @@ def load_text_encoder(info: CheckpointInfo, device: torch.device, dtype: torch.d
     """Build the text stage: tokenizer + encoder model (eval, on ``device``)."""
     from transformers import AutoTokenizer
 
-    from transfer.text_encoding import TextEncoder, text_encoder_class
+    from transfer.families.transfer25.text_encoding import TextEncoder, text_encoder_class
 
     cls = text_encoder_class(info.text_encoder_type)
     if info.root is None:  # --random_weights: a local character tokenizer, the preset's config
@@ -289,7 +289,7 @@ def load_vae(info: CheckpointInfo, device: torch.device, dtype: torch.dtype):
     """Build the VAE stage (AutoencoderKLWan with its latent normalisation)."""
     from diffusers import AutoencoderKLWan
 
-    from transfer.stages import VideoVAE
+    from transfer.families.transfer25.stages import VideoVAE
 
     if info.root is None:  # --random_weights
         return VideoVAE(random_model(lambda: AutoencoderKLWan(**info.vae), device, dtype, RANDOM_SEEDS["vae"]), device)
@@ -301,7 +301,7 @@ def load_dit(info: CheckpointInfo, modalities, device: torch.device, dtype: torc
     """Build the DiT stage: transformer, the ControlNets for ``modalities``, the scheduler."""
     from diffusers import CosmosControlNetModel, CosmosTransformer3DModel, UniPCMultistepScheduler
 
-    from transfer.stages import Denoiser
+    from transfer.families.transfer25.stages import Denoiser
 
     require_modalities(info, modalities)
     if info.root is None:  # --random_weights; ControlNet seeds follow the checkpoint's modality order

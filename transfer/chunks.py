@@ -1,5 +1,5 @@
 """The chunk schedule: how one request's video becomes chunks and the chunks a video again, in one place that the
-single process (``transfer.pipeline.TransferPipeline``) and the stage processes (``transfer.distributed``'s roles)
+single process (``transfer.families.transfer25.pipeline.TransferPipeline``) and the stage processes (``transfer.distributed``'s roles)
 both follow.
 
     controls --VAE encode--> control latents --+

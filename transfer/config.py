@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-#: ``--step_cache`` methods (``transfer.step_cache``).
+#: ``--step_cache`` methods (``transfer.families.transfer25.step_cache``).
 STEP_CACHE_METHODS = ("off", "taylorseer", "adaptive")
 
 

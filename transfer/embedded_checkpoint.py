@@ -22,7 +22,7 @@ from loguru import logger
 from configs.cosmos3 import COSMOS3_PRESETS, Cosmos3Config
 from configs.models import CheckpointConfig, preset
 from transfer.errors import TransferError
-from transfer.text_encoding import text_encoder_class
+from transfer.families.transfer25.text_encoding import text_encoder_class
 
 #: Bump when the tiny layout or weights change, so stale caches are not reused.
 TINY_VERSION = 2  # 2: preprocessors/ (depth, seg, keypoint) added

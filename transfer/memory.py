@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from transfer.checkpoint import CheckpointInfo, load_stage
-from transfer.text_encoding import embedding_dim
+from transfer.families.transfer25.text_encoding import embedding_dim
 
 PROMPT = "a robot arm picks up a red cube from a wooden table, sunlight, high detail"
 #: Convolution backends whose kernel allocates an im2col buffer of ``N * C_in * prod(kernel) * prod(out)`` elements.

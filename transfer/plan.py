@@ -36,7 +36,7 @@ def component_bytes(info: CheckpointInfo, modalities, dtype: torch.dtype) -> dic
     """``{stage: {component: bytes}}`` for the text, vae and dit stages, built on the meta device."""
     from diffusers import AutoencoderKLWan, CosmosControlNetModel, CosmosTransformer3DModel
 
-    from transfer.text_encoding import text_encoder_class
+    from transfer.families.transfer25.text_encoding import text_encoder_class
 
     text = _on_meta(lambda: text_encoder_class(info.text_encoder_type)(info.text_config))
     vae = _on_meta(lambda: AutoencoderKLWan(**_init_kwargs(info.vae)))

@@ -66,7 +66,7 @@ def reference_pipeline(ckpt: Path, modality: str, device: str = "cpu", dtype=tor
     from transformers import AutoTokenizer
 
     from transfer.checkpoint import inspect_checkpoint
-    from transfer.text_encoding import text_encoder_class
+    from transfer.families.transfer25.text_encoding import text_encoder_class
 
     info = inspect_checkpoint(ckpt)
     ckpt = Path(ckpt)

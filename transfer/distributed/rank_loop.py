@@ -48,7 +48,7 @@ from transfer.errors import (STOPPED_CLEANLY, Terminated, TransferError, check_s
                               report_stop, write_line)
 from transfer.device import default_device, dtype_for
 from transfer.job import plan_job, request_failure
-from transfer.loading import load_stages
+from transfer.families.transfer25.loading import load_stages
 from transfer.residency import describe
 from transfer.video_io import freeze_heap
 

@@ -7,7 +7,7 @@ Transfer2.5 and Cosmos 3 asks the family instead of testing a type.
 * A ``Family`` reads its configs (``info``), says its limits, checks a request and the runtime flags, loads the
   single process's pipeline, picks its rank program under torchrun and writes its ``--plan`` report.
 
-The families' code stays where it is (``transfer.pipeline`` / ``transfer.loading`` / ``transfer.distributed.rank_loop``
+The families' code stays where it is (``transfer.families.transfer25.pipeline`` / ``transfer.families.transfer25.loading`` / ``transfer.distributed.rank_loop``
 for Transfer2.5, ``transfer.cosmos3_*`` and ``transfer.distributed.cosmos3_*`` for Cosmos 3); this module is the one
 switch between them.
 """
@@ -87,8 +87,8 @@ class Transfer25(Family):
         require_modalities(info, request.controls, request.source)
 
     def load(self, job, modalities: list[str], device, dtype):
-        from transfer.loading import load_stages
-        from transfer.pipeline import TransferPipeline
+        from transfer.families.transfer25.loading import load_stages
+        from transfer.families.transfer25.pipeline import TransferPipeline
 
         stages, job.residency = load_stages(job.info, ["text", "vae", "dit"], modalities, device, dtype, job.runtime)
         return TransferPipeline(stages["text"], stages["vae"], stages["dit"], job.limits, job.settings)

@@ -134,7 +134,7 @@ def per_pass(transformer, name: str, progress: bool = True):
 
 
 class Cosmos3Pipeline:
-    """Single-process Cosmos 3 transfer (``generate`` a prepared request, as ``transfer.pipeline.TransferPipeline``)."""
+    """Single-process Cosmos 3 transfer (``generate`` a prepared request, as ``transfer.families.transfer25.pipeline.TransferPipeline``)."""
 
     def __init__(self, pipe, settings: GenerationSettings, fps: float):
         self.pipe, self.settings, self.fps = pipe, settings, fps

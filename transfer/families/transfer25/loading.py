@@ -1,7 +1,7 @@
 """Loading the stages a process holds: checkpoint loaders, then ``--compile`` and ``--offload`` registration.
 
-The top of the loading chain: ``transfer.residency`` (device residency) <- the model wrappers (``transfer.stages``,
-``transfer.text_encoding``) <- ``transfer.checkpoint`` (loaders) <- here; ``transfer.acceleration`` (compile) beside.
+The top of the loading chain: ``transfer.residency`` (device residency) <- the model wrappers (``transfer.families.transfer25.stages``,
+``transfer.families.transfer25.text_encoding``) <- ``transfer.checkpoint`` (loaders) <- here; ``transfer.acceleration`` (compile) beside.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The compute stages around unmodified diffusers models: VAE and DiT.
 
 Each stage is a small object with tensor-in, tensor-out methods, so the chunk loop
-(``transfer.pipeline``) can call them in one process or a runtime can place them
+(``transfer.families.transfer25.pipeline``) can call them in one process or a runtime can place them
 on different devices and processes. The arithmetic mirrors diffusers'
 ``Cosmos2_5_TransferPipeline`` operation for operation, which is what makes the
 single-control output equal to it.
@@ -17,7 +17,7 @@ from loguru import logger
 
 from transfer.config import cfg_on
 from transfer.residency import OnDevice
-from transfer.step_cache import StepCacheConfig, new_cache
+from transfer.families.transfer25.step_cache import StepCacheConfig, new_cache
 
 #: Timestep given to conditioning latent frames (Transfer2.5 default).
 CONDITIONAL_FRAME_TIMESTEP = 0.1
@@ -120,7 +120,7 @@ class Denoiser(OnDevice):
             blocks = residuals if blocks is None else [a + b for a, b in zip(blocks, residuals)]
         return blocks
 
-    #: ``--step_cache`` (``transfer.step_cache``); off unless the loader sets it.
+    #: ``--step_cache`` (``transfer.families.transfer25.step_cache``); off unless the loader sets it.
     step_cache = StepCacheConfig()
 
     #: Cuts a ``[1, tokens, 1]`` weight map to this rank's share of the sequence (identity without sequence
@@ -197,7 +197,7 @@ class Denoiser(OnDevice):
 
         ``split`` (CFG parallelism): this process computes one branch only (``split.positive``) and
         ``split.swap(step, velocity)`` returns the other branch's, computed elsewhere at the same time.
-        ``cache`` (``transfer.step_cache.StepCache``): a skipped step predicts both branches' velocities from the
+        ``cache`` (``transfer.families.transfer25.step_cache.StepCache``): a skipped step predicts both branches' velocities from the
         computed steps (no ControlNet, transformer or swap); a computed step is recorded in it."""
         s = state
         if cache is not None and cache.skip(step):
@@ -256,7 +256,7 @@ class Denoiser(OnDevice):
         (velocity replaced by the ground truth, timestep 0.1), in both CFG branches.
         ``split`` (CFG parallelism, ``predict``): this process computes one guidance branch and swaps
         velocities with the process computing the other, every step. ``self.step_cache``
-        (``--step_cache``): a fresh ``transfer.step_cache.StepCache`` per chunk skips some steps' forwards; its
+        (``--step_cache``): a fresh ``transfer.families.transfer25.step_cache.StepCache`` per chunk skips some steps' forwards; its
         computed and skipped steps are logged.
         """
         state = self.prepare(noise, cond_latents, num_cond_latent_frames, control_latents, prompt_embeds,

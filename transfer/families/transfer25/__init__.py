@@ -1,0 +1,1 @@
+"""Transfer2.5 (and transfer1) control-to-video: the text encoder, the VAE and the DiT with its ControlNets as stages (diffusers and transformers classes), the one-process pipeline and its loaders."""
