@@ -6,7 +6,7 @@
         --modes none,torch,tensorrt                                     # Transfer2.5-2B size, random weights, GPU
 
 One chunk = the VAE encodes a control video, the DiT (transformer + one ControlNet, guidance 3: two branches a step)
-denoises, the VAE decodes -- through the product's stage classes (``transfer.families.transfer25.stages``) and its compile and offload
+denoises, the VAE decodes -- through the product's stage classes (``transfer.families.transfer25.models``) and its compile and offload
 code (``transfer.acceleration``), with random weights built from the preset's configs. Each mode runs on the same
 weights and inputs: ``first s`` is the first chunk (compilation included), ``chunk s`` the mean of the next
 ``--repeats``; ``max |d latents|`` / ``max |d frames|`` compare with eager. The memory table runs the eager chunk
@@ -31,7 +31,7 @@ from transfer.acceleration import compile_stage  # noqa: E402
 from transfer.checkpoint import info_from_preset, load_dit, load_vae  # noqa: E402
 from transfer.prepare import ModelLimits  # noqa: E402
 from transfer.residency import Residency  # noqa: E402
-from transfer.families.transfer25.stages import Denoiser, VideoVAE  # noqa: E402
+from transfer.families.transfer25.models import Denoiser, VideoVAE  # noqa: E402
 
 
 def build(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):

@@ -110,7 +110,7 @@ def round_trip(out: Path, cases: list[Case], checkpoint: Path) -> None:
     as the tool, mp4-encoded as its outputs are): what a perfect DiT could give at best."""
     import torch
 
-    from transfer.families.transfer25.stages import VideoVAE
+    from transfer.families.transfer25.models import VideoVAE
     from transfer.video_io import read_video, write_mp4
     from diffusers import AutoencoderKLWan
 

@@ -12,7 +12,7 @@ Stages, each resumable from its own checkpoint in ``--work`` (models, optimizer,
   (``flow_times``); for half the clips the first latent frame held clean (timestep 0.1, as chunk conditioning does)
   and excluded from the loss; the prompt replaced by the default negative prompt 10% of the time (for guidance);
   the edge control is the project's edge preprocessor on the clip; the velocity comes from the product's own
-  ``transfer.families.transfer25.stages.Denoiser.velocity`` (the inference arithmetic, ControlNet residuals included). ``--keep_every N``
+  ``transfer.families.transfer25.models.Denoiser.velocity`` (the inference arithmetic, ControlNet residuals included). ``--keep_every N``
   also keeps the models every N steps. Options the shipped recipe does not use (tried, docs/demo.md: no gain in
   shape color at 16-17 minutes): ``--image_steps K`` trains the first K steps on single frames, ``--image_batch``
   of them per step (about 4x the scenes per second); ``--shape_weight A`` weighs each latent cell's loss by
@@ -335,7 +335,7 @@ class DitTrainer:
 
         from configs.models import TRANSFER25_SCHEDULER
         from preprocessors import edge
-        from transfer.families.transfer25.stages import Denoiser, VideoVAE
+        from transfer.families.transfer25.models import Denoiser, VideoVAE
         from transfer.families.transfer25.text_encoding import TextEncoder
 
         self.args, self.timings = args, timings
@@ -406,7 +406,7 @@ class DitTrainer:
     def step(self, stage: "Stage", z0, zc, prompts, cover) -> float:
         """One optimizer step of rectified flow on these latents; returns the loss."""
         from transfer.specs import DEFAULT_NEGATIVE_PROMPT
-        from transfer.families.transfer25.stages import CONDITIONAL_FRAME_TIMESTEP
+        from transfer.families.transfer25.models import CONDITIONAL_FRAME_TIMESTEP
 
         args, device = self.args, self.device
         t = time.perf_counter()

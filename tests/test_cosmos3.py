@@ -52,12 +52,12 @@ def test_diffusers_transfer_runs_on_the_embedded_tiny_folder(cache_dir):
 
 
 def test_stages_on_separate_states_equal_the_pipeline(cache_dir):
-    """The stage boundaries (``transfer.families.cosmos3.stages``) are complete: text, VAE and DiT each on its own state, only
+    """The stage boundaries (``transfer.families.cosmos3.blocks``) are complete: text, VAE and DiT each on its own state, only
     the listed fields passed, give diffusers' pipeline's video bit for bit (two hints, two chunks, CFG, control
     guidance and a guidance interval)."""
     from PIL import Image
 
-    from transfer.families.cosmos3.stages import run_staged
+    from transfer.families.cosmos3.blocks import run_staged
     from transfer.embedded_checkpoint import ensure_tiny_checkpoint
     from transfer.reference import cosmos3_reference_pipeline
 

@@ -215,7 +215,7 @@ def test_expanded_kv_processor_equals_the_stock_one(cache_dir):
 
     from transfer.families.cosmos3.attention import ExpandedCosmos3Processor, expand_kv_heads
     from transfer.families.cosmos3.pipeline import load_cosmos3_pipeline
-    from transfer.families.cosmos3.stages import run_staged
+    from transfer.families.cosmos3.blocks import run_staged
     from transfer.embedded_checkpoint import ensure_tiny_checkpoint
 
     torch.set_num_threads(1)

@@ -289,7 +289,7 @@ def load_vae(info: CheckpointInfo, device: torch.device, dtype: torch.dtype):
     """Build the VAE stage (AutoencoderKLWan with its latent normalisation)."""
     from diffusers import AutoencoderKLWan
 
-    from transfer.families.transfer25.stages import VideoVAE
+    from transfer.families.transfer25.models import VideoVAE
 
     if info.root is None:  # --random_weights
         return VideoVAE(random_model(lambda: AutoencoderKLWan(**info.vae), device, dtype, RANDOM_SEEDS["vae"]), device)
@@ -301,7 +301,7 @@ def load_dit(info: CheckpointInfo, modalities, device: torch.device, dtype: torc
     """Build the DiT stage: transformer, the ControlNets for ``modalities``, the scheduler."""
     from diffusers import CosmosControlNetModel, CosmosTransformer3DModel, UniPCMultistepScheduler
 
-    from transfer.families.transfer25.stages import Denoiser
+    from transfer.families.transfer25.models import Denoiser
 
     require_modalities(info, modalities)
     if info.root is None:  # --random_weights; ControlNet seeds follow the checkpoint's modality order

@@ -1,5 +1,5 @@
 """Device residency of the stages one process holds: where each stage's weights are, moving them for ``--offload
-stages``, and the memory report. Below the model wrappers (``transfer.families.transfer25.stages``, ``transfer.families.transfer25.text_encoding`` mix in
+stages``, and the memory report. Below the model wrappers (``transfer.families.transfer25.models``, ``transfer.families.transfer25.text_encoding`` mix in
 ``OnDevice``); nothing here imports a model or a loader.
 """
 
@@ -42,7 +42,7 @@ def tensor_bytes(t: torch.Tensor) -> int:
 class Residency:
     """Where each stage's weights are, for one process; with ``offload``, one stage on the device at a time.
 
-    Stages call ``use(name)`` before they compute (``transfer.families.transfer25.stages`` / ``transfer.families.transfer25.text_encoding`` do it through
+    Stages call ``use(name)`` before they compute (``transfer.families.transfer25.models`` / ``transfer.families.transfer25.text_encoding`` do it through
     their ``residency`` attribute)."""
 
     def __init__(self, device: torch.device, offload: bool):

@@ -44,7 +44,7 @@ if _fault.endswith(":late_shard"):
 
         rank_loop.TorchTransport = LateTransport  # the implementation the runtime builds
 elif _fault and os.environ.get("RANK", "0") == _fault.split(":")[0]:
-    from transfer.families.transfer25 import stages, text_encoding
+    from transfer.families.transfer25 import models as stages, text_encoding
 
     POISON_HEIGHT = 128
     stage = _fault.split(":")[1]

@@ -1,5 +1,5 @@
 """Cosmos 3 transfer in one process: a prepared request (``transfer.prepare``) through diffusers'
-``Cosmos3OmniModularPipeline``, run stage by stage (``transfer.families.cosmos3.stages.run_staged``: the same blocks, the same
+``Cosmos3OmniModularPipeline``, run stage by stage (``transfer.families.cosmos3.blocks.run_staged``: the same blocks, the same
 boundaries the stage processes use), into the project's ``GenerationResult``.
 
 What the request gives the model (``pipeline_inputs``) is written once, for this process, the stage processes and the
@@ -141,7 +141,7 @@ class Cosmos3Pipeline:
 
     @torch.no_grad()
     def generate(self, prepared: PreparedRequest, progress: bool = True) -> GenerationResult:
-        from transfer.families.cosmos3.stages import run_staged
+        from transfer.families.cosmos3.blocks import run_staged
 
         inputs = pipeline_inputs(prepared, prepared.request.settings or self.settings, self.fps)
         with per_pass(self.pipe.transformer, prepared.request.name, progress):

@@ -38,7 +38,7 @@ def pass_inputs(hints, frames: int, height: int, width: int, guidance: float, co
     """``{pass: (static, vision_tokens, vision_timesteps, kwargs)}`` of one step of a chunk, as diffusers' blocks
     pack them for the transformer (recorded, not run)."""
     from transfer.families.cosmos3.pipeline import load_cosmos3_pipeline
-    from transfer.families.cosmos3.stages import DIT_BLOCKS, execution_blocks, initial_state, run_blocks
+    from transfer.families.cosmos3.blocks import DIT_BLOCKS, execution_blocks, initial_state, run_blocks
     from transfer.embedded_checkpoint import ensure_tiny_checkpoint
 
     pipe = load_cosmos3_pipeline(ensure_tiny_checkpoint("cosmos3-tiny"), dtype=dtype)

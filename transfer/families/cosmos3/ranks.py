@@ -2,7 +2,7 @@
 group whose ranks deal each step's passes among ``--cfgp-size`` branches and split each pass over ``--cp-size``
 ranks (``transfer.families.cosmos3.parallel``).
 
-Every rank runs the blocks of its stage from diffusers' modular pipeline (``transfer.families.cosmos3.stages``: the same
+Every rank runs the blocks of its stage from diffusers' modular pipeline (``transfer.families.cosmos3.blocks``: the same
 lists and boundaries as the single process's ``run_staged``), in lockstep, request after request::
 
     rank 0 (coordinator, tokenizer, VAE)      DiT group (every rank of it)
@@ -12,7 +12,7 @@ lists and boundaries as the single process's ``run_staged``), in lockstep, reque
                decode                    <--- latents (from the group's first rank)
     stitch, guard, write
 
-Fields cross as ``stages.pack_fields`` packs them (structure as JSON-able meta, tensors by path), over the
+Fields cross as ``blocks.pack_fields`` packs them (structure as JSON-able meta, tensors by path), over the
 world group (gloo; CPU copies). The DiT group is ranks 1.. (``cfgp x cp = WORLD_SIZE - 1``), or every rank with rank 0
 sharing its GPU (``cfgp x cp = WORLD_SIZE``).
 
@@ -31,7 +31,7 @@ import torch.distributed as dist
 from loguru import logger
 
 from transfer.families.cosmos3.pipeline import finish, load_cosmos3, per_pass, pipeline_inputs
-from transfer.families.cosmos3.stages import (DECODE_BLOCKS, DIT_BLOCKS, DIT_TO_VAE, ENCODE_BLOCKS, STITCH_BLOCKS,
+from transfer.families.cosmos3.blocks import (DECODE_BLOCKS, DIT_BLOCKS, DIT_TO_VAE, ENCODE_BLOCKS, STITCH_BLOCKS,
                                      TEXT_BLOCKS, TEXT_TO_DIT, TEXT_TO_VAE, VAE_TO_DIT, VAE_TO_STITCH, copy_fields,
                                      execution_blocks, hint_latents, initial_state, pack_fields, run_blocks,
                                      seed_latents, unpack_fields)

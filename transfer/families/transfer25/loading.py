@@ -1,6 +1,6 @@
 """Loading the stages a process holds: checkpoint loaders, then ``--compile`` and ``--offload`` registration.
 
-The top of the loading chain: ``transfer.residency`` (device residency) <- the model wrappers (``transfer.families.transfer25.stages``,
+The top of the loading chain: ``transfer.residency`` (device residency) <- the model wrappers (``transfer.families.transfer25.models``,
 ``transfer.families.transfer25.text_encoding``) <- ``transfer.checkpoint`` (loaders) <- here; ``transfer.acceleration`` (compile) beside.
 """
 
