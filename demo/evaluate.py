@@ -140,12 +140,8 @@ README_FORMS = {"transfer1": ("--controlnet_specs", "assets/demo_spec.json"),
 
 
 def readme_scene(out: Path, checkpoint: str | Path, form: str) -> dict:
-    """The README's scene through ``checkpoint`` in one of its forms (``README_FORMS``), scored as the README states it:
-    edge F1, the share of frames whose background is the prompt's colour on >= 90% of its pixels (and that share in
-    frame 0 and the worst frame), each shape's share of frames in its colour, the background holding at the chunk
-    boundaries."""
-    from transfer.video_io import read_video
-
+    """The README's scene through ``checkpoint`` in one of its forms (``README_FORMS``; its output in ``out``), scored
+    by ``score_readme``."""
     which = (["--checkpoint_dir", str(checkpoint)] if isinstance(checkpoint, Path)
              else ["--checkpoint_preset", checkpoint])
     folder = "--video_save_folder" if form == "transfer1" else "-o"
@@ -154,21 +150,28 @@ def readme_scene(out: Path, checkpoint: str | Path, form: str) -> dict:
                           text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return score_readme(out / ("output.mp4" if form == "transfer1" else "demo.mp4"))
+
+
+def score_readme(video: Path) -> dict:
+    """An output of the README's scene (``demo.world.README_SEED``, 41 frames in 5 chunks) scored as the README states
+    it: ``score``'s measures, and the share of the prompt's background colour per frame (mean, frame 0, the worst
+    frame: ``background_mean`` ...), each shape's share of frames in its colour (``shape_frames``)."""
+    import shutil
+    import tempfile
+
     from demo.world import README_SEED
+    from transfer.video_io import read_video
 
     scene = Scene.from_seed(README_SEED)
-    frames, masks = render(scene, 41)
-    video = out / ("output.mp4" if form == "transfer1" else "demo.mp4")
-    output, _ = read_video(video)
+    masks = render(scene, 41)[1]
     case = Case(README_SEED, scene, masks, ROOT / "assets" / "demo_input.mp4")
-    result = score(video.parent, case, [9, 17, 25, 33]) if video.name == case.name + ".mp4" else None
-    if result is None:  # score reads <folder>/scene<seed>.mp4: link the output under that name
-        link = out / f"{case.name}.mp4"
-        link.unlink(missing_ok=True)
-        link.symlink_to(video.name)
-        result = score(out, case, [9, 17, 25, 33])
+    with tempfile.TemporaryDirectory() as work:  # score reads <folder>/<case name>.mp4
+        shutil.copy(video, Path(work) / f"{case.name}.mp4")
+        result = score(Path(work), case, [9, 17, 25, 33])
+    output, _ = read_video(video)
     pixels = background_pixels(output, scene, masks)
-    result.update(background_mean=float(pixels.mean()), background_frame0=float(pixels[0]),
+    result.update(frames=output.shape, background_mean=float(pixels.mean()), background_frame0=float(pixels[0]),
                   background_worst=float(pixels.min()),
                   shape_frames={f"{s.color} {s.kind}": c for s, c in zip(scene.shapes,
                                                                           shape_colors(output, scene, masks))})

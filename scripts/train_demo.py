@@ -18,6 +18,12 @@ Stages, each resumable from its own checkpoint in ``--work`` (models, optimizer,
   of them per step (about 4x the scenes per second); ``--shape_weight A`` weighs each latent cell's loss by
   1 + A x its shape coverage; ``--dit_name NAME --init dit`` trains a second run in ``--work/NAME`` starting from the
   first's models (a fine-tune; export it with ``--dit_name NAME``).
+* ``corpus``: ``--clips`` training clips encoded once (the VAE is frozen while the DiT trains): the VAE's latents of
+  each clip and of its edge control (float16), the shapes' coverage and the prompt, in shards of ``--shard`` under
+  ``work/corpus``. ``dit --corpus`` then draws its batches from them: no rendering, Canny or VAE per step. With
+  ``--compile`` (each DiT and ControlNet block ``torch.compile``d), the batch's prompts through the T5 in one call, and
+  the 512-token text context's padding attended as one weighted zero key (``PaddingAsOneToken``: the same attention),
+  the loop runs about five times the clips per second of the shipped run's (benchmarks/train_throughput.py).
 * ``export``: the trained models, the tokenizer and the scheduler in the diffusers layout (``--out``, default the
   shipped ``demo/checkpoint``), with ``transfer_defaults.json`` (the checkpoint's own generation defaults) and
   ``training.json``; loaded by the same code as any checkpoint.
@@ -33,8 +39,17 @@ inference path. The shipped weights (docs/demo.md):
     python scripts/train_demo.py --work runs/demo --stage export
     python benchmarks/quality.py
 
+Issue 40's model (docs/demo.md; the narrowed world, a fine-tune of the first shipped model):
+
+    python scripts/train_demo.py --work runs/demo40 --stage vae_from
+    python scripts/train_demo.py --work runs/demo40 --stage corpus --clips 20480 --threads 2
+    python scripts/train_demo.py --work runs/demo40 --stage dit --corpus --compile --init_from demo/checkpoint \
+        --batch 32 --steps 2800 --keep_every 600 --shape_weight 1 --threads 2
+    python scripts/train_demo.py --work runs/demo40 --stage export
+
 Measured (2-core CPU, idle, batch 4 of 9-frame 64 x 64 clips): the vae stage ~1.05 s/step (3200 steps: 54 min),
-the dit stage ~1.4 s/step (4600 steps: 108 min). Trying VAE sizes: base_dim 32 (7.3M parameters) ~43 s/step (with
+the first model's dit stage ~1.4 s/step (4600 steps: 108 min); issue 40's corpus stage 50 s per 1024 clips, its dit
+stage 1.35 s/step at batch 32. Trying VAE sizes: base_dim 32 (7.3M parameters) ~43 s/step (with
 the test suite beside it); base_dim 8 (0.49M, this config) 1.1 s; base_dim 16 with dim_mult [1, 2, 2] (0.65M) 1.5 s;
 base_dim 8 without temporal downsampling 1.2 s.
 """
@@ -96,6 +111,13 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
         out.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0))
     vae.clear_cache()
     return torch.cat(out, 2)
+
+
+def shown(path: Path) -> str:
+    """``path`` as a record shows it: relative to the repository when inside it (no machine's folders in a checkpoint)."""
+    root = Path(__file__).resolve().parents[1]
+    path = Path(path).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def lr_at(step: int, total: int, base: float) -> float:
@@ -266,7 +288,7 @@ def vae_from(args) -> None:
                                                           "std": list(vae.config.latents_std)}))
     if not (folder / "log.jsonl").is_file():
         (folder / "log.jsonl").write_text(json.dumps({"step": 0, "loss": 0.0, "minutes": 0.0,
-                                                      "from": str(args.out)}) + "\n")
+                                                      "from": shown(args.out)}) + "\n")
     print(f"vae stage of {args.work} taken from {args.out / 'vae'}")
 
 
@@ -345,7 +367,9 @@ class DitTrainer:
         t_cfg, c_cfg = demo_dit_configs(stage_patch(args.work, args.dit_name, args.patch, start=True))
         transformer, controlnet = CosmosTransformer3DModel(**t_cfg), CosmosControlNetModel(**c_cfg)
         self.text_model, self.tokenizer = demo_text_model(), demo_tokenizer()
-        if args.init_from:  # a fine-tune of an exported checkpoint's DiT, ControlNet and T5
+        if args.init_from:  # a fine-tune of an exported checkpoint's DiT, ControlNet and T5 (recorded for export)
+            record = args.work / args.dit_name / "model.json"
+            record.write_text(json.dumps({**json.loads(record.read_text()), "init_from": shown(args.init_from)}) + "\n")
             for model, folder in ((transformer, "transformer"), (controlnet, "controlnet/edge"),
                                   (self.text_model, "text_encoder")):
                 model.load_state_dict(type(model).from_pretrained(args.init_from / folder).state_dict())
@@ -549,6 +573,8 @@ def export(args) -> None:
                          else {"steps": last["step"], "final_loss": round(last["loss"], 4)})
         if stage == "dit" and folder != "dit":
             record[stage]["folder"] = folder
+        if stage == "dit" and "init_from" in json.loads((args.work / folder / "model.json").read_text()):
+            record[stage]["fine_tuned_from"] = json.loads((args.work / folder / "model.json").read_text())["init_from"]
     (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
