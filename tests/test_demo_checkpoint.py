@@ -36,12 +36,12 @@ def readme_main_output_follows_edges_and_prompt(out: Path) -> None:
     assets/demo_spec.json``, no preset flag: the demo model, its own defaults, 5 chunks of 9 frames), checked by
     tests/test_docs.py on the README block's own run (``out``: its output folder), at the levels the shipped model
     reaches (docs/demo.md, issue 40; the goals: the background blue on >= 90% of its pixels in every frame, each shape
-    its colour in >= 90% of frames, frame 0 not noise): @@MAIN_DOC@@"""
+    its colour in >= 90% of frames, frame 0 not noise): (levels filled in when issue 40's run ends)."""
     spec = json.loads((ROOT / "assets" / "demo_spec.json").read_text())
     assert spec["prompt"] == Scene.from_seed(README_SEED).prompt
     r = score_readme(out / "output.mp4")
     assert r["frames"] == (41, 64, 64, 3)
-    @@MAIN_ASSERTS@@
+    assert r["edge_f1"] >= 0.5, r
     own = json.loads((DEMO_CHECKPOINT / "transfer_defaults.json").read_text())
     found = values_of(json.loads((out / "manifest.json").read_text()), "num_frames_per_chunk")
     assert found and set(found) == {own["num_frames_per_chunk"]}, found  # the checkpoint's chunk length was used
@@ -49,9 +49,9 @@ def readme_main_output_follows_edges_and_prompt(out: Path) -> None:
 
 def readme_transfer25_form_keeps_the_prompts_background(video: Path) -> None:
     """What the README says of its main request in the Transfer2.5 form (``-i assets/demo_spec25.json``: seed 2025),
-    checked by tests/test_docs.py on the README block's own run: @@T25_DOC@@"""
+    checked by tests/test_docs.py on the README block's own run: (levels filled in when issue 40's run ends)."""
     r = score_readme(video)
-    @@T25_ASSERTS@@
+    assert r["edge_f1"] >= 0.5, r
 
 
 def values_of(tree, key: str) -> list:
