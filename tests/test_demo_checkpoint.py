@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,6 @@ from configs.models import DEMO_CHECKPOINT
 from demo.evaluate import generate, held_out, mean, score, score_readme, write_batch
 from demo.world import README_SEED, Scene
 from tests.conftest import ROOT, run_cli
-from transfer.video_io import read_video
 
 #: On these 3 held-out scenes the shipped weights measured edge F1 0.82, shape color 30%, background 100%; the tiny
 #: floor 0.01, 11%, 0% (docs/demo.md).
