@@ -369,7 +369,10 @@ class DitTrainer:
         self.text_model, self.tokenizer = demo_text_model(), demo_tokenizer()
         if args.init_from:  # a fine-tune of an exported checkpoint's DiT, ControlNet and T5 (recorded for export)
             record = args.work / args.dit_name / "model.json"
-            record.write_text(json.dumps({**json.loads(record.read_text()), "init_from": shown(args.init_from)}) + "\n")
+            source = {"path": shown(args.init_from)}
+            if (args.init_from / "training.json").is_file():  # what that checkpoint was (its path may be reused)
+                source["training"] = json.loads((args.init_from / "training.json").read_text())
+            record.write_text(json.dumps({**json.loads(record.read_text()), "init_from": source}) + "\n")
             for model, folder in ((transformer, "transformer"), (controlnet, "controlnet/edge"),
                                   (self.text_model, "text_encoder")):
                 model.load_state_dict(type(model).from_pretrained(args.init_from / folder).state_dict())

@@ -17,9 +17,9 @@ from demo.evaluate import generate, held_out, mean, score, score_readme, write_b
 from demo.world import README_SEED, Scene
 from tests.conftest import ROOT, run_cli
 
-#: On these 3 held-out scenes the shipped weights measured edge F1 0.82, shape color 30%, background 100%; the tiny
-#: floor 0.01, 11%, 0% (docs/demo.md).
-MIN_EDGE_F1_MARGIN, MIN_COLOR_MARGIN, MIN_BACKGROUND_MARGIN = 0.4, 0.08, 0.5
+#: On these 3 held-out scenes the shipped weights (issue 40) measured edge F1 0.96, shape color 50%, background 100%
+#: (the background its colour on >= 90% of its pixels in every frame); the tiny floor 0.00, 0%, 0% (docs/demo.md).
+MIN_EDGE_F1, MIN_COLOR, MIN_BACKGROUND = 0.85, 0.35, 0.95
 
 
 def user_env() -> dict:
@@ -33,12 +33,16 @@ def readme_main_output_follows_edges_and_prompt(out: Path) -> None:
     assets/demo_spec.json``, no preset flag: the demo model, its own defaults, 5 chunks of 9 frames), checked by
     tests/test_docs.py on the README block's own run (``out``: its output folder), at the levels the shipped model
     reaches (docs/demo.md, issue 40; the goals: the background blue on >= 90% of its pixels in every frame, each shape
-    its colour in >= 90% of frames, frame 0 not noise): (levels filled in when issue 40's run ends)."""
+    its colour in >= 90% of frames, frame 0 not noise). Measured: edge F1 0.84; the background blue on >= 90% of its
+    pixels in 78% of the 41 frames (93% on average, 98% in frame 0, 82% in the worst frame), unchanged at every chunk
+    boundary; the black circle black in 98% of its frames, the yellow square yellow in 88%."""
     spec = json.loads((ROOT / "assets" / "demo_spec.json").read_text())
     assert spec["prompt"] == Scene.from_seed(README_SEED).prompt
     r = score_readme(out / "output.mp4")
     assert r["frames"] == (41, 64, 64, 3)
-    assert r["edge_f1"] >= 0.5, r
+    assert r["edge_f1"] >= 0.75 and r["background_holds"] == 1.0, r
+    assert r["background_frames_90"] >= 0.7 and r["background_worst"] >= 0.75 and r["background_frame0"] >= 0.9, r
+    assert min(r["shape_frames"].values()) >= 0.8, r
     own = json.loads((DEMO_CHECKPOINT / "transfer_defaults.json").read_text())
     found = values_of(json.loads((out / "manifest.json").read_text()), "num_frames_per_chunk")
     assert found and set(found) == {own["num_frames_per_chunk"]}, found  # the checkpoint's chunk length was used
@@ -61,15 +65,17 @@ def values_of(tree, key: str) -> list:
 
 
 def test_demo_beats_random_weight_floor(tmp_path):
-    """Three held-out scenes through the demo and the tiny random-weight checkpoint, one batch run each."""
+    """Three held-out scenes through the demo and the tiny random-weight checkpoint, one batch run each: the demo
+    at the floors its shipped weights reach, far above random weights."""
     batch, cases = write_batch(tmp_path / "in", held_out(3), 9)
     generate(batch, tmp_path / "demo", "demo")
     generate(batch, tmp_path / "tiny", "tiny", "--num_frames_per_chunk", "9", "--num_steps", "10")
     demo = mean([score(tmp_path / "demo", case) for case in cases])
     floor = mean([score(tmp_path / "tiny", case) for case in cases])
-    assert demo["edge_f1"] >= floor["edge_f1"] + MIN_EDGE_F1_MARGIN, (demo, floor)
-    assert demo["color"] >= floor["color"] + MIN_COLOR_MARGIN, (demo, floor)
-    assert demo["background"] >= floor["background"] + MIN_BACKGROUND_MARGIN, (demo, floor)
+    assert demo["edge_f1"] >= max(MIN_EDGE_F1, floor["edge_f1"] + 0.5), (demo, floor)
+    assert demo["color"] >= max(MIN_COLOR, floor["color"] + 0.15), (demo, floor)
+    assert demo["background"] >= max(MIN_BACKGROUND, floor["background"] + 0.5), (demo, floor)
+    assert demo["background_frames_90"] >= MIN_BACKGROUND, demo
 
 
 def test_checkpoint_defaults_fill_what_the_user_did_not_give(tmp_path, monkeypatch):

@@ -126,8 +126,9 @@ def test_corpus_stage_feeds_the_dit_stage_and_a_resumed_corpus_run_equals_an_uni
     shipped = load_file(ROOT / "demo" / "checkpoint" / "controlnet" / "edge" / "diffusion_pytorch_model.safetensors")
     moved = (a["models"]["controlnet"]["patch_embed.proj.weight"] - shipped["patch_embed.proj.weight"]).abs().max()
     assert 0 < moved < 1e-2  # two AdamW steps from the shipped weights, not from random ones
-    assert json.loads((tmp_path / "a" / "dit" / "model.json").read_text()) == {"patch": 2,
-                                                                                 "init_from": "demo/checkpoint"}
+    record = json.loads((tmp_path / "a" / "dit" / "model.json").read_text())
+    assert record["patch"] == 2 and record["init_from"]["path"] == "demo/checkpoint"
+    assert record["init_from"]["training"] == json.loads((ROOT / "demo" / "checkpoint" / "training.json").read_text())
 
 
 def test_batched_prompt_encoding_equals_the_products_text_encoder():
