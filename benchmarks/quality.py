@@ -9,9 +9,11 @@ Each row is one ``transfer.py --batch_input_path`` run (a subprocess, as a user 
 (``demo.world.HELD_OUT_SEEDS``: never seen in training): the input video rendered, the edge control computed from it
 by the tool, the scene's prompt. Metrics (``demo.metrics``) on the output mp4s, averaged over scenes: edge F1 of the
 output's Canny edges against the control (2 px tolerance), prompt color accuracy (dominant color inside each shape,
-8 colors: chance 12.5%), background color accuracy, and for 5-chunk videos the seam ratio (mean frame-to-frame
+the world's 6 colors: chance 17%), background color accuracy, and for 5-chunk videos the seam ratio (mean frame-to-frame
 difference across chunk boundaries / within chunks; the input video's own ratio beside it) for ``roundtrip`` and
-``latent`` chunk conditioning. Color accuracy is also split by the number of shapes in the scene, and a last row
+``latent`` chunk conditioning. A first table scores the README's own scene in both its forms (``demo.evaluate.
+score_readme``: frames whose background is >= 90% blue, each shape's frames in its colour; ``--readme_only``: that
+table alone, the quick score of a training snapshot). Color accuracy is also split by the number of shapes in the scene, and a last row
 passes the inputs through the demo VAE alone: the ceiling a DiT on that VAE could reach. ``--step_cache`` adds a
 table of the lossy step caches (``transfer.families.transfer25.step_cache``) on the same scenes: the share of DiT forwards saved (from
 each chunk's logged computed steps), the metrics, and the PSNR of the output frames against the exact (uncached)
