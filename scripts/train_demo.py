@@ -43,9 +43,11 @@ Issue 40's model (docs/demo.md; the narrowed world, a fine-tune of the first shi
 
     python scripts/train_demo.py --work runs/demo40 --stage vae_from
     python scripts/train_demo.py --work runs/demo40 --stage corpus --clips 20480 --threads 2
-    python scripts/train_demo.py --work runs/demo40 --stage dit --corpus --compile --init_from demo/checkpoint \
+    python scripts/train_demo.py --work runs/demo40 --stage dit --corpus --compile --init_from DEMO_V1 \
         --batch 32 --steps 2800 --keep_every 600 --shape_weight 1 --threads 2
     python scripts/train_demo.py --work runs/demo40 --stage export
+
+(DEMO_V1: ``demo/checkpoint`` as of commit 84c642f, the model before it.)
 
 Measured (2-core CPU, idle, batch 4 of 9-frame 64 x 64 clips): the vae stage ~1.05 s/step (3200 steps: 54 min),
 the first model's dit stage ~1.4 s/step (4600 steps: 108 min); issue 40's corpus stage 50 s per 1024 clips, its dit
@@ -367,7 +369,8 @@ class DitTrainer:
         t_cfg, c_cfg = demo_dit_configs(stage_patch(args.work, args.dit_name, args.patch, start=True))
         transformer, controlnet = CosmosTransformer3DModel(**t_cfg), CosmosControlNetModel(**c_cfg)
         self.text_model, self.tokenizer = demo_text_model(), demo_tokenizer()
-        if args.init_from:  # a fine-tune of an exported checkpoint's DiT, ControlNet and T5 (recorded for export)
+        fresh = not (args.work / args.dit_name / "state.pt").is_file()  # else the stage resumes its own state
+        if args.init_from and fresh:  # a fine-tune of an exported checkpoint's DiT, ControlNet and T5 (recorded)
             record = args.work / args.dit_name / "model.json"
             source = {"path": shown(args.init_from)}
             if (args.init_from / "training.json").is_file():  # what that checkpoint was (its path may be reused)
