@@ -47,6 +47,8 @@ class Job:
     """Transfer2.5 layout: ``config.yaml`` and ``console.log`` (set by ``make_gate`` on the rank that writes)."""
     latent_rows: int | None = None
     """The smallest request's latent height (a VAE group splits each call over at most this many ranks)."""
+    family: object = None
+    """``transfer.families.Family`` of the checkpoint (``family_of``: decided once, in ``plan_job``)."""
 
     @property
     def settings(self) -> GenerationSettings:
@@ -57,12 +59,6 @@ class Job:
     def runtime(self) -> RuntimeConfig:
         return self.config.runtime
 
-    @property
-    def family(self):
-        """``transfer.families.Family`` of the checkpoint."""
-        from transfer.families import family_for
-
-        return family_for(self.info)
 
     @property
     def batch(self) -> bool:
@@ -223,7 +219,8 @@ def plan_job(config: RunConfig) -> Job:
     check_acceleration(config.runtime)
     check_vae_degree(config.parallel.vae_degree, world=world)
     return Job(config, info, limits, usable, control_maker(config, info, usable), failures,
-               Manifest(out.folder, out.overwrite), latent_rows=min(h for h, _ in sizes) // limits.spatial_factor)
+               Manifest(out.folder, out.overwrite), latent_rows=min(h for h, _ in sizes) // limits.spatial_factor,
+               family=family)
 
 
 def control_maker(config: RunConfig, info, requests):

@@ -3,13 +3,12 @@ Transfer2.5 and Cosmos 3 asks the family instead of testing a type.
 
 * ``family_of(choice)``: the registry. A Cosmos 3 folder (its ``transformer/config.json`` class) or preset is
   ``COSMOS3``; anything else (Transfer2.5 folders, the demo and tiny presets, ``--random_weights`` presets) is
-  ``TRANSFER25``. ``family_for(info)``: the family of checkpoint configs already read.
+  ``TRANSFER25``; ``plan_job`` asks it once and keeps the answer (``Job.family``).
 * A ``Family`` reads its configs (``info``), says its limits, checks a request and the runtime flags, loads the
   single process's pipeline, picks its rank program under torchrun and writes its ``--plan`` report.
 
-The families' code stays where it is (``transfer.families.transfer25.pipeline`` / ``transfer.families.transfer25.loading`` / ``transfer.distributed.rank_loop``
-for Transfer2.5, ``transfer.cosmos3_*`` and ``transfer.distributed.cosmos3_*`` for Cosmos 3); this module is the one
-switch between them.
+Each family's model code lives in its folder (``transfer/families/transfer25/``, ``transfer/families/cosmos3/``);
+this module is the one switch between them.
 """
 
 from __future__ import annotations
@@ -175,10 +174,3 @@ def plan(config) -> str:
     if config.plan.gpu_memory_gb <= 0:
         raise TransferError(f"--gpu_memory_gb must be positive, got {config.plan.gpu_memory_gb}")
     return family_of(config.checkpoint).plan(config)
-
-
-def family_for(info) -> Family:
-    """The family of checkpoint configs already read (``Family.info``'s result)."""
-    from transfer.families.cosmos3.checkpoint import Cosmos3Info
-
-    return COSMOS3 if isinstance(info, Cosmos3Info) else TRANSFER25
